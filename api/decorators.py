@@ -1,0 +1,117 @@
+"""@openai_view: the one place an /v1 request gets its id, its method check, its error rendering and, when
+the view did not hand it to a worker, its request-log row."""
+
+import functools
+import json
+import logging
+import uuid
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from pydantic import BaseModel, ValidationError
+
+from inference.services import request_log_record
+
+from .errors import InvalidRequest, MethodNotAllowed, OpenAIError, RequestTooLarge, ServerError
+
+logger = logging.getLogger(__name__)
+
+
+def openai_view(*, methods: tuple[str, ...]):
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            request.request_id = uuid.uuid4().hex
+            request.request_logged = False  # set by views once a worker owns the request's log row
+            request.log_model = ""
+            if request.method not in methods:
+                response = error_response(
+                    MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+                )
+                response["Allow"] = ", ".join(methods)
+            else:
+                try:
+                    response = await view(request, *args, **kwargs)
+                except OpenAIError as exc:
+                    response = error_response(exc)
+                except Exception:
+                    logger.exception("unhandled error in %s (request %s)", request.path, request.request_id)
+                    response = error_response(ServerError())
+            response["x-request-id"] = f"req_{request.request_id}"
+            if not request.request_logged:
+                error = getattr(response, "openai_error", None)
+                await sync_to_async(request_log_record)(
+                    request_id=request.request_id,
+                    endpoint=request.path,
+                    method=request.method,
+                    model=request.log_model,
+                    status_code=response.status_code,
+                    error_type=error.type if error else "",
+                    error_code=(error.code or "") if error else "",
+                )
+            return response
+
+        return wrapper
+
+    return decorate
+
+
+def error_response(exc: OpenAIError) -> JsonResponse:
+    response = JsonResponse(exc.to_dict(), status=exc.status)
+    response.openai_error = exc
+    return response
+
+
+def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
+    """Validate the JSON body into `model`, turning every fault into a 400/413 that names the parameter."""
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise RequestTooLarge("The request body is too large.") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if isinstance(data.get("model"), str):
+        request.log_model = data["model"][:255].replace("\x00", "")
+    if b"\\ud" in raw.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("The request contains invalid Unicode (a lone surrogate).") from None
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    unknown = set(data) - set(model.model_fields)
+    if unknown:
+        logger.info("ignoring unknown fields %s in request %s", sorted(unknown), request.request_id)
+    return body
+
+
+# Names pydantic puts in `loc` for the branch of a union it tried; they are not request fields.
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "text", "image_url", "input_audio", "file", "refusal"}
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """The first pydantic error as an OpenAI error: `param` is the dotted path, e.g. `messages[0].role`."""
+    error = exc.errors(include_url=False)[0]
+    param = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part not in _UNION_TAGS and "[" not in part and "-" not in part:
+            param += f".{part}" if param else part
+    if error["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param or None)
+    return InvalidRequest(f"Invalid value for '{param}': {error['msg']}.", param=param or None)

@@ -1,0 +1,66 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
+
+A leaf module: any layer may raise these; `@openai_view`, the middleware and the SSE framer render them."""
+
+
+class OpenAIError(Exception):
+    status, type, code = 400, "invalid_request_error", None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OpenAIError":
+        """Rebuild an error that a worker published as an event (status travels alongside)."""
+        error = cls(data.get("message", ""), param=data.get("param"), code=data.get("code"))
+        error.type = data.get("type", cls.type)
+        error.status = int(data.get("status", cls.status))
+        return error
+
+
+class InvalidRequest(OpenAIError):
+    pass
+
+
+class ContextLengthExceeded(OpenAIError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(OpenAIError):
+    status, code = 404, "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class NotFound(OpenAIError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(OpenAIError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTooLarge(OpenAIError):
+    status, code = 413, "request_too_large"
+
+
+class ServerError(OpenAIError):
+    status, type, code = 500, "server_error", "internal_error"
+
+    def __init__(self, message: str = "The server had an error while processing your request. Sorry about that!"):
+        super().__init__(message)
+
+
+class ServiceUnavailable(OpenAIError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+class Timeout(OpenAIError):
+    status, type, code = 504, "server_error", "timeout"

@@ -1,0 +1,192 @@
+"""Pydantic models of the OpenAI wire format (https://platform.openai.com/docs/api-reference/chat).
+
+A leaf module: pydantic and the standard library only. Requests are strict (a string is not a number) and
+ignore unknown fields, which the view logs; responses follow the reference's field order."""
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(_Request):
+    """An image, audio or file part: accepted by the schema so that the error can name what is unsupported."""
+
+    type: Literal["image_url", "input_audio", "file", "refusal"]
+
+
+ContentPart = Annotated[TextPart | OtherPart, Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="The role of the message's author."
+    )
+    content: str | list[ContentPart] | None = Field(default=None, description="Text, or a list of parts.")
+    name: str | None = Field(default=None, description="An optional name for the participant.")
+    tool_call_id: str | None = Field(default=None, description="The call this tool message answers.")
+
+    def text(self) -> str:
+        """The content as plain text (parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(default=False, description="Send a final chunk with usage and no choices.")
+
+
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class _SamplingRequest(_Request):
+    model: str = Field(min_length=1, description="ID of the model to use.")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    max_tokens: int | None = Field(default=None, ge=1, description="Upper bound of generated tokens.")
+    n: int | None = Field(default=None, ge=1, le=1, description="How many choices (only 1 for now).")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="Seed for sampling.")
+    stop: Stop = Field(default=None, description="Up to 16 sequences where generation stops.")
+    stream: bool | None = Field(default=False, description="Stream the answer as server-sent events.")
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: Stop) -> Stop:
+        stops = [value] if isinstance(value, str) else value or []
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
+
+    def token_limit(self) -> int | None:
+        """The requested bound on completion tokens, if any."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] = Field(description="The prompt: a string or a list of token ids.")
+    max_tokens: int | None = Field(default=16, ge=1, description="Upper bound of generated tokens.")
+    echo: bool | None = Field(default=False, description="Echo the prompt before the completion.")
+    suffix: str | None = None
+
+    def token_limit(self) -> int | None:
+        """The requested bound on completion tokens, if any."""
+        return self.max_tokens
+
+
+# -------------------------------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChoiceDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChoiceDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    def to_json(self) -> str:
+        """The wire form: `finish_reason` is always present (null until the end), `usage` only when set."""
+        data = self.model_dump(exclude_none=True)
+        for choice in data["choices"]:
+            choice.setdefault("finish_reason", None)
+        return json.dumps(data, ensure_ascii=False)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    """A legacy completion; streamed chunks share this shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Minerva extensions
+    context_length: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -1,0 +1,137 @@
+"""`python manage.py serve`: start and supervise everything Minerva needs on one machine.
+
+Children: an embedded redis-server (unless MINERVA_REDIS_URL is set), one Celery worker consuming every
+enabled model's queue, and daphne. A child that dies is restarted; SIGINT/SIGTERM stops them all within 10 s.
+Children also get PR_SET_PDEATHSIG, so even a SIGKILLed `serve` leaves no orphan behind."""
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from minerva_project.redis import start_embedded_redis
+from models_app.models import LanguageModel
+
+STOP_GRACE_SECONDS = 6  # per phase (worker and daphne, then redis); redis stops at once
+RESTART_BACKOFF_SECONDS = 1.0
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM us when `serve` dies.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    def __init__(self, name: str, start):
+        self.name, self._start = name, start
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.process = self._start()
+
+    def exited(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+
+class Command(BaseCommand):
+    help = "Serve the OpenAI-compatible API: embedded Redis, a Celery worker and daphne, supervised."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=settings.HOST)
+        parser.add_argument("--port", type=int, default=settings.PORT)
+
+    def handle(self, *args, host: str, port: int, **options):
+        settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        self.stopping = False
+        env = dict(os.environ)
+        children: list[Child] = []
+        redis_socket = Path(settings.REDIS_URL.removeprefix("unix://"))
+
+        if settings.EMBEDDED_REDIS:
+            children.append(Child("redis", lambda: start_embedded_redis(redis_socket, preexec_fn=_die_with_parent)))
+            env["MINERVA_REDIS_URL"] = settings.REDIS_URL
+        queues = [m.queue for m in LanguageModel.objects.filter(enabled=True)] or ["minerva.default"]
+        worker_cmd = [
+            sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
+            "--queues", ",".join(queues),
+            "--pool", "threads", "--concurrency", str(settings.WORKER_CONCURRENCY),
+            "--prefetch-multiplier", "1",
+            "--without-gossip", "--without-mingle",
+            "--hostname", f"minerva-{port}@%h",
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        daphne_cmd = [
+            sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+            "--application-close-timeout", "5", "minerva_project.asgi:application",
+        ]  # fmt: skip
+        children.append(Child("worker", lambda: self._spawn(worker_cmd, env)))
+        children.append(Child("daphne", lambda: self._spawn(daphne_cmd, env)))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+        try:
+            for child in children:
+                child.start()
+            self._wait_for_port(host, port, children)
+            if not self.stopping:
+                self.stdout.write(f"Minerva is serving http://{host}:{port}/v1 (models: {', '.join(queues)})")
+            self._supervise(children)
+        finally:
+            # Redis last: the worker and daphne may still talk to it while they shut down.
+            self._stop([c for c in children if c.name != "redis"])
+            self._stop([c for c in children if c.name == "redis"])
+            if settings.EMBEDDED_REDIS and redis_socket.exists():
+                redis_socket.unlink()
+
+    def _spawn(self, cmd: list[str], env: dict) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _wait_for_port(self, host: str, port: int, children: list[Child]) -> None:
+        deadline = time.monotonic() + 60
+        while not self.stopping and time.monotonic() < deadline:
+            for child in children:
+                if child.exited() is not None:
+                    raise CommandError(f"{child.name} exited with code {child.exited()} during start-up")
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        if not self.stopping:
+            raise CommandError(f"daphne did not listen on {host}:{port} within 60 s")
+
+    def _supervise(self, children: list[Child]) -> None:
+        while not self.stopping:
+            for child in children:
+                code = child.exited()
+                if code is not None and not self.stopping:
+                    self.stderr.write(f"{child.name} exited with code {code}; restarting it")
+                    time.sleep(min(RESTART_BACKOFF_SECONDS * (child.restarts + 1), 10))
+                    child.restarts += 1
+                    child.start()
+            time.sleep(0.2)
+
+    def _stop(self, children: list[Child]) -> None:
+        """SIGTERM each, then SIGKILL whatever outlives the grace period."""
+        running = [c.process for c in children if c.process and c.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

