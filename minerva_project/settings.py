@@ -126,7 +126,8 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            "TEST": {"NAME": env_str("TEST_DB_PATH", "") or None},
+            # A file, not memory: the end-to-end tests' daphne and worker processes share the test database.
+            "TEST": {"NAME": env_path("TEST_DB_PATH", DATA_DIR / "test.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,0 +1,134 @@
+"""/v1/chat/completions and /v1/completions in-process: Celery runs eagerly, the Redis Stream replays."""
+
+import json
+
+import pytest
+
+from inference.models import RequestLog
+from tests.conftest import HELLO, MODEL
+from tests.openapi import assert_schema
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def post(client, path: str, body: dict):
+    return await client.post(path, json.dumps(body), content_type="application/json")
+
+
+async def sse_events(response) -> list:
+    raw = b"".join([part async for part in response.streaming_content]).decode()
+    frames = [f for f in raw.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames), raw
+    return [f.removeprefix("data: ") for f in frames]
+
+
+def assert_completion_chunk(chunk: dict) -> None:
+    """The spec says streamed completions share CreateCompletionResponse, whose `finish_reason` is not nullable;
+    OpenAI (and llama-server) send null until the last chunk, as we do. Validate everything else."""
+    assert all(c["finish_reason"] in (None, "stop", "length") for c in chunk["choices"])
+    choices = [dict(c, finish_reason=c["finish_reason"] or "stop") for c in chunk["choices"]]
+    assert_schema("CreateCompletionResponse", dict(chunk, choices=choices))
+
+
+async def test_it_answers_a_chat_completion_with_usage(async_client, smollm2):
+    response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "temperature": 0})
+    assert response.status_code == 200
+    body = response.json()
+    assert_schema("CreateChatCompletionResponse", body)
+    assert body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert response["x-request-id"].startswith("req_")
+
+
+async def test_it_streams_role_first_then_text_then_finish_usage_and_done(async_client, smollm2):
+    response = await post(
+        async_client,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HELLO, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/event-stream")
+    events = await sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        assert_schema("CreateChatCompletionStreamResponse", chunk)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    assert len({c["id"] for c in chunks}) == 1
+
+
+async def test_streamed_text_equals_non_streamed_text_at_temperature_zero(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "seed": 7, "max_tokens": 40}
+    plain = (await post(async_client, "/v1/chat/completions", body)).json()["choices"][0]["message"]["content"]
+    events = await sse_events(await post(async_client, "/v1/chat/completions", {**body, "stream": True}))
+    streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == plain
+
+
+async def test_it_stops_at_a_stop_sequence_and_leaves_it_out(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 40}
+    full = (await post(async_client, "/v1/chat/completions", body)).json()["choices"][0]["message"]["content"]
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]
+    stopped = (await post(async_client, "/v1/chat/completions", {**body, "stop": [stop]})).json()
+    assert stopped["choices"][0]["message"]["content"] == full[: full.index(stop)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_max_tokens_ends_with_finish_reason_length(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_completion_tokens": 3}
+    response = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert response["choices"][0]["finish_reason"] == "length"
+    assert response["usage"]["completion_tokens"] == 3
+
+
+async def test_it_answers_a_text_completion(async_client, smollm2):
+    body = {"model": MODEL, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 5}
+    response = await post(async_client, "/v1/completions", body)
+    assert response.status_code == 200
+    data = response.json()
+    assert_schema("CreateCompletionResponse", data)
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"] and data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 5
+
+
+async def test_it_streams_a_text_completion(async_client, smollm2):
+    body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = await sse_events(await post(async_client, "/v1/completions", body))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        assert_completion_chunk(chunk)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    plain = (await post(async_client, "/v1/completions", {**body, "stream": False})).json()
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == plain["choices"][0]["text"]
+
+
+async def test_token_id_prompts_are_accepted(async_client, smollm2):
+    body = {"model": MODEL, "prompt": [504, 3458, 282], "temperature": 0, "max_tokens": 2}
+    response = await post(async_client, "/v1/completions", body)
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == 3
+
+
+async def test_every_request_writes_exactly_one_log_row(async_client, smollm2):
+    response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 4})
+    request_id = response["x-request-id"].removeprefix("req_")
+    rows = [row async for row in RequestLog.objects.filter(request_id=request_id)]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.status, row.status_code, row.model, row.endpoint) == ("completed", 200, MODEL, "/v1/chat/completions")
+    assert row.completion_tokens == response.json()["usage"]["completion_tokens"]
+    assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"]
+    assert row.ttft_ms is not None and row.latency_ms >= row.ttft_ms
+    assert "messages" not in row.request and row.request["max_tokens"] == 4

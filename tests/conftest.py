@@ -1,0 +1,110 @@
+"""Shared fixtures: a real embedded Redis per test run (flushed per test), the real SmolLM2 model, Celery
+eager in-process, and a real `manage.py serve` (daphne + Celery worker + its own Redis) for end-to-end tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import psutil
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from minerva_project import celery_app
+from minerva_project.redis import get_redis, start_embedded_redis
+from models_app.services import models_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server(tmp_path_factory):
+    """One redis-server for the whole run, on a temp unix socket; in-process code talks to it."""
+    socket_path = tmp_path_factory.mktemp("redis") / "redis.sock"
+    process = start_embedded_redis(socket_path, stdout=subprocess.DEVNULL)
+    settings.REDIS_URL = f"unix://{socket_path}"
+    celery_app.conf.task_always_eager = True  # in-process tests run the task inline; the stream replays
+    yield socket_path
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _flush_redis(redis_server):
+    get_redis().flushall()
+
+
+@pytest.fixture
+def smollm2(db):
+    """The default model, registered (transactional tests flush the table, so register per test)."""
+    return next(m for m in models_sync() if m.name == MODEL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env(data_dir: Path) -> dict:
+    """Environment for a `serve` child that shares this test run's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
+    env["MINERVA_DATA_DIR"] = str(data_dir)
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        env["MINERVA_DB_PATH"] = str(db["NAME"])
+    else:
+        env["MINERVA_DATABASE_URL"] = (
+            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        )
+    return env
+
+
+class Server:
+    def __init__(self, data_dir: Path):
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.log = data_dir / "serve.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+            cwd=ROOT,
+            env=serve_env(data_dir),
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + 90
+        while True:
+            assert self.process.poll() is None, f"serve exited:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"serve did not come up:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        self.children = psutil.Process(self.process.pid).children(recursive=True)
+
+    def stop(self) -> float:
+        """SIGTERM serve; return how long until it exited."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=20)
+        return time.monotonic() - started
+
+
+@pytest.fixture(scope="session")
+def live_server(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real `manage.py serve` on a free port, sharing the test database."""
+    with django_db_blocker.unblock():
+        models_sync()  # the worker's queues come from the registered models
+    server = Server(tmp_path_factory.mktemp("serve"))
+    yield server
+    server.stop()
