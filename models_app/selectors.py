@@ -14,6 +14,8 @@ def model_list() -> list[LanguageModel]:
 
 def model_get(name: str) -> LanguageModel:
     """The served model called `name`, or ModelNotFound."""
+    if "\x00" in name:  # PostgreSQL refuses NUL in text; no model is called that anyway
+        raise ModelNotFound(name.replace("\x00", ""))
     try:
         return LanguageModel.objects.get(name=name, enabled=True, available=True)
     except LanguageModel.DoesNotExist:

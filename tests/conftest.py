@@ -101,7 +101,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def live_server(django_db_setup, django_db_blocker, tmp_path_factory):
+def minerva_server(django_db_setup, django_db_blocker, tmp_path_factory):
     """A real `manage.py serve` on a free port, sharing the test database."""
     with django_db_blocker.unblock():
         models_sync()  # the worker's queues come from the registered models

@@ -1,0 +1,110 @@
+"""The official openai SDK against a real `manage.py serve`: daphne, a Celery worker process, Redis, SmolLM2."""
+
+import time
+
+import httpx2 as httpx
+import openai
+import psutil
+import pytest
+
+from inference.models import RequestLog
+from models_app.services import default_model_path, model_register
+from tests.conftest import HELLO, MODEL, Server
+from tests.openapi import assert_schema
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def client(minerva_server, smollm2):
+    with openai.OpenAI(base_url=minerva_server.base_url, api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def test_it_lists_and_retrieves_models_including_ids_with_slashes_and_colons(client, minerva_server):
+    model_register(name="org/smollm2:q4_1", path=default_model_path())
+    listed = client.models.list()
+    assert_schema("ListModelsResponse", listed.model_dump(exclude_unset=True))
+    assert {MODEL, "org/smollm2:q4_1"} <= {m.id for m in listed.data}
+    model = client.models.retrieve("org/smollm2:q4_1")
+    assert model.id == "org/smollm2:q4_1" and model.owned_by == "minerva"
+    assert model.model_extra["context_length"] == 4096
+
+
+def test_it_chats_without_streaming(client):
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=20)
+    assert_schema("CreateChatCompletionResponse", reply.model_dump(exclude_unset=True))
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+
+
+def test_it_streams_with_usage_and_matches_the_non_streamed_text(client):
+    params = {"model": MODEL, "messages": HELLO, "temperature": 0, "seed": 42, "max_tokens": 30}
+    plain = client.chat.completions.create(**params).choices[0].message.content
+    chunks = list(client.chat.completions.create(**params, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        assert_schema("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+
+
+def test_it_completes_text_and_honours_stop(client):
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=12)
+    text = full.choices[0].text
+    assert " 6" in text, text
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=12, stop=" 6")
+    assert stopped.choices[0].text == text[: text.index(" 6")]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_bad_input_through_the_sdk_raises_the_right_errors(client):
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi " * 5000}], stream=True
+        )
+    assert too_long.value.code == "context_length_exceeded"
+
+
+def test_closing_a_stream_early_stops_the_worker_and_logs_cancelled(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        max_tokens=3000, temperature=1.0, stream=True,
+    )  # fmt: skip
+    first = [next(stream) for _ in range(3)]
+    request_id = first[0].id.removeprefix("chatcmpl-")
+    stream.close()
+    deadline = time.monotonic() + 15
+    row = None
+    while time.monotonic() < deadline:
+        row = RequestLog.objects.filter(request_id=request_id).first()
+        if row and row.status == "cancelled":
+            break
+        time.sleep(0.2)
+    assert row is not None and row.status == "cancelled", row and row.status
+    assert 0 < row.completion_tokens < 3000
+    # The worker's single slot is free again.
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_every_response_carries_a_request_id(minerva_server, smollm2):
+    response = httpx.get(f"{minerva_server.base_url}/models")
+    assert response.headers["x-request-id"].startswith("req_")
+    assert httpx.get(f"{minerva_server.base_url}/nope").headers["x-request-id"].startswith("req_")
+
+
+def test_sigterm_stops_serve_and_every_child_within_ten_seconds(django_db_setup, tmp_path):
+    server = Server(tmp_path)
+    children = server.children
+    assert {c.name() for c in children} >= {"redis-server"} and len(children) >= 3
+    socket = tmp_path / "redis.sock"
+    assert socket.exists()
+    assert server.stop() < 10
+    assert server.process.returncode == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not socket.exists()
