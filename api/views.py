@@ -65,6 +65,10 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 @openai_view(methods=("POST",))
 async def completions(request: HttpRequest) -> HttpResponse:
     body = parse_body(request, CompletionRequest)
+    if body.echo:
+        raise InvalidRequest("echo is not supported yet.", param="echo")
+    if body.suffix:
+        raise InvalidRequest("suffix is not supported yet.", param="suffix")
     if isinstance(body.prompt, list) and len(body.prompt) == 0:
         raise InvalidRequest("The prompt must not be empty.", param="prompt")
     if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) and len(body.prompt) > 1:

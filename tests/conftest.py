@@ -61,9 +61,7 @@ def serve_env(data_dir: Path) -> dict:
     if db["ENGINE"].endswith("sqlite3"):
         env["MINERVA_DB_PATH"] = str(db["NAME"])
     else:
-        env["MINERVA_DATABASE_URL"] = (
-            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-        )
+        env["MINERVA_DATABASE_URL"] = f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     return env
 
 

@@ -47,7 +47,13 @@ async def test_it_streams_role_first_then_text_then_finish_usage_and_done(async_
     response = await post(
         async_client,
         "/v1/chat/completions",
-        {"model": MODEL, "messages": HELLO, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+        {
+            "model": MODEL,
+            "messages": HELLO,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     )
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/event-stream")

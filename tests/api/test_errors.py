@@ -62,6 +62,8 @@ CASES = [
      400, "invalid_request_error", "context_length_exceeded", "prompt"),
     ("several prompts", "post", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]},
      400, "invalid_request_error", None, "prompt"),
+    ("echo", "post", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True},
+     400, "invalid_request_error", None, "echo"),
     ("token id outside the vocabulary", "post", "/v1/completions", {"model": MODEL, "prompt": [10**9]},
      400, "invalid_request_error", None, "prompt"),
 ]  # fmt: skip

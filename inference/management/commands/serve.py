@@ -29,6 +29,11 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# Children run in their own session, so a terminal's Ctrl-C reaches only `serve`, which then stops them in
+# order (daphne and the worker before Redis); PR_SET_PDEATHSIG covers a `serve` that is killed outright.
+_CHILD_OPTIONS = {"start_new_session": True, "preexec_fn": _die_with_parent}
+
+
 class Child:
     def __init__(self, name: str, start):
         self.name, self._start = name, start
@@ -57,7 +62,7 @@ class Command(BaseCommand):
         redis_socket = Path(settings.REDIS_URL.removeprefix("unix://"))
 
         if settings.EMBEDDED_REDIS:
-            children.append(Child("redis", lambda: start_embedded_redis(redis_socket, preexec_fn=_die_with_parent)))
+            children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **_CHILD_OPTIONS)))
             env["MINERVA_REDIS_URL"] = settings.REDIS_URL
         queues = [m.queue for m in LanguageModel.objects.filter(enabled=True)] or ["minerva.default"]
         worker_cmd = [
@@ -93,7 +98,7 @@ class Command(BaseCommand):
                 redis_socket.unlink()
 
     def _spawn(self, cmd: list[str], env: dict) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)
+        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, **_CHILD_OPTIONS)
 
     def _request_stop(self, signum, frame) -> None:
         self.stopping = True

@@ -1,0 +1,34 @@
+"""Django admin lists models and request logs; request logs are read-only."""
+
+import pytest
+
+from inference.models import RequestLog
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(admin_client, smollm2):
+    RequestLog.objects.create(request_id="abc123", endpoint="/v1/chat/completions", model=smollm2.name, status_code=200)
+    return admin_client
+
+
+def test_admin_lists_models(staff):
+    response = staff.get("/admin/models_app/languagemodel/")
+    assert response.status_code == 200
+    assert b"smollm2-135m-instruct" in response.content
+
+
+def test_admin_lists_request_logs_with_filters(staff):
+    response = staff.get("/admin/inference/requestlog/?status_code=200&model=smollm2-135m-instruct")
+    assert response.status_code == 200
+    assert b"abc123" in response.content
+    assert b"By status code" in response.content and b"By created" in response.content
+
+
+def test_request_logs_cannot_be_added_changed_or_deleted(staff):
+    row = RequestLog.objects.get(request_id="abc123")
+    assert staff.get("/admin/inference/requestlog/add/").status_code == 403
+    assert staff.post(f"/admin/inference/requestlog/{row.pk}/change/", {"model": "x"}).status_code == 403
+    assert staff.post(f"/admin/inference/requestlog/{row.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert RequestLog.objects.get(pk=row.pk).model == "smollm2-135m-instruct"
