@@ -1,0 +1,46 @@
+"""request_run on its own: what the worker does with a request it is handed."""
+
+import pytest
+
+from api.protocol import ChatCompletionRequest
+from inference.models import RequestLog
+from inference.services import request_run
+from inference.streams import TokenStream
+from minerva_project.redis import get_redis
+from tests.conftest import HELLO, MODEL
+
+pytestmark = pytest.mark.django_db
+
+
+def queued(request_id: str) -> tuple[RequestLog, dict]:
+    body = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=5)
+    log = RequestLog.objects.create(request_id=request_id, endpoint="/v1/chat/completions", model=MODEL)
+    return log, {"endpoint": "/v1/chat/completions", "body": body.model_dump(mode="json", exclude_none=True)}
+
+
+def events(request_id: str) -> list[str]:
+    return [fields["event"] for _id, fields in get_redis().xrange(TokenStream(request_id).key)]
+
+
+def test_a_request_cancelled_while_queued_never_runs(smollm2):
+    log, payload = queued("q1")
+    get_redis().set(TokenStream("q1").cancel_key, "1")
+    request_run(log_id=log.pk, payload=payload)
+    log.refresh_from_db()
+    assert (log.status, log.status_code, log.completion_tokens) == ("cancelled", 499, 0)
+    assert events("q1") == []
+
+
+def test_a_request_delivered_twice_runs_once(smollm2):
+    log, payload = queued("q2")
+    request_run(log_id=log.pk, payload=payload)
+    first = events("q2")
+    assert first[0] == "start" and first[-1] == "done"
+    request_run(log_id=log.pk, payload=payload)
+    assert events("q2") == first
+
+
+def test_the_stream_expires_after_the_ttl(smollm2, settings):
+    log, payload = queued("q3")
+    request_run(log_id=log.pk, payload=payload)
+    assert 0 < get_redis().ttl(TokenStream("q3").key) <= settings.STREAM_TTL
