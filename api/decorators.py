@@ -62,6 +62,8 @@ def openai_view(*, methods: tuple[str, ...]):
 def error_response(exc: OpenAIError) -> JsonResponse:
     response = JsonResponse(exc.to_dict(), status=exc.status)
     response.openai_error = exc
+    if exc.status == 503:
+        response["Retry-After"] = str(getattr(exc, "retry_after", 1))
     return response
 
 

@@ -60,6 +60,7 @@ class ServerError(OpenAIError):
 
 class ServiceUnavailable(OpenAIError):
     status, type, code = 503, "server_error", "service_unavailable"
+    retry_after = 1  # seconds, sent as Retry-After
 
 
 class Timeout(OpenAIError):

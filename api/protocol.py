@@ -4,6 +4,7 @@ A leaf module: pydantic and the standard library only. Requests are strict (a st
 ignore unknown fields, which the view logs; responses follow the reference's field order."""
 
 import json
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -63,9 +64,35 @@ class _SamplingRequest(_Request):
     stop: Stop = Field(default=None, description="Up to 16 sequences where generation stops.")
     stream: bool | None = Field(default=False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id -> bias added to its logit; -100 bans the token."
+    )
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     user: str | None = None
+    # Minerva extensions (llama-server and Ollama names)
+    top_k: int | None = Field(default=None, ge=0, le=1_000_000, description="Keep the k most likely tokens.")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Drop tokens below min_p x the top one.")
+    repeat_penalty: float | None = Field(default=None, ge=0, le=10, description="Penalty for recent tokens.")
+    ignore_eos: bool | None = Field(default=None, description="Generate until max_tokens (benchmarks).")
+    keep_alive: str | float | None = Field(
+        default=None, description="How long the model stays loaded after this request: seconds or '5m'."
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict | None) -> dict | None:
+        for token in value or {}:
+            if not token.isdigit() or int(token) > 2**31:
+                raise ValueError(f"keys must be token ids, got {token!r}")
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, str) and not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", value.strip()):
+            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -105,10 +132,15 @@ class CompletionRequest(_SamplingRequest):
 # -------------------------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV cells were reused from an earlier request.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletionMessage(BaseModel):

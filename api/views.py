@@ -28,6 +28,7 @@ from .protocol import (
     Model,
     ModelList,
     OtherPart,
+    PromptTokensDetails,
     Usage,
 )
 
@@ -222,4 +223,5 @@ def _usage(data: dict) -> Usage:
         prompt_tokens=data["prompt_tokens"],
         completion_tokens=data["completion_tokens"],
         total_tokens=data["prompt_tokens"] + data["completion_tokens"],
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=data.get("cached_tokens", 0)),
     )

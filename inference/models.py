@@ -21,6 +21,7 @@ class RequestLog(models.Model):
     request = models.JSONField(default=dict, blank=True, help_text="The validated request body")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0, help_text="Prompt tokens reused from the KV cache")
     finish_reason = models.CharField(max_length=32, blank=True)
     ttft_ms = models.FloatField(null=True, blank=True, help_text="Time to first token, from arrival")
     latency_ms = models.FloatField(null=True, blank=True, help_text="Total time, from arrival")

@@ -1,19 +1,34 @@
 """Running a generation request: record it, queue it on its model's worker, run it there, finish its log row."""
 
 import logging
+import os
+import threading
+import time
 
+from django import db
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from api.errors import ContextLengthExceeded, InvalidRequest, OpenAIError, ServerError
+from api.errors import ContextLengthExceeded, InvalidRequest, OpenAIError, ServerError, ServiceUnavailable
 from api.protocol import ChatCompletionRequest, CompletionRequest
+from minerva_project.redis import get_redis
+from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import model_get, model_n_ctx
+from models_app.selectors import model_get, model_n_ctx, model_parallel
 
-from .engine import ContextOverflow, PromptError, SamplingParams, get_model
+from .engine import (
+    ContextOverflow,
+    ModelCache,
+    ModelSpec,
+    ModelUnavailable,
+    PromptError,
+    SamplingParams,
+    Sequence,
+    parse_keep_alive,
+)
 from .models import RequestLog
-from .streams import TokenStream
+from .streams import RedisStepIO, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +40,10 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest) -
     from .tasks import run_request as run_request_task
 
     model = model_get(body.model)  # raises ModelNotFound
+    if settings.MAX_QUEUE and get_redis().llen(model.queue) >= settings.MAX_QUEUE:
+        raise ServiceUnavailable(
+            f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
+        )
     with transaction.atomic():
         log = RequestLog.objects.create(
             request_id=request_id,
@@ -57,7 +76,7 @@ def request_log_record(*, request_id: str, endpoint: str, method: str, model: st
 
 
 def request_run(*, log_id: int, payload: dict) -> None:
-    """Generate for one queued request, publishing its events to the request's TokenStream."""
+    """Generate for one queued request: hand it to its model's scheduler and wait until it finishes."""
     log = RequestLog.objects.get(pk=log_id)
     stream = TokenStream(log.request_id)
     if log.status != RequestLog.Status.QUEUED:
@@ -69,63 +88,81 @@ def request_run(*, log_id: int, payload: dict) -> None:
     log.status = RequestLog.Status.RUNNING
     log.save(update_fields=["status"])
 
-    generation = None
+    is_chat = payload["endpoint"].endswith("/chat/completions")
+    param = "messages" if is_chat else "prompt"
+    sequence = None
     try:
-        generation, prompt_tokens = _start(log, payload)
-        stream.publish("start", prompt_tokens=prompt_tokens)
-        log.prompt_tokens = prompt_tokens
-        for text in generation:
-            if log.ttft_ms is None:
-                log.ttft_ms = _ms_since(log)
-            stream.publish("token", text=text)
-    except OpenAIError as exc:
-        _fail(log, stream, exc, generation)
-        return
+        model = LanguageModel.objects.get(name=log.model)
+        body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
+        with model_cache().use(_spec(model), keep_alive=parse_keep_alive(body.keep_alive)) as engine:
+            sequence = engine.submit(log.request_id, _prompt(engine, body, is_chat), _sampling(body))
+            if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
+                db.connection.close()
+            sequence.wait()
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequence)
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param=param), sequence)
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequence)
     except Exception:
         logger.exception("generation failed for request %s", log.request_id)
-        _fail(log, stream, ServerError(), generation)
-        return
+        return _fail(log, stream, ServerError(), sequence)
 
-    log.completion_tokens = generation.completion_tokens
-    if generation.finish_reason == "cancelled":
+    if sequence.error is not None:
+        logger.error("request %s failed in the scheduler: %s", log.request_id, sequence.error)
+        return _fail(log, stream, ServerError(), sequence)
+    _count(log, sequence)
+    if sequence.finish_reason == "cancelled":
         _finish(log, RequestLog.Status.CANCELLED, status_code=499)
-        return
-    log.finish_reason = generation.finish_reason or "length"
-    stream.publish(
-        "done",
-        finish_reason=log.finish_reason,
-        prompt_tokens=log.prompt_tokens,
-        completion_tokens=log.completion_tokens,
-    )
-    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+    else:
+        log.finish_reason = sequence.finish_reason
+        _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
-def _start(log: RequestLog, payload: dict):
-    """Load the model (once per worker), build the prompt and check that it fits."""
-    model = LanguageModel.objects.get(name=log.model)
-    engine = get_model(
-        model.path,
-        n_ctx=model_n_ctx(model),
+_cache: ModelCache | None = None
+_cache_lock = threading.Lock()
+
+
+def model_cache() -> ModelCache:
+    """This worker's loaded models (created on first use)."""
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            _cache = ModelCache(
+                budget_bytes=settings.MEMORY_BUDGET or int(_physical_memory() * 0.75),
+                default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
+                io_factory=RedisStepIO,
+            )
+        return _cache
+
+
+def _spec(model: LanguageModel) -> ModelSpec:
+    n_ctx, n_parallel = model_n_ctx(model), model_parallel(model)
+    return ModelSpec(
+        name=model.name,
+        path=model.path,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
         n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
         n_threads=settings.N_THREADS or None,
+        n_batch=settings.N_BATCH,
+        estimated_bytes=estimate_memory(model.metadata, n_ctx * n_parallel),
     )
-    is_chat = payload["endpoint"].endswith("/chat/completions")
-    body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
-    try:
-        if is_chat:
-            prompt = engine.chat_prompt(_template_messages(body))
-        elif isinstance(body.prompt, str):
-            prompt = engine.text_prompt(body.prompt)
-        elif body.prompt and isinstance(body.prompt[0], str):
-            prompt = engine.text_prompt(body.prompt[0])
-        else:
-            prompt = list(body.prompt)
-        generation = engine.generate(prompt, _sampling(body), cancelled=TokenStream(log.request_id).cancelled)
-    except ContextOverflow as exc:
-        raise ContextLengthExceeded(str(exc), param="messages" if is_chat else "prompt") from None
-    except PromptError as exc:
-        raise InvalidRequest(str(exc), param="messages" if is_chat else "prompt") from None
-    return generation, len(prompt)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _prompt(engine, body: GenerationRequest, is_chat: bool) -> list[int]:
+    if is_chat:
+        return engine.chat_prompt(_template_messages(body))
+    if isinstance(body.prompt, str):
+        return engine.text_prompt(body.prompt)
+    if body.prompt and isinstance(body.prompt[0], str):
+        return engine.text_prompt(body.prompt[0])
+    return list(body.prompt)
 
 
 def _template_messages(body: ChatCompletionRequest) -> list[dict]:
@@ -144,20 +181,32 @@ def _sampling(body: GenerationRequest) -> SamplingParams:
         max_tokens=body.token_limit(),
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
         top_p=body.top_p if body.top_p is not None else defaults.top_p,
+        top_k=body.top_k if body.top_k is not None else defaults.top_k,
+        min_p=body.min_p if body.min_p is not None else defaults.min_p,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=body.repeat_penalty if body.repeat_penalty is not None else defaults.repeat_penalty,
         seed=body.seed,
         stop=body.stop_list(),
+        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+        ignore_eos=bool(body.ignore_eos),
     )
 
 
-def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, generation) -> None:
+def _count(log: RequestLog, sequence: Sequence) -> None:
+    log.prompt_tokens, log.completion_tokens = len(sequence.prompt), sequence.completion_tokens
+    log.cached_tokens = sequence.cached_tokens
+    if sequence.first_token_at is not None:
+        log.ttft_ms = round(_ms_since(log) - (time.monotonic() - sequence.first_token_at) * 1000, 1)
+
+
+def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequence: Sequence | None) -> None:
     stream.publish("error", **exc.to_dict()["error"], status=exc.status)
-    if generation is not None:
-        log.completion_tokens = generation.completion_tokens
+    if sequence is not None:
+        _count(log, sequence)
     log.error_type, log.error_code = exc.type, exc.code or ""
     # A stream that already started has sent its 200; the error travels as an SSE frame.
-    started = log.stream and log.prompt_tokens > 0
+    started = log.stream and sequence is not None and sequence.first_token_at is not None
     _finish(log, RequestLog.Status.FAILED, status_code=200 if started else exc.status)
 
 

@@ -68,3 +68,20 @@ class TokenStream:
                             return
         finally:
             await client.aclose()
+
+
+class RedisStepIO:
+    """The engine's StepIO: one pipeline per decode step publishes every sequence's events and checks every
+    running sequence's cancel flag, so a step costs one Redis round trip however many sequences it holds."""
+
+    def step(self, events: list, active: list) -> set:
+        pipe = get_redis().pipeline(transaction=False)
+        for sequence, event, data in events:
+            key = TokenStream(sequence.key).key
+            fields = {"event": event, "data": json.dumps(data, ensure_ascii=False)}
+            pipe.xadd(key, fields, maxlen=settings.STREAM_MAXLEN, approximate=True)
+            pipe.expire(key, settings.STREAM_TTL)
+        for sequence in active:
+            pipe.exists(TokenStream(sequence.key).cancel_key)
+        flags = pipe.execute()[2 * len(events) :]
+        return {sequence for sequence, flag in zip(active, flags, strict=True) if flag}

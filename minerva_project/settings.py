@@ -38,6 +38,21 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"MINERVA_{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
+def env_bytes(name: str, default: int) -> int:
+    """A size in bytes, with an optional K/M/G/T suffix (powers of 1024): `8G`, `512M`."""
+    raw = os.environ.get(f"MINERVA_{name}", "").strip().upper().removesuffix("B").removesuffix("I")
+    if not raw:
+        return default
+    scale = 1024 ** ("KMGT".index(raw[-1]) + 1) if raw[-1] in "KMGT" else 1
+    try:
+        value = float(raw[:-1] if scale > 1 else raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"MINERVA_{name} must be a size like 8G or 512M") from None
+    if value < 0:
+        raise ImproperlyConfigured(f"MINERVA_{name} must not be negative")
+    return int(value * scale)
+
+
 def env_path(name: str, default: Path) -> Path:
     return Path(os.environ.get(f"MINERVA_{name}") or default).expanduser().resolve()
 
@@ -66,9 +81,13 @@ STREAM_TTL = env_int("STREAM_TTL", 3600, minimum=10)  # seconds a finished reque
 STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept per request stream
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")
 N_CTX = env_int("N_CTX", 4096, minimum=0)  # 0 = the model's trained context length
-N_GPU_LAYERS = env_int("N_GPU_LAYERS", 0, minimum=-1)  # -1 = offload every layer
+N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = llama.cpp's default
-WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 1, minimum=1)
+PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)
+N_BATCH = env_int("N_BATCH", 512, minimum=32)  # tokens per decode step (decode tokens + prompt chunks)
+MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=0)  # requests waiting per model before 503
+KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded (Ollama's keep_alive)
+MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
 
 INSTALLED_APPS = [
     "daphne",
@@ -144,6 +163,8 @@ CELERY_BROKER_URL = REDIS_URL.replace("unix://", "redis+socket://", 1)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ACKS_LATE = True  # a message leaves the queue when its task ends (the guard in request_run
+# keeps a redelivered interactive request from running twice)
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_EAGER", False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

@@ -43,6 +43,10 @@ class ModelMetadata:
     def chat_template(self) -> str | None:
         return self.values.get("tokenizer.chat_template")
 
+    def _arch_int(self, key: str) -> int | None:
+        value = self.values.get(f"{self.architecture}.{key}")
+        return int(value) if isinstance(value, int) else None
+
     def summary(self) -> dict:
         """The JSON stored on the model row: what a client needs, not the whole header."""
         return {
@@ -51,7 +55,23 @@ class ModelMetadata:
             "context_length": self.context_length,
             "has_chat_template": self.chat_template is not None,
             "file_size": self.file_size,
+            "block_count": self._arch_int("block_count"),
+            "embedding_length": self._arch_int("embedding_length"),
+            "head_count": self._arch_int("attention.head_count"),
+            "head_count_kv": self._arch_int("attention.head_count_kv"),
+            "key_length": self._arch_int("attention.key_length"),
+            "value_length": self._arch_int("attention.value_length"),
         }
+
+
+def estimate_memory(summary: dict, n_ctx_total: int) -> int:
+    """Bytes a loaded model needs: its file (weights) plus an f16 KV cache of `n_ctx_total` cells."""
+    layers, embd = summary.get("block_count") or 0, summary.get("embedding_length") or 0
+    heads = summary.get("head_count") or 1
+    heads_kv = summary.get("head_count_kv") or heads
+    k = summary.get("key_length") or embd // heads
+    v = summary.get("value_length") or embd // heads
+    return int(summary.get("file_size") or 0) + layers * n_ctx_total * heads_kv * (k + v) * 2
 
 
 def read_gguf_metadata(path: Path) -> ModelMetadata:

@@ -13,6 +13,7 @@ class LanguageModel(models.Model):
     enabled = models.BooleanField(default=True, help_text="Served by the API")
     n_ctx = models.PositiveIntegerField(null=True, blank=True, help_text="Context size; empty = MINERVA_N_CTX")
     n_gpu_layers = models.IntegerField(null=True, blank=True, help_text="Empty = MINERVA_N_GPU_LAYERS")
+    n_parallel = models.PositiveIntegerField(null=True, blank=True, help_text="Slots; empty = MINERVA_PARALLEL")
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 

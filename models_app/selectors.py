@@ -26,3 +26,8 @@ def model_n_ctx(model: LanguageModel) -> int:
     """The context size the model is served with: its own setting, else MINERVA_N_CTX, capped by training."""
     n_ctx = model.n_ctx or settings.N_CTX or model.context_length or 2048
     return min(n_ctx, model.context_length) if model.context_length else n_ctx
+
+
+def model_parallel(model: LanguageModel) -> int:
+    """How many sequences the model decodes together: its own setting, else MINERVA_PARALLEL."""
+    return model.n_parallel or settings.PARALLEL

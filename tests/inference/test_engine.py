@@ -1,60 +1,172 @@
-"""The engine on its own (no Django): real SmolLM2 through llama-cpp-python."""
+"""The scheduler on its own (no Django): real SmolLM2 through llama.cpp's batch API."""
+
+import threading
 
 import pytest
 
-from inference.engine import ContextOverflow, PromptError, SamplingParams, get_model
-from models_app.services import default_model_path
+from inference.engine import ContextOverflow, LoadedModel, PromptError, SamplingParams
+from models_app.bundled import default_model_path
+
+
+class RecordingIO:
+    """Collects events per sequence key; cancels the keys in `cancel` at the next step."""
+
+    def __init__(self):
+        self.events: dict[str, list] = {}
+        self.cancel: set[str] = set()
+        self.lock = threading.Lock()
+
+    def step(self, events, active):
+        with self.lock:
+            for sequence, event, data in events:
+                self.events.setdefault(sequence.key, []).append((event, data))
+            return {s for s in active if s.key in self.cancel}
+
+    def text(self, key: str) -> str:
+        return "".join(d["text"] for e, d in self.events.get(key, []) if e == "token")
+
+    def kinds(self, key: str) -> list[str]:
+        return [e for e, _ in self.events.get(key, [])]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return get_model(str(default_model_path()), n_ctx=512)
+def io():
+    return RecordingIO()
 
 
-def run(generation):
-    text = "".join(generation)
-    return text, generation.finish_reason, generation.completion_tokens
+@pytest.fixture(scope="module")
+def model(io):
+    model = LoadedModel(str(default_model_path()), n_ctx=512, n_parallel=4, io=io)
+    yield model
+    model.close()
 
 
-def test_the_same_seed_gives_the_same_text(model):
-    prompt = model.chat_prompt([{"role": "user", "content": "Tell me a story."}])
-    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=24)
-    assert run(model.generate(prompt, params)) == run(model.generate(prompt, params))
+PROMPTS = ["Tell me a story.", "What is 2+2?", "Name a color.", "Write a poem about cats."]
+
+
+def run(model, key, prompt, params):
+    sequence = model.submit(key, prompt, params)
+    assert sequence.wait(60)
+    return sequence
+
+
+def test_concurrent_requests_produce_exactly_the_text_they_produce_alone(model, io):
+    prompts = [model.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=20 + 8 * i) for i in range(4)]
+    for i in range(4):
+        run(model, f"alone-{i}", prompts[i], params[i])
+    together = [model.submit(f"together-{i}", prompts[i], params[i]) for i in range(4)]
+    for sequence in together:
+        assert sequence.wait(60)
+    for i in range(4):
+        assert io.text(f"together-{i}") == io.text(f"alone-{i}") != ""
+        assert together[i].completion_tokens == 20 + 8 * i or together[i].finish_reason == "stop"
+
+
+def test_events_are_start_tokens_then_done(model, io):
+    prompt = model.chat_prompt([{"role": "user", "content": "Hi"}])
+    sequence = run(model, "shape", prompt, SamplingParams(temperature=0, max_tokens=5))
+    kinds = io.kinds("shape")
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
+    done = io.events["shape"][-1][1]
+    assert done == {"finish_reason": sequence.finish_reason, "prompt_tokens": len(prompt),
+                    "completion_tokens": sequence.completion_tokens, "cached_tokens": sequence.cached_tokens}  # fmt: skip
+
+
+def test_a_resent_conversation_reuses_the_cached_prefix(model, io):
+    first = model.chat_prompt([{"role": "user", "content": "Remember the number 7."}])
+    run(model, "turn-1", first, SamplingParams(temperature=0, max_tokens=8))
+    second = model.chat_prompt(
+        [{"role": "user", "content": "Remember the number 7."}, {"role": "assistant", "content": io.text("turn-1")},
+         {"role": "user", "content": "Which number?"}]
+    )  # fmt: skip
+    sequence = run(model, "turn-2", second, SamplingParams(temperature=0, max_tokens=4))
+    assert sequence.cached_tokens >= len(first) - 1
+    assert io.events["turn-2"][0] == ("start", {"prompt_tokens": len(second), "cached_tokens": sequence.cached_tokens})
+
+
+def test_an_identical_prompt_gives_the_same_text_from_the_cache(model, io):
+    prompt = model.chat_prompt([{"role": "user", "content": "Name three fruits."}])
+    cold = run(model, "cold", prompt, SamplingParams(temperature=0, max_tokens=12))
+    warm = run(model, "warm", prompt, SamplingParams(temperature=0, max_tokens=12))
+    assert warm.cached_tokens == len(prompt) - 1 and cold.cached_tokens < warm.cached_tokens
+    assert io.text("warm") == io.text("cold")
+
+
+def test_a_stop_string_ends_the_sequence_and_is_left_out(model, io):
+    prompt = model.chat_prompt([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    run(model, "count", prompt, SamplingParams(temperature=0, max_tokens=40))
+    full = io.text("count")
+    assert "5" in full, full
+    stopped = run(model, "count-stop", prompt, SamplingParams(temperature=0, max_tokens=40, stop=["5"]))
+    assert io.text("count-stop") == full[: full.index("5")]
+    assert stopped.finish_reason == "stop"
+
+
+def test_cancelling_frees_the_slot_and_a_waiting_request_then_starts(io):
+    model = LoadedModel(str(default_model_path()), n_ctx=512, n_parallel=1, io=io)
+    try:
+        prompt = model.text_prompt("Once upon a time")
+        long = model.submit("long", prompt, SamplingParams(max_tokens=400, ignore_eos=True))
+        waiting = model.submit("waiting", prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+        while not io.text("long"):
+            threading.Event().wait(0.01)
+        assert io.kinds("waiting") == []  # the only slot is taken
+        io.cancel.add("long")
+        assert long.wait(10) and long.finish_reason == "cancelled"
+        assert long.completion_tokens < 400
+        assert waiting.wait(10) and waiting.finish_reason == "length" and waiting.completion_tokens == 3
+    finally:
+        model.close()
+
+
+def test_ignore_eos_generates_exactly_max_tokens(model, io):
+    prompt = model.chat_prompt([{"role": "user", "content": "Say OK."}])
+    sequence = run(model, "no-eos", prompt, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    assert (sequence.finish_reason, sequence.completion_tokens) == ("length", 60)
+
+
+def test_logit_bias_bans_a_token(model, io):
+    prompt = model.text_prompt("1, 2, 3,")
+    run(model, "free", prompt, SamplingParams(temperature=0, max_tokens=1))
+    banned = model.text_prompt(io.text("free"))[-1]
+    run(model, "banned", prompt, SamplingParams(temperature=0, max_tokens=1, logit_bias={banned: -100}))
+    assert io.text("banned") != io.text("free")
 
 
 def test_a_prompt_that_fills_the_context_is_refused(model):
     with pytest.raises(ContextOverflow, match="maximum context length is 512 tokens"):
-        model.generate(model.text_prompt("word " * 600), SamplingParams())
+        model.submit("long", model.text_prompt("word " * 600), SamplingParams())
 
 
-def test_max_tokens_is_clamped_to_the_room_left(model):
+def test_max_tokens_is_clamped_to_the_room_left(model, io):
     prompt = model.text_prompt("one two " * 250)  # ~500 of the 512 tokens
-    _text, finish, tokens = run(model.generate(prompt, SamplingParams(temperature=0, max_tokens=1000)))
-    assert finish == "length"
-    assert tokens == 512 - len(prompt)
+    sequence = run(model, "clamped", prompt, SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
+    assert sequence.finish_reason == "length"
+    assert sequence.completion_tokens == 512 - len(prompt)
 
 
-def test_cancelling_stops_at_the_next_token(model):
-    prompt = model.text_prompt("Once upon a time")
-    seen = []
-    generation = model.generate(prompt, SamplingParams(max_tokens=200), cancelled=lambda: len(seen) >= 3)
-    for piece in generation:
-        seen.append(piece)
-    assert generation.finish_reason == "cancelled"
-    assert generation.completion_tokens == 3
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(io):
+    model = LoadedModel(str(default_model_path()), n_ctx=2048, n_parallel=2, n_batch=64, io=io)
+    try:
+        short = model.submit("short", model.text_prompt("Hello"), SamplingParams(max_tokens=40, ignore_eos=True))
+        while not io.text("short"):
+            threading.Event().wait(0.01)
+        long_prompt = model.text_prompt("word " * 1000)
+        long = model.submit("long-prompt", long_prompt, SamplingParams(temperature=0, max_tokens=2))
+        assert long.wait(60) and short.wait(60)
+        assert long.completion_tokens == 2 and short.completion_tokens == 40
+    finally:
+        model.close()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+    with pytest.raises(PromptError, match="outside the vocabulary"):
+        model.submit("bad", [1, 10**8], SamplingParams())
 
 
 def test_the_models_own_chat_template_renders_the_prompt(model):
     prompt = model.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    rendered = model.llama.detokenize(prompt, special=True).decode()
+    rendered = model.detokenize(prompt)
     assert "<|im_start|>system\nBe brief.<|im_end|>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n")
-
-
-def test_a_base_model_without_a_template_cannot_chat(tmp_path, model):
-    model.chat_formatter, saved = None, model.chat_formatter
-    try:
-        with pytest.raises(PromptError, match="no chat template"):
-            model.chat_prompt([{"role": "user", "content": "Hi"}])
-    finally:
-        model.chat_formatter = saved

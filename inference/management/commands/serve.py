@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from minerva_project.redis import start_embedded_redis
 from models_app.models import LanguageModel
+from models_app.selectors import model_parallel
 
 STOP_GRACE_SECONDS = 6  # per phase (worker and daphne, then redis); redis stops at once
 RESTART_BACKOFF_SECONDS = 1.0
@@ -64,11 +65,14 @@ class Command(BaseCommand):
         if settings.EMBEDDED_REDIS:
             children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **_CHILD_OPTIONS)))
             env["MINERVA_REDIS_URL"] = settings.REDIS_URL
-        queues = [m.queue for m in LanguageModel.objects.filter(enabled=True)] or ["minerva.default"]
+        models = list(LanguageModel.objects.filter(enabled=True))
+        queues = [m.queue for m in models] or ["minerva.default"]
+        # One task thread per slot: each waits while its model's scheduler decodes it with the others.
+        concurrency = sum(model_parallel(m) for m in models) or 1
         worker_cmd = [
             sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
             "--queues", ",".join(queues),
-            "--pool", "threads", "--concurrency", str(settings.WORKER_CONCURRENCY),
+            "--pool", "threads", "--concurrency", str(concurrency),
             "--prefetch-multiplier", "1",
             "--without-gossip", "--without-mingle",
             "--hostname", f"minerva-{port}@%h",

@@ -1,0 +1,177 @@
+"""The models a worker keeps loaded: lazy loads (one at a time), a memory budget with LRU eviction of idle
+models, and keep-alive expiry (like Ollama: 5 minutes by default, per request `keep_alive`)."""
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .llama import LoadedModel, StepIO
+
+logger = logging.getLogger(__name__)
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be loaded: it does not fit in the memory budget, or llama.cpp refused the file."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how; `estimated_bytes` (weights + KV cache) is checked against the budget."""
+
+    name: str
+    path: str
+    n_ctx: int
+    n_parallel: int = 1
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_batch: int = 512
+    estimated_bytes: int = 0
+
+
+@dataclass
+class _Entry:
+    spec: ModelSpec
+    model: LoadedModel
+    keep_alive: float  # seconds after the last use; math.inf = forever
+    pins: int = 0  # requests using the model right now: a pinned model is never unloaded
+
+    def expired(self, now: float) -> bool:
+        return self.pins == 0 and now - self.model.last_used > self.keep_alive
+
+
+class ModelCache:
+    def __init__(self, *, budget_bytes: int, default_keep_alive: float = 300.0,
+                 io_factory: Callable[[], StepIO] | None = None, reap_interval: float = 1.0):  # fmt: skip
+        self.budget_bytes = budget_bytes
+        self.default_keep_alive = default_keep_alive
+        self.io_factory = io_factory
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()  # held while loading, so loads are serialized
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, args=(reap_interval,), name="model-reaper", daemon=True)
+        self._reaper.start()
+
+    @contextlib.contextmanager
+    def use(self, spec: ModelSpec, *, keep_alive: float | None = None) -> Iterator[LoadedModel]:
+        """The loaded model for `spec`, loading it (evicting idle models to make room) if needed, and kept
+        loaded until the block ends; its keep-alive countdown starts then."""
+        with self._lock:
+            entry = self._get(spec, keep_alive)
+            entry.pins += 1
+        try:
+            yield entry.model
+        finally:
+            with self._lock:
+                entry.pins -= 1
+                entry.model.last_used = time.monotonic()
+
+    def _get(self, spec: ModelSpec, keep_alive: float | None) -> _Entry:
+        # Called with the lock held.
+        entry = self._entries.get(spec.name)
+        if entry is not None and entry.spec != spec and entry.pins == 0:  # load options changed in the registry
+            self._unload(spec.name, "its load options changed")
+            entry = None
+        if entry is None:
+            self._make_room(spec)
+            logger.info("loading %s from %s (%s slots x %s tokens)", spec.name, spec.path, spec.n_parallel,
+                        spec.n_ctx)  # fmt: skip
+            try:
+                model = LoadedModel(
+                    spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
+                    n_threads=spec.n_threads, n_batch=spec.n_batch,
+                    io=self.io_factory() if self.io_factory else None,
+                )  # fmt: skip
+            except (ValueError, OSError) as exc:
+                raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
+            entry = self._entries[spec.name] = _Entry(spec, model, self.default_keep_alive)
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        entry.model.last_used = time.monotonic()
+        return entry
+
+    def loaded(self) -> list[dict]:
+        """What is loaded now: name, estimated size, busy and total slots, seconds until unload when idle."""
+        with self._lock:
+            return [
+                {
+                    "name": name,
+                    "path": e.spec.path,
+                    "estimated_bytes": e.spec.estimated_bytes,
+                    "busy_slots": e.model.busy_slots(),
+                    "requests": e.pins,
+                    "slots": e.spec.n_parallel,
+                    "keep_alive": e.keep_alive,
+                    "idle_seconds": round(time.monotonic() - e.model.last_used, 1),
+                }
+                for name, e in self._entries.items()
+            ]
+
+    def unload(self, name: str) -> bool:
+        """Unload a model now (its running requests fail); False if it was not loaded."""
+        with self._lock:
+            return self._unload(name, "asked to")
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for name in list(self._entries):
+                self._unload(name, "the worker is stopping")
+
+    def _make_room(self, spec: ModelSpec) -> None:
+        if spec.estimated_bytes > self.budget_bytes:
+            raise ModelUnavailable(
+                f"The model {spec.name} needs about {_gib(spec.estimated_bytes)} (weights and KV cache), more "
+                f"than the memory budget of {_gib(self.budget_bytes)} (MINERVA_MEMORY_BUDGET)."
+            )
+        while self._used() + spec.estimated_bytes > self.budget_bytes:
+            idle = [(e.model.last_used, n) for n, e in self._entries.items() if e.pins == 0]
+            if not idle:
+                raise ModelUnavailable(
+                    f"The model {spec.name} needs about {_gib(spec.estimated_bytes)} but only "
+                    f"{_gib(self.budget_bytes - self._used())} of the memory budget is free and every loaded "
+                    "model is busy. Try again shortly."
+                )
+            self._unload(min(idle)[1], "least recently used, to make room")
+
+    def _used(self) -> int:
+        return sum(e.spec.estimated_bytes for e in self._entries.values())
+
+    def _unload(self, name: str, why: str) -> bool:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return False
+        logger.info("unloading %s: %s", name, why)
+        entry.model.close()
+        return True
+
+    def _reap(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                for name, entry in list(self._entries.items()):
+                    if entry.expired(now):
+                        self._unload(name, f"idle for more than {entry.keep_alive:g} s")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def parse_keep_alive(value: str | float | int | None) -> float | None:
+    """Ollama's keep_alive: seconds, or a duration like "10m", "1h", "30s"; negative = forever."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        seconds = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
+    if math.isnan(seconds):
+        raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
+    return math.inf if seconds < 0 else seconds
