@@ -138,3 +138,54 @@ async def test_every_request_writes_exactly_one_log_row(async_client, smollm2):
     assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"]
     assert row.ttft_ms is not None and row.latency_ms >= row.ttft_ms
     assert "messages" not in row.request and row.request["max_tokens"] == 4
+
+
+async def test_a_resent_conversation_reports_cached_prompt_tokens(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 8}
+    first = (await post(async_client, "/v1/chat/completions", body)).json()
+    second = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == second["usage"]["prompt_tokens"] - 1
+
+
+async def test_ignore_eos_and_logit_bias_are_honoured(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 50, "ignore_eos": True}
+    response = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert (response["choices"][0]["finish_reason"], response["usage"]["completion_tokens"]) == ("length", 50)
+    plain = (await post(async_client, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "temperature": 0,
+                                                            "max_tokens": 1})).json()  # fmt: skip
+    banned = {"504": -100, "28": -100, "216": -100}  # " 4", "4", " " and friends cannot all be the answer
+    biased = (await post(async_client, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "temperature": 0,
+                                                             "max_tokens": 1, "logit_bias": banned})).json()  # fmt: skip
+    assert plain["choices"][0]["text"] != biased["choices"][0]["text"]
+
+
+async def test_a_model_that_does_not_fit_the_memory_budget_is_503_and_others_keep_working(
+    async_client, smollm2, monkeypatch
+):
+    from inference import services
+    from inference.engine import ModelCache
+
+    monkeypatch.setattr(services, "_cache", ModelCache(budget_bytes=1000))
+    response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO})
+    assert response.status_code == 503
+    assert (
+        response.json()["error"]["code"] == "model_unavailable"
+        and "memory budget" in response.json()["error"]["message"]
+    )
+    assert response["Retry-After"]
+    services._cache.close()
+    monkeypatch.undo()
+    ok = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+async def test_a_full_queue_is_503_with_retry_after(async_client, smollm2, settings):
+    from minerva_project.redis import get_redis
+
+    settings.MAX_QUEUE = 2
+    get_redis().rpush(smollm2.queue, "a", "b")
+    response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "queue_full"
+    assert response["Retry-After"] == "1"

@@ -69,8 +69,12 @@ def test_events_are_start_tokens_then_done(model, io):
     kinds = io.kinds("shape")
     assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
     done = io.events["shape"][-1][1]
-    assert done == {"finish_reason": sequence.finish_reason, "prompt_tokens": len(prompt),
-                    "completion_tokens": sequence.completion_tokens, "cached_tokens": sequence.cached_tokens}  # fmt: skip
+    assert done == {
+        "finish_reason": sequence.finish_reason,
+        "prompt_tokens": len(prompt),
+        "completion_tokens": sequence.completion_tokens,
+        "cached_tokens": sequence.cached_tokens,
+    }
 
 
 def test_a_resent_conversation_reuses_the_cached_prefix(model, io):
