@@ -152,11 +152,10 @@ async def test_ignore_eos_and_logit_bias_are_honoured(async_client, smollm2):
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 50, "ignore_eos": True}
     response = (await post(async_client, "/v1/chat/completions", body)).json()
     assert (response["choices"][0]["finish_reason"], response["usage"]["completion_tokens"]) == ("length", 50)
-    plain = (await post(async_client, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "temperature": 0,
-                                                            "max_tokens": 1})).json()  # fmt: skip
-    banned = {"504": -100, "28": -100, "216": -100}  # " 4", "4", " " and friends cannot all be the answer
-    biased = (await post(async_client, "/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "temperature": 0,
-                                                             "max_tokens": 1, "logit_bias": banned})).json()  # fmt: skip
+    count = {"model": MODEL, "prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 1}
+    plain = (await post(async_client, "/v1/completions", count)).json()
+    banned = {"504": -100, "28": -100, "216": -100}  # " 4", "4", " ": the likely next tokens
+    biased = (await post(async_client, "/v1/completions", {**count, "logit_bias": banned})).json()
     assert plain["choices"][0]["text"] != biased["choices"][0]["text"]
 
 
