@@ -10,6 +10,8 @@ import collections
 import ctypes
 import logging
 import math
+import os
+import queue
 import random
 import threading
 import time
@@ -127,8 +129,8 @@ class LoadedModel:
         cparams.kv_unified = False  # each slot attends only over its own cells
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         cparams.no_perf = True
-        if n_threads:
-            cparams.n_threads = cparams.n_threads_batch = n_threads
+        # llama.cpp's default is 4 threads; on a 2-core machine that oversubscribes and triples the time per token.
+        cparams.n_threads = cparams.n_threads_batch = n_threads or len(os.sched_getaffinity(0))
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -148,6 +150,13 @@ class LoadedModel:
         self._wakeup = threading.Condition()
         self._closed = False
         self.last_used = time.monotonic()
+        self._io_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._io_lock = threading.Lock()
+        self._cancelled: set[Sequence] = set()
+        self._io_error: Exception | None = None
+        self._ended: list[Sequence] = []  # finished in this step; set `finished` once published
+        self._io_thread = threading.Thread(target=self._run_io, name=f"io:{path}", daemon=True)
+        self._io_thread.start()
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{path}", daemon=True)
         self._thread.start()
 
@@ -213,6 +222,8 @@ class LoadedModel:
             self._closed = True
             self._wakeup.notify()
         self._thread.join(timeout=30)
+        self._io_queue.put(None)
+        self._io_thread.join(timeout=30)
         self.context.close()
         self.model.close()
 
@@ -233,6 +244,8 @@ class LoadedModel:
                 for sequence in list(self._active):
                     sequence.error = exc
                     self._finish(sequence, None)
+                self._io_queue.put(([], [], self._ended))
+                self._ended = []
         for sequence in [*self._waiting, *self._active]:
             sequence.error = EngineError("The model was unloaded.")
             self._finish(sequence, None)
@@ -304,9 +317,39 @@ class LoadedModel:
                 self._finish(sequence, "stop", events)
             elif sequence.completion_tokens >= sequence.max_tokens:
                 self._finish(sequence, "length", events)
-        for sequence in self.io.step(events, list(self._active)):
-            if sequence in self._active:
+        # Publishing happens on the IO thread while the next step decodes; cancellations it found arrive here
+        # one step later. Sequences that ended in this step are marked finished once their events are out.
+        self._io_queue.put((events, list(self._active), self._ended))
+        self._ended = []
+        with self._io_lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            io_error, self._io_error = self._io_error, None
+        for sequence in list(self._active):
+            if io_error is not None:
+                sequence.error = io_error
+                self._finish(sequence, None)
+            elif sequence in cancelled:
                 self._finish(sequence, "cancelled")
+
+    def _run_io(self) -> None:
+        while True:
+            item = self._io_queue.get()
+            if item is None:
+                return
+            events, active, ended = item
+            try:
+                cancelled = self.io.step(events, active)
+            except Exception as exc:  # e.g. Redis went away: fail what is running, keep the thread
+                logger.exception("publishing events failed for %s", self.path)
+                with self._io_lock:
+                    self._io_error = exc
+                for sequence in ended:
+                    sequence.error = sequence.error or exc
+                cancelled = set()
+            with self._io_lock:
+                self._cancelled |= cancelled
+            for sequence in ended:
+                sequence.finished.set()
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token (cached: the scheduler asks for every generated token)."""
@@ -342,7 +385,10 @@ class LoadedModel:
             sequence.sampler.close()
             sequence.sampler = None
         self.last_used = time.monotonic()
-        sequence.finished.set()
+        if events is None:  # nothing of this sequence is waiting to be published
+            sequence.finished.set()
+        else:
+            self._ended.append(sequence)
 
     def _sampler(self, params: SamplingParams) -> _internals.LlamaSampler:
         """A sampler chain for one sequence, in llama-server's order."""

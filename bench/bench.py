@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Minerva against llama.cpp's llama-server, same model, same load, same run.
+
+Starts both servers (llama-server from --llama-server, Minerva's `manage.py serve` from this checkout), then for
+each concurrency level sends streamed chat completions (~100-token prompts, --max-tokens output tokens with EOS
+suppressed via `ignore_eos`) and prints aggregate tok/s, TTFT p50/p95 and inter-token latency p50/p95 side by
+side, with Minerva/llama-server ratios. Both servers get the same slots (= the highest level), per-slot context,
+batch size, flash attention `auto` and a non-unified KV cache.
+
+    python bench/bench.py --llama-server /path/to/llama-server --model model.gguf --levels 1,4
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import httpx2 as httpx
+except ImportError:  # the GPU machine has plain httpx
+    import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the quick brown fox jumps over the lazy dog while a curious cat watches from the garden wall and "
+    "the river flows past old stone bridges under a pale autumn sky full of drifting clouds and birds "
+).split()
+
+
+def prompt(i: int, n_words: int = 80) -> str:
+    # A distinct number first, so no request reuses another's cached prefix (fair to both servers).
+    body = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(n_words))
+    return f"Request {i}. Continue this text for as long as you can: {body}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"server exited early; see {log}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"server at {url} not ready after {timeout} s; see {log}")
+
+
+def start_llama_server(args, work: Path, slots: int) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    log = work / "llama-server.log"
+    cmd = [
+        args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(args.n_ctx * slots), "-b", str(args.n_batch), "-ub", str(min(args.n_batch, 512)),
+        "-ngl", str(args.n_gpu_layers if args.n_gpu_layers >= 0 else 999), "-fa", "auto", "--no-kv-unified",
+        "--no-webui",
+    ]  # fmt: skip
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_ready(f"http://127.0.0.1:{port}/health", process, log)
+    return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
+
+
+def start_minerva(args, work: Path, slots: int) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    models = work / "models"
+    models.mkdir()
+    (models / Path(args.model).name).symlink_to(Path(args.model).resolve())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
+    env.update(
+        MINERVA_DATA_DIR=str(work / "minerva"),
+        MINERVA_MODELS_DIR=str(models),
+        MINERVA_PARALLEL=str(slots),
+        MINERVA_N_CTX=str(args.n_ctx),
+        MINERVA_N_BATCH=str(args.n_batch),
+        MINERVA_N_GPU_LAYERS=str(args.n_gpu_layers),
+        MINERVA_MAX_QUEUE="0",
+        MINERVA_LOG_LEVEL="WARNING",
+    )
+    if args.threads:
+        env["MINERVA_N_THREADS"] = str(args.threads)
+    python = sys.executable
+    for command in (["migrate", "--noinput"], ["register_models"]):
+        subprocess.run([python, "manage.py", *command], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    log = work / "minerva.log"
+    process = subprocess.Popen(
+        [python, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{port}/v1/models", process, log)
+    return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
+
+
+async def one_request(client, base_url: str, model: str, i: int, max_tokens: int) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "seed": i,
+    }  # fmt: skip
+    started = time.perf_counter()
+    stamps, tokens = [], None
+    async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{base_url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{base_url}: {chunk['error']}")
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    stamps.append(time.perf_counter())
+    return {
+        "ttft": stamps[0] - started if stamps else None,
+        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+        "tokens": tokens if tokens is not None else len(stamps),
+        "end": time.perf_counter(),
+        "start": started,
+    }
+
+
+async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, offset: int):
+    # A fresh connection per request: llama-server closes streamed responses, which confuses pooled reuse.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        queue = list(range(offset, offset + n_requests))
+        results = []
+
+        async def worker():
+            while queue:
+                results.append(await one_request(client, base_url, model, queue.pop(0), max_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ttfts = [r["ttft"] * 1000 for r in results if r["ttft"] is not None]
+    itls = [x * 1000 for r in results for x in r["itl"]]
+    total = sum(r["tokens"] for r in results)
+    return {
+        "requests": n_requests,
+        "tokens": total,
+        "seconds": round(elapsed, 3),
+        "tok_s": round(total / elapsed, 1),
+        "ttft_p50_ms": round(pct(ttfts, 50), 1),
+        "ttft_p95_ms": round(pct(ttfts, 95), 1),
+        "itl_p50_ms": round(pct(itls, 50), 2),
+        "itl_p95_ms": round(pct(itls, 95), 2),
+    }
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, int(p) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-server", required=True, help="path of the llama-server binary")
+    parser.add_argument("--model", required=True, help="GGUF file both servers load")
+    parser.add_argument("--levels", default="1,4", help="concurrency levels, e.g. 1,4,16,64")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default 2 x level, min 4)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--n-ctx", type=int, default=1024, help="context per slot")
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--n-gpu-layers", type=int, default=-1)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    slots = max(levels)
+
+    work = Path(tempfile.mkdtemp(prefix="minerva-bench-"))
+    servers = {}
+    try:
+        servers["llama-server"] = start_llama_server(args, work, slots)
+        servers["minerva"] = start_minerva(args, work, slots)
+        for _process, url, model in servers.values():  # warm-up: load, first graph, caches
+            asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000))
+        results = {name: {} for name in servers}
+        offset = 0
+        for level in levels:
+            n = args.requests or max(4, 2 * level)
+            for name, (_process, url, model) in servers.items():
+                results[name][level] = asyncio.run(run_level(url, model, level, n, args.max_tokens, offset))
+                print(f"  {name:12} c={level:<3} {results[name][level]}", flush=True)
+            offset += n
+    finally:
+        for process, _url, _model in servers.values():
+            process.send_signal(signal.SIGTERM)
+        for process, _url, _model in servers.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    report(results, levels, args)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(results: dict, levels: list[int], args) -> None:
+    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
+    print(f"\nmodel {Path(args.model).name}, {args.max_tokens} output tokens, ctx {args.n_ctx}/slot, {machine}")
+    header = "| c | server | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |"
+    print(header + "\n|---|---|---|---|---|---|---|")
+    for level in levels:
+        for name in ("llama-server", "minerva"):
+            r = results[name][level]
+            print(f"| {level} | {name} | {r['tok_s']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | {r['itl_p50_ms']} "
+                  f"| {r['itl_p95_ms']} |")  # fmt: skip
+        m, b = results["minerva"][level], results["llama-server"][level]
+        print(f"| {level} | **ratio** | **{m['tok_s'] / b['tok_s']:.2f}x** | {m['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x "
+              f"| {m['ttft_p95_ms'] / b['ttft_p95_ms']:.2f}x | {m['itl_p50_ms'] / b['itl_p50_ms']:.2f}x "
+              f"| {m['itl_p95_ms'] / b['itl_p95_ms']:.2f}x |")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
