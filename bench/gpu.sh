@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Run bench/bench.py on the lent GPU machine (no network there). Prepare the carry here first with
+# `bench/gpu.sh prepare` (a trimmed llama.cpp source, llama-cpp-python's Python files and Python 3.12 wheels
+# under build/gpu/, about 42 MiB), then on the device: `bench/gpu.sh build` and `bench/gpu.sh run [LEVELS]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=build/gpu
+LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' requirements/base.txt)
+
+case "${1:-}" in
+prepare)
+    rm -rf "$CARRY" && mkdir -p "$CARRY/src"
+    pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$CARRY/src"
+    tar xzf "$CARRY"/src/llama_cpp_python-*.tar.gz -C "$CARRY/src"
+    sdist=$(ls -d "$CARRY"/src/llama_cpp_python-*/)
+    vendor="$sdist/vendor/llama.cpp"
+    rm -rf "$vendor"/{.git,docs,media,benches,tests,pocs} "$vendor"/examples/*/
+    find "$vendor/models" -name '*.gguf' ! -name ggml-vocab-llama-bpe.gguf -delete
+    for backend in vulkan sycl metal opencl cann hexagon openvino webgpu et virtgpu zdnn zendnn musa hip rpc blas; do
+        rm -rf "$vendor/ggml/src/ggml-$backend"
+    done
+    tar cJf "$CARRY/llama.cpp.tar.xz" -C "$sdist/vendor" llama.cpp
+    mkdir -p "$CARRY/py" && cp -r "$sdist/llama_cpp" "$CARRY/py/"
+    grep -vE '^(#|$)|llama-cpp-python|psycopg' requirements/base.txt > "$CARRY/requirements.txt"
+    echo "diskcache==5.6.3" >> "$CARRY/requirements.txt"
+    pip download -q --python-version 3.12 --implementation cp --only-binary=:all: \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
+    cp ../shared/gpu/make_synthetic_llama.py "$CARRY/"
+    rm -rf "$CARRY/src"
+    du -sh "$CARRY"
+    ;;
+build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M model in /tmp/m-q4km.gguf
+    mkdir -p /tmp/w && tar xJf "$CARRY/llama.cpp.tar.xz" -C /tmp/w
+    cmake -B /tmp/lbuild -S /tmp/w/llama.cpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
+    cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
+    python3 -m venv --system-site-packages /tmp/venv
+    /tmp/venv/bin/pip install -q --no-index --find-links "$CARRY/wheels" -r "$CARRY/requirements.txt"
+    PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
+        /tmp/w/llama.cpp/models/ggml-vocab-llama-bpe.gguf /tmp/m-f16.gguf 8b
+    /tmp/lbuild/bin/llama-quantize /tmp/m-f16.gguf /tmp/m-q4km.gguf Q4_K_M 16 > /tmp/quantize.log
+    rm -f /tmp/m-f16.gguf
+    ls -la /tmp/m-q4km.gguf
+    ;;
+run)
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels "${2:-1,4,16,64}" --n-batch 2048 --n-ctx 1024 --out "${OUT:-/tmp}/bench-gpu.json"
+    ;;
+*)
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]" >&2
+    exit 2
+    ;;
+esac
