@@ -115,7 +115,7 @@ class LoadedModel:
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None):  # fmt: skip
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
         self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
@@ -150,6 +150,9 @@ class LoadedModel:
         self._wakeup = threading.Condition()
         self._closed = False
         self.last_used = time.monotonic()
+        # Where the scheduler's time goes (see BENCHMARKS.md): decode = llama_decode, sample = sampling and text,
+        # step - decode - sample = Python bookkeeping; io = the IO thread's Redis calls.
+        self.stats = {"steps": 0, "batch_tokens": 0, "step_s": 0.0, "decode_s": 0.0, "sample_s": 0.0, "io_s": 0.0}
         self._io_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._io_lock = threading.Lock()
         self._cancelled: set[Sequence] = set()
@@ -272,6 +275,7 @@ class LoadedModel:
             self._active.append(sequence)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         batch = self._batch
         batch.clear()
         # Generating sequences first (one token each), then prompt chunks in arrival order.
@@ -290,10 +294,12 @@ class LoadedModel:
                 sequence.slot.tokens.extend(chunk)
                 if not sequence.pending:
                     sequence.batch_index = last
+        decode_started = time.perf_counter()
         if batch.n:
             code = llama_cpp.llama_decode(self.ctx, batch.struct)
             if code != 0:
                 raise EngineError(f"llama_decode returned {code}")
+        decoded = time.perf_counter()
 
         events: list[tuple[Sequence, str, dict]] = []
         for sequence in list(self._active):
@@ -317,6 +323,12 @@ class LoadedModel:
                 self._finish(sequence, "stop", events)
             elif sequence.completion_tokens >= sequence.max_tokens:
                 self._finish(sequence, "length", events)
+        stats = self.stats
+        stats["steps"] += 1
+        stats["batch_tokens"] += batch.n
+        stats["decode_s"] += decoded - decode_started
+        stats["sample_s"] += time.perf_counter() - decoded
+        stats["step_s"] += time.perf_counter() - started
         # Publishing happens on the IO thread while the next step decodes; cancellations it found arrive here
         # one step later. Sequences that ended in this step are marked finished once their events are out.
         self._io_queue.put((events, list(self._active), self._ended))
@@ -338,7 +350,9 @@ class LoadedModel:
                 return
             events, active, ended = item
             try:
+                started = time.perf_counter()
                 cancelled = self.io.step(events, active)
+                self.stats["io_s"] += time.perf_counter() - started
             except Exception as exc:  # e.g. Redis went away: fail what is running, keep the thread
                 logger.exception("publishing events failed for %s", self.path)
                 with self._io_lock:
