@@ -49,7 +49,7 @@ def main() -> None:
         sequence.wait()
     differ = [i for i in range(args.parallel) if io.texts[f"alone-{i}"] != io.texts[f"together-{i}"]]
     first = [
-        next((k for k, (a, b) in enumerate(zip(io.texts[f"alone-{i}"], io.texts[f"together-{i}"])) if a != b), None)
+        next((k for k, (a, b) in enumerate(zip(io.texts[f"alone-{i}"], io.texts[f"together-{i}"], strict=False)) if a != b), None)
         for i in differ
     ]
     print(f"{len(differ)}/{args.parallel} sequences differ when batched with {args.parallel - 1} others "
