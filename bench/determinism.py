@@ -29,6 +29,10 @@ class Collect:
         return set()
 
 
+def _first_difference(a: list[str], b: list[str]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -48,10 +52,7 @@ def main() -> None:
     for sequence in together:
         sequence.wait()
     differ = [i for i in range(args.parallel) if io.texts[f"alone-{i}"] != io.texts[f"together-{i}"]]
-    first = [
-        next((k for k, (a, b) in enumerate(zip(io.texts[f"alone-{i}"], io.texts[f"together-{i}"], strict=False)) if a != b), None)
-        for i in differ
-    ]
+    first = [_first_difference(io.texts[f"alone-{i}"], io.texts[f"together-{i}"]) for i in differ]
     print(f"{len(differ)}/{args.parallel} sequences differ when batched with {args.parallel - 1} others "
           f"(temperature {args.temperature}, {args.max_tokens} tokens); first differing token: {first}")  # fmt: skip
     model.close()
