@@ -7,6 +7,7 @@ sequence with its own sampler chain, and hands the step's events to `StepIO` in 
 publish them and check cancellations in one Redis round trip)."""
 
 import collections
+import dataclasses
 import ctypes
 import logging
 import math
@@ -66,6 +67,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely alternatives
 
 
 class StepIO(Protocol):
@@ -76,8 +78,11 @@ class StepIO(Protocol):
 class Sequence:
     """One request inside the scheduler. Its owner waits on `finished`; results are on the object."""
 
-    def __init__(self, key: str, prompt: list[int], params: SamplingParams, max_tokens: int):
+    def __init__(self, key: str, prompt: list[int], params: SamplingParams, max_tokens: int, index: int = 0):
         self.key, self.prompt, self.params, self.max_tokens = key, prompt, params, max_tokens
+        self.index = index  # the choice index, when one request asks for n > 1 completions
+        self.leader: Sequence | None = None  # for n > 1: the sequence whose prompt KV cells this one copies
+        self.waiting_for_leader = False
         self.slot: Slot | None = None
         self.pending: list[int] = []  # prompt tokens not yet decoded
         self.n_past = 0  # tokens of this sequence in the KV cache
@@ -91,6 +96,7 @@ class Sequence:
         self.error: Exception | None = None
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
+        self.logprobs: list[dict] = []  # entries not yet sent with a text event
         self.finished = threading.Event()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -145,7 +151,7 @@ class LoadedModel:
         self.io: StepIO = io or NullIO()
         self.slots = [Slot(i) for i in range(n_parallel)]
         self._batch = _Batch(n_batch)
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests: n sequences each
         self._active: list[Sequence] = []
         self._wakeup = threading.Condition()
         self._closed = False
@@ -200,6 +206,12 @@ class LoadedModel:
 
     def submit(self, key: str, prompt: list[int], params: SamplingParams) -> Sequence:
         """Check the prompt fits, clamp max_tokens to the room left, and queue it for the next step."""
+        return self.submit_many(key, prompt, params, 1)[0]
+
+    def submit_many(self, key: str, prompt: list[int], params: SamplingParams, n: int) -> list[Sequence]:
+        """Like `submit`, for n completions of one prompt: the prompt is decoded once and its KV cells copied."""
+        if n > self.n_parallel:
+            raise PromptError(f"n={n} is more than this model's {self.n_parallel} parallel slots.")
         if not prompt:
             raise PromptError("The prompt is empty.")
         if any(not 0 <= t < self.n_vocab for t in prompt):
@@ -207,17 +219,25 @@ class LoadedModel:
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
         room = self.n_ctx - len(prompt)
-        sequence = Sequence(key, list(prompt), params, min(params.max_tokens or room, room))
+        max_tokens = min(params.max_tokens or room, room)
+        # With a seed, choice i samples with seed + i: reproducible, yet the choices differ from each other.
+        group = [
+            Sequence(key, list(prompt), dataclasses.replace(params, seed=params.seed + i) if params.seed is not None else params,
+                     max_tokens, index=i)
+            for i in range(n)
+        ]  # fmt: skip
+        for follower in group[1:]:
+            follower.leader, follower.waiting_for_leader = group[0], True
         with self._wakeup:
             if self._closed:
                 raise EngineError("The model is being unloaded.")
-            self._waiting.append(sequence)
+            self._waiting.append(group)
             self.last_used = time.monotonic()
             self._wakeup.notify()
-        return sequence
+        return group
 
     def busy_slots(self) -> int:
-        return sum(1 for s in self.slots if s.sequence is not None) + len(self._waiting)
+        return sum(1 for s in self.slots if s.sequence is not None) + sum(len(g) for g in self._waiting)
 
     def close(self) -> None:
         """Stop the scheduler (failing anything still queued or running) and free the model."""
@@ -249,17 +269,18 @@ class LoadedModel:
                     self._finish(sequence, None)
                 self._io_queue.put(([], [], self._ended))
                 self._ended = []
-        for sequence in [*self._waiting, *self._active]:
+        for sequence in [*(s for group in self._waiting for s in group), *self._active]:
             sequence.error = EngineError("The model was unloaded.")
             self._finish(sequence, None)
 
     def _admit(self) -> None:
-        """Give each waiting sequence a free slot, the one whose cached tokens share the longest prefix."""
+        """Give each waiting request free slots: the first sequence gets the slot whose cached tokens share the
+        longest prefix with its prompt; the others of an n > 1 request get any free slot."""
         while self._waiting:
             free = [s for s in self.slots if s.sequence is None]
-            if not free:
+            if len(free) < len(self._waiting[0]):
                 return
-            sequence = self._waiting.popleft()
+            sequence, *followers = self._waiting.popleft()
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, sequence.prompt), -s.last_used))
             reuse = _common_prefix(slot.tokens, sequence.prompt)
             if reuse == len(sequence.prompt):
@@ -273,6 +294,25 @@ class LoadedModel:
             sequence.pending = sequence.prompt[reuse:]
             sequence.sampler = self._sampler(sequence.params)
             self._active.append(sequence)
+            for follower in followers:
+                free.remove(slot)
+                slot = min(free, key=lambda s: s.last_used)
+                slot.sequence, follower.slot = slot, slot
+                follower.sampler = self._sampler(follower.params)
+                self._active.append(follower)
+
+    def _copy_prompt_to_followers(self) -> None:
+        """Once a leader's prompt is decoded, its followers take copies of its KV cells and sample from its
+        logits in the same step."""
+        for follower in self._active:
+            leader = follower.leader
+            if follower.waiting_for_leader and leader.batch_index >= 0 and not leader.pending:
+                llama_cpp.llama_memory_seq_rm(self.memory, follower.slot.id, -1, -1)
+                llama_cpp.llama_memory_seq_cp(self.memory, leader.slot.id, follower.slot.id, -1, -1)
+                follower.slot.tokens = list(leader.slot.tokens)
+                follower.n_past, follower.cached_tokens = leader.n_past, leader.cached_tokens
+                follower.batch_index = leader.batch_index
+                follower.waiting_for_leader = False
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -281,6 +321,8 @@ class LoadedModel:
         # Generating sequences first (one token each), then prompt chunks in arrival order.
         for sequence in self._active:
             sequence.batch_index = -1
+            if sequence.waiting_for_leader:
+                continue
             if not sequence.pending:
                 sequence.batch_index = batch.add([sequence.next_token], sequence.n_past, sequence.slot.id, True)
                 sequence.slot.tokens.append(sequence.next_token)
@@ -300,12 +342,13 @@ class LoadedModel:
             if code != 0:
                 raise EngineError(f"llama_decode returned {code}")
         decoded = time.perf_counter()
+        self._copy_prompt_to_followers()
 
         events: list[tuple[Sequence, str, dict]] = []
         for sequence in list(self._active):
             if sequence.batch_index < 0:
                 continue
-            if sequence.completion_tokens == 0 and sequence.first_token_at is None:
+            if sequence.first_token_at is None and sequence.leader is None:
                 events.append((sequence, "start", {"prompt_tokens": len(sequence.prompt),
                                                    "cached_tokens": sequence.cached_tokens}))  # fmt: skip
             token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
@@ -316,9 +359,11 @@ class LoadedModel:
                 continue
             sequence.completion_tokens += 1
             sequence.next_token = token  # decoded (and added to slot.tokens) in the next step
+            if sequence.params.logprobs is not None:
+                sequence.logprobs.append(self._logprob(sequence.batch_index, token, sequence.params.logprobs))
             text = sequence.decoder.feed(self._piece(token))
             if text:
-                events.append((sequence, "token", {"text": text}))
+                events.append((sequence, "token", self._token_event(sequence, text)))
             if sequence.decoder.stop.stopped:
                 self._finish(sequence, "stop", events)
             elif sequence.completion_tokens >= sequence.max_tokens:
@@ -365,6 +410,28 @@ class LoadedModel:
             for sequence in ended:
                 sequence.finished.set()
 
+    def _token_event(self, sequence: Sequence, text: str) -> dict:
+        event = {"index": sequence.index, "text": text}
+        if sequence.logprobs:
+            event["logprobs"], sequence.logprobs = sequence.logprobs, []
+        return event
+
+    def _logprob(self, batch_index: int, token: int, top: int) -> dict:
+        """The chosen token's log-probability under the model (before sampling settings) and the top ones."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, batch_index), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+        entry = self._logprob_entry(token, float(logits[token]) - log_total)
+        if top:
+            best = np.argpartition(-logits, top)[:top]
+            best = best[np.argsort(-logits[best])]
+            entry["top_logprobs"] = [self._logprob_entry(int(t), float(logits[t]) - log_total) for t in best]
+        return entry
+
+    def _logprob_entry(self, token: int, logprob: float) -> dict:
+        piece = self._piece(token)
+        return {"token": piece.decode(errors="replace"), "logprob": round(logprob, 6), "bytes": list(piece)}
+
     def _piece(self, token: int) -> bytes:
         """The bytes of one token (cached: the scheduler asks for every generated token)."""
         piece = self._pieces.get(token)
@@ -381,11 +448,16 @@ class LoadedModel:
         """Take the sequence out of the batch at once; its slot keeps the KV cells for prefix reuse."""
         if reason in ("stop", "length") and events is not None:
             tail = sequence.decoder.flush()
-            if tail:
-                events.append((sequence, "token", {"text": tail}))
-            events.append((sequence, "done", {"finish_reason": reason, "prompt_tokens": len(sequence.prompt),
+            if tail or sequence.logprobs:
+                events.append((sequence, "token", self._token_event(sequence, tail)))
+            events.append((sequence, "done", {"index": sequence.index, "finish_reason": reason,
+                                              "prompt_tokens": len(sequence.prompt),
                                               "completion_tokens": sequence.completion_tokens,
                                               "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+        for follower in self._active:
+            if follower.leader is sequence and follower.waiting_for_leader:  # the leader ended before its prompt
+                follower.error = sequence.error
+                self._finish(follower, reason, events)
         sequence.finish_reason = reason
         if sequence in self._active:
             self._active.remove(sequence)

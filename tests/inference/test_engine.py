@@ -70,6 +70,7 @@ def test_events_are_start_tokens_then_done(model, io):
     assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"token"}
     done = io.events["shape"][-1][1]
     assert done == {
+        "index": 0,
         "finish_reason": sequence.finish_reason,
         "prompt_tokens": len(prompt),
         "completion_tokens": sequence.completion_tokens,
@@ -174,3 +175,37 @@ def test_the_models_own_chat_template_renders_the_prompt(model):
     rendered = model.detokenize(prompt)
     assert "<|im_start|>system\nBe brief.<|im_end|>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_n_completions_share_one_prompt_decode_and_sample_independently(model, io):
+    prompt = model.chat_prompt([{"role": "user", "content": "Invent a name for a cat."}])
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    group = model.submit_many("n3", prompt, params, 3)
+    for sequence in group:
+        assert sequence.wait(60)
+    assert [s.completion_tokens for s in group] == [12, 12, 12]
+    texts = {i: "".join(d["text"] for e, d in io.events["n3"] if e == "token" and d["index"] == i) for i in range(3)}
+    assert all(texts.values()) and len(set(texts.values())) == 3
+    assert [e for e, _ in io.events["n3"]].count("start") == 1
+    assert sorted(d["index"] for e, d in io.events["n3"] if e == "done") == [0, 1, 2]
+    # Each choice is what a single request with its sampler would give on a copy of the same prompt cells.
+    alone = run(model, "n3-alone", prompt, params)
+    assert io.text("n3-alone") == texts[0] and alone.completion_tokens == 12
+
+
+def test_n_greater_than_the_slots_is_refused(model):
+    with pytest.raises(PromptError, match="parallel slots"):
+        model.submit_many("too-many", model.text_prompt("Hi"), SamplingParams(), 5)
+
+
+def test_logprobs_come_with_the_tokens_and_sum_to_at_most_zero(model, io):
+    prompt = model.text_prompt("The capital of France is")
+    run(model, "lp", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3))
+    entries = [entry for e, d in io.events["lp"] if e == "token" for entry in d.get("logprobs", [])]
+    assert len(entries) == 4
+    assert "".join(entry["token"] for entry in entries) == io.text("lp")
+    for entry in entries:
+        assert entry["logprob"] <= 0
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3 and tops[0]["logprob"] >= tops[1]["logprob"] >= tops[2]["logprob"]
+        assert tops[0]["token"] == entry["token"]  # greedy picks the most likely token
