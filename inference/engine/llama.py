@@ -7,8 +7,8 @@ sequence with its own sampler chain, and hands the step's events to `StepIO` in 
 publish them and check cancellations in one Redis round trip)."""
 
 import collections
-import dataclasses
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -221,11 +221,9 @@ class LoadedModel:
         room = self.n_ctx - len(prompt)
         max_tokens = min(params.max_tokens or room, room)
         # With a seed, choice i samples with seed + i: reproducible, yet the choices differ from each other.
-        group = [
-            Sequence(key, list(prompt), dataclasses.replace(params, seed=params.seed + i) if params.seed is not None else params,
-                     max_tokens, index=i)
-            for i in range(n)
-        ]  # fmt: skip
+        seeds = [None if params.seed is None else params.seed + i for i in range(n)]
+        group = [Sequence(key, list(prompt), dataclasses.replace(params, seed=seeds[i]), max_tokens, index=i)
+                 for i in range(n)]  # fmt: skip
         for follower in group[1:]:
             follower.leader, follower.waiting_for_leader = group[0], True
         with self._wakeup:
