@@ -7,7 +7,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -58,7 +58,7 @@ class _SamplingRequest(_Request):
     model: str = Field(min_length=1, description="ID of the model to use.")
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     max_tokens: int | None = Field(default=None, ge=1, description="Upper bound of generated tokens.")
-    n: int | None = Field(default=None, ge=1, le=1, description="How many choices (only 1 for now).")
+    n: int | None = Field(default=None, ge=1, le=128, description="How many choices (at most the model's slots).")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="Seed for sampling.")
     stop: Stop = Field(default=None, description="Up to 16 sequences where generation stops.")
@@ -111,7 +111,20 @@ class _SamplingRequest(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (logprobs).")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives to report per token, or None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         """The requested bound on completion tokens, if any."""
@@ -122,11 +135,16 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] = Field(description="The prompt: a string or a list of token ids.")
     max_tokens: int | None = Field(default=16, ge=1, description="Upper bound of generated tokens.")
     echo: bool | None = Field(default=False, description="Echo the prompt before the completion.")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Alternatives per token to report.")
     suffix: str | None = None
 
     def token_limit(self) -> int | None:
         """The requested bound on completion tokens, if any."""
         return self.max_tokens
+
+    def logprobs_top(self) -> int | None:
+        """How many alternatives to report per token, or None when logprobs are off."""
+        return self.logprobs
 
 
 # -------------------------------------------------------------------------------------------- responses
@@ -149,10 +167,25 @@ class ChatCompletionMessage(BaseModel):
     refusal: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -173,6 +206,7 @@ class ChoiceDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -189,14 +223,23 @@ class ChatCompletionChunk(BaseModel):
         data = self.model_dump(exclude_none=True)
         for choice in data["choices"]:
             choice.setdefault("finish_reason", None)
+            if "logprobs" in choice:
+                choice["logprobs"].setdefault("refusal", None)
         return json.dumps(data, ensure_ascii=False)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
-    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class Completion(BaseModel):

@@ -21,9 +21,11 @@ from .protocol import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Model,
     ModelList,
@@ -95,14 +97,14 @@ def _model(model) -> Model:
 
 
 class _Generation:
-    """One submitted request: its ids and the events its worker publishes."""
+    """One submitted request: its ids and the events its worker publishes (for n choices)."""
 
     def __init__(self, request: HttpRequest, body, events: AsyncIterator[tuple[str, dict]]):
         self.stream = TokenStream(request.request_id)
         self.body, self.events = body, events
         self.id = request.request_id
         self.created = int(time.time())
-        self.prompt_tokens = 0
+        self.n = body.n or 1
 
     def sse_response(self, chunks: AsyncIterator[str]) -> HttpResponse:
         from .sse import sse_response
@@ -110,43 +112,58 @@ class _Generation:
         return sse_response(self.stream, chunks)
 
     async def collect_chat(self) -> dict:
-        texts, finish, usage = await self._collect()
+        choices, usage = await self._collect()
         return ChatCompletion(
             id=f"chatcmpl-{self.id}",
             created=self.created,
             model=self.body.model,
             choices=[
                 ChatCompletionChoice(
-                    index=0, message=ChatCompletionMessage(content="".join(texts)), finish_reason=finish
+                    index=i,
+                    message=ChatCompletionMessage(content="".join(c["texts"])),
+                    logprobs=ChoiceLogprobs(content=c["logprobs"]) if self.body.logprobs else None,
+                    finish_reason=c["finish_reason"],
                 )
+                for i, c in enumerate(choices)
             ],
             usage=usage,
         ).model_dump()
 
     async def collect_completion(self) -> dict:
-        texts, finish, usage = await self._collect()
+        choices, usage = await self._collect()
         return Completion(
             id=f"cmpl-{self.id}",
             created=self.created,
             model=self.body.model,
-            choices=[CompletionChoice(index=0, text="".join(texts), finish_reason=finish)],
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text="".join(c["texts"]),
+                    logprobs=_completion_logprobs(c["logprobs"]) if self.body.logprobs is not None else None,
+                    finish_reason=c["finish_reason"],
+                )
+                for i, c in enumerate(choices)
+            ],
             usage=usage,
         ).model_dump()
 
-    async def _collect(self) -> tuple[list[str], str, Usage]:
-        texts, finish, usage = [], "stop", None
+    async def _collect(self) -> tuple[list[dict], Usage]:
+        choices = [{"texts": [], "logprobs": [], "finish_reason": "stop"} for _ in range(self.n)]
+        done = []
         try:
             async for event, data in self.events:
                 if event == "token":
-                    texts.append(data["text"])
+                    choices[data["index"]]["texts"].append(data["text"])
+                    choices[data["index"]]["logprobs"].extend(data.get("logprobs", []))
                 elif event == "done":
-                    finish, usage = data["finish_reason"], _usage(data)
+                    choices[data["index"]]["finish_reason"] = data["finish_reason"]
+                    done.append(data)
                 elif event == "error":
                     raise OpenAIError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
             await self.stream.cancel()
             raise
-        return texts, finish, usage
+        return choices, _usage(done)
 
 
 async def _submit(request: HttpRequest, body) -> _Generation:
@@ -154,74 +171,85 @@ async def _submit(request: HttpRequest, body) -> _Generation:
     status even when streaming: the 200 goes out only once the worker has accepted the prompt."""
     await sync_to_async(request_create)(request_id=request.request_id, endpoint=request.path, body=body)
     request.request_logged = True  # from here on the worker owns the log row
-    events = TokenStream(request.request_id).read()
+    events = TokenStream(request.request_id).read(choices=body.n or 1)
     generation = _Generation(request, body, events)
     try:
         event, data = await anext(events)
-    except asyncio.CancelledError:
-        await generation.stream.cancel()
-        raise
-    except OpenAIError:
+    except (asyncio.CancelledError, OpenAIError):  # the client left, or the wait timed out
         await generation.stream.cancel()
         raise
     if event == "error":
         raise OpenAIError.from_dict(data)
-    generation.prompt_tokens = data["prompt_tokens"]
     return generation
 
 
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> AsyncIterator[str]:
-    def chunk(delta: ChoiceDelta, finish_reason: str | None = None) -> str:
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return ChatCompletionChunk(
-            id=f"chatcmpl-{generation.id}",
-            created=generation.created,
-            model=body.model,
-            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+            id=f"chatcmpl-{generation.id}", created=generation.created, model=body.model, choices=choices, usage=usage
         ).to_json()
 
-    yield chunk(ChoiceDelta(role="assistant", content=""))
+    for i in range(generation.n):
+        yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
+    done = []
     async for event, data in generation.events:
         if event == "token":
-            yield chunk(ChoiceDelta(content=data["text"]))
+            logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
+            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(content=data["text"]), logprobs=logprobs)])
         elif event == "done":
-            yield chunk(ChoiceDelta(), data["finish_reason"])
-            if body.stream_options and body.stream_options.include_usage:
-                yield ChatCompletionChunk(
-                    id=f"chatcmpl-{generation.id}",
-                    created=generation.created,
-                    model=body.model,
-                    choices=[],
-                    usage=_usage(data),
-                ).to_json()
+            done.append(data)
+            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=data["finish_reason"])])
         elif event == "error":
             raise OpenAIError.from_dict(data)
+    if _include_usage(body):
+        yield chunk([], _usage(done))
 
 
 async def _completion_chunks(generation: _Generation, body: CompletionRequest) -> AsyncIterator[str]:
-    def chunk(text: str, finish_reason: str | None = None, usage: Usage | None = None, choices=True) -> str:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return Completion(
-            id=f"cmpl-{generation.id}",
-            created=generation.created,
-            model=body.model,
-            choices=[CompletionChoice(index=0, text=text, finish_reason=finish_reason)] if choices else [],
-            usage=usage,
+            id=f"cmpl-{generation.id}", created=generation.created, model=body.model, choices=choices, usage=usage
         ).model_dump_json(exclude={"usage"} if usage is None else set())
 
+    done = []
     async for event, data in generation.events:
         if event == "token":
-            yield chunk(data["text"])
+            logprobs = _completion_logprobs(data["logprobs"]) if "logprobs" in data else None
+            yield chunk([CompletionChoice(index=data["index"], text=data["text"], logprobs=logprobs)])
         elif event == "done":
-            yield chunk("", data["finish_reason"])
-            if body.stream_options and body.stream_options.include_usage:
-                yield chunk("", usage=_usage(data), choices=False)
+            done.append(data)
+            yield chunk([CompletionChoice(index=data["index"], text="", finish_reason=data["finish_reason"])])
         elif event == "error":
             raise OpenAIError.from_dict(data)
+    if _include_usage(body):
+        yield chunk([], _usage(done))
 
 
-def _usage(data: dict) -> Usage:
+def _completion_logprobs(entries: list[dict]) -> CompletionLogprobs:
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}."""
+    offsets, offset = [], 0
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return CompletionLogprobs(
+        tokens=[e["token"] for e in entries],
+        token_logprobs=[e["logprob"] for e in entries],
+        top_logprobs=[{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+        text_offset=offsets,
+    )
+
+
+def _usage(done: list[dict]) -> Usage:
+    """Usage from the choices' `done` events: one prompt, every choice's completion tokens."""
+    prompt_tokens = done[0]["prompt_tokens"] if done else 0
+    completion_tokens = sum(d["completion_tokens"] for d in done)
     return Usage(
-        prompt_tokens=data["prompt_tokens"],
-        completion_tokens=data["completion_tokens"],
-        total_tokens=data["prompt_tokens"] + data["completion_tokens"],
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=data.get("cached_tokens", 0)),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=done[0].get("cached_tokens", 0) if done else 0),
     )

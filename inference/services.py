@@ -90,33 +90,36 @@ def request_run(*, log_id: int, payload: dict) -> None:
 
     is_chat = payload["endpoint"].endswith("/chat/completions")
     param = "messages" if is_chat else "prompt"
-    sequence = None
+    sequences: list[Sequence] = []
     try:
         model = LanguageModel.objects.get(name=log.model)
         body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
         with model_cache().use(_spec(model), keep_alive=parse_keep_alive(body.keep_alive)) as engine:
-            sequence = engine.submit(log.request_id, _prompt(engine, body, is_chat), _sampling(body))
+            prompt = _prompt(engine, body, is_chat)
+            sequences = engine.submit_many(log.request_id, prompt, _sampling(body), body.n or 1)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()
-            sequence.wait()
+            for sequence in sequences:
+                sequence.wait()
     except ContextOverflow as exc:
-        return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequence)
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequences)
     except PromptError as exc:
-        return _fail(log, stream, InvalidRequest(str(exc), param=param), sequence)
+        return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
     except ModelUnavailable as exc:
-        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequence)
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequences)
     except Exception:
         logger.exception("generation failed for request %s", log.request_id)
-        return _fail(log, stream, ServerError(), sequence)
+        return _fail(log, stream, ServerError(), sequences)
 
-    if sequence.error is not None:
-        logger.error("request %s failed in the scheduler: %s", log.request_id, sequence.error)
-        return _fail(log, stream, ServerError(), sequence)
-    _count(log, sequence)
-    if sequence.finish_reason == "cancelled":
+    errors = [s.error for s in sequences if s.error is not None]
+    if errors:
+        logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
+        return _fail(log, stream, ServerError(), sequences)
+    _count(log, sequences)
+    if any(s.finish_reason == "cancelled" for s in sequences):
         _finish(log, RequestLog.Status.CANCELLED, status_code=499)
     else:
-        log.finish_reason = sequence.finish_reason
+        log.finish_reason = sequences[0].finish_reason
         _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
@@ -190,23 +193,26 @@ def _sampling(body: GenerationRequest) -> SamplingParams:
         stop=body.stop_list(),
         logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
         ignore_eos=bool(body.ignore_eos),
+        logprobs=body.logprobs_top(),
     )
 
 
-def _count(log: RequestLog, sequence: Sequence) -> None:
-    log.prompt_tokens, log.completion_tokens = len(sequence.prompt), sequence.completion_tokens
-    log.cached_tokens = sequence.cached_tokens
-    if sequence.first_token_at is not None:
-        log.ttft_ms = round(_ms_since(log) - (time.monotonic() - sequence.first_token_at) * 1000, 1)
+def _count(log: RequestLog, sequences: list[Sequence]) -> None:
+    if not sequences:
+        return
+    log.prompt_tokens, log.cached_tokens = len(sequences[0].prompt), sequences[0].cached_tokens
+    log.completion_tokens = sum(s.completion_tokens for s in sequences)
+    first = min((s.first_token_at for s in sequences if s.first_token_at is not None), default=None)
+    if first is not None:
+        log.ttft_ms = round(_ms_since(log) - (time.monotonic() - first) * 1000, 1)
 
 
-def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequence: Sequence | None) -> None:
+def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequences: list[Sequence]) -> None:
     stream.publish("error", **exc.to_dict()["error"], status=exc.status)
-    if sequence is not None:
-        _count(log, sequence)
+    _count(log, sequences)
     log.error_type, log.error_code = exc.type, exc.code or ""
     # A stream that already started has sent its 200; the error travels as an SSE frame.
-    started = log.stream and sequence is not None and sequence.first_token_at is not None
+    started = log.stream and any(s.first_token_at is not None for s in sequences)
     _finish(log, RequestLog.Status.FAILED, status_code=200 if started else exc.status)
 
 

@@ -49,8 +49,9 @@ class TokenStream:
         finally:
             await client.aclose()
 
-    async def read(self) -> AsyncIterator[tuple[str, dict]]:
-        """Yield (event, data) from the first event on, until `done` or `error` (or MINERVA_REQUEST_TIMEOUT)."""
+    async def read(self, *, choices: int = 1) -> AsyncIterator[tuple[str, dict]]:
+        """Yield (event, data) from the first event on, until every choice is `done`, an `error`, or
+        MINERVA_REQUEST_TIMEOUT."""
         deadline = time.monotonic() + settings.REQUEST_TIMEOUT
         client = get_async_redis()
         last_id = "0"
@@ -64,7 +65,9 @@ class TokenStream:
                         last_id = entry_id
                         event = fields["event"]
                         yield event, json.loads(fields["data"])
-                        if event in ("done", "error"):
+                        if event == "done":
+                            choices -= 1
+                        if event == "error" or choices == 0:
                             return
         finally:
             await client.aclose()

@@ -188,3 +188,46 @@ async def test_a_full_queue_is_503_with_retry_after(async_client, smollm2, setti
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_full"
     assert response["Retry-After"] == "1"
+
+
+async def test_n_choices_come_back_with_their_own_text_and_usage_counts_them_all(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "n": 3, "temperature": 1.0, "seed": 3, "max_tokens": 10}
+    data = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert_schema("CreateChatCompletionResponse", data)
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in data["choices"]}) > 1
+    assert data["usage"]["completion_tokens"] <= 30 and data["usage"]["completion_tokens"] >= 3
+    events = await sse_events(await post(async_client, "/v1/chat/completions", {**body, "stream": True}))
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        assert_schema("CreateChatCompletionStreamResponse", chunk)
+    streamed = {i: "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"][0]["index"] == i)
+                for i in range(3)}  # fmt: skip
+    assert streamed == {i: c["message"]["content"] for i, c in enumerate(data["choices"])}
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1, 2]
+
+
+async def test_chat_logprobs_list_every_token_with_its_alternatives(async_client, smollm2):
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 2}
+    data = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert_schema("CreateChatCompletionResponse", data)
+    content = data["choices"][0]["logprobs"]["content"]
+    assert len(content) == data["usage"]["completion_tokens"]
+    assert "".join(entry["token"] for entry in content) == data["choices"][0]["message"]["content"]
+    assert all(len(entry["top_logprobs"]) == 2 and entry["logprob"] <= 0 for entry in content)
+    events = await sse_events(await post(async_client, "/v1/chat/completions", {**body, "stream": True}))
+    streamed = [entry for e in events[:-1] for entry in
+                ((json.loads(e)["choices"][0].get("logprobs") or {}).get("content") or [])]  # fmt: skip
+    assert streamed == content
+    for e in events[:-1]:
+        assert_schema("CreateChatCompletionStreamResponse", json.loads(e))
+
+
+async def test_completion_logprobs_use_the_legacy_shape(async_client, smollm2):
+    body = {"model": MODEL, "prompt": "The capital of France is", "temperature": 0, "max_tokens": 4, "logprobs": 2}
+    data = (await post(async_client, "/v1/completions", body)).json()
+    assert_schema("CreateCompletionResponse", data)
+    logprobs = data["choices"][0]["logprobs"]
+    assert "".join(logprobs["tokens"]) == data["choices"][0]["text"]
+    assert len(logprobs["token_logprobs"]) == 4 and all(len(t) == 2 for t in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0
