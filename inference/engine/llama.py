@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +30,9 @@ from .text import TextDecoder
 
 logger = logging.getLogger(__name__)
 _logger.set_verbose(False)  # llama.cpp logs every tensor of every graph otherwise
+
+
+PARALLEL_SAMPLING_MIN = 4  # sequences in a step before sampling goes to the thread pool
 
 
 class PromptError(Exception):
@@ -159,6 +163,8 @@ class LoadedModel:
         # Where the scheduler's time goes (see BENCHMARKS.md): decode = llama_decode, sample = sampling and text,
         # step - decode - sample = Python bookkeeping; io = the IO thread's Redis calls.
         self.stats = {"steps": 0, "batch_tokens": 0, "step_s": 0.0, "decode_s": 0.0, "sample_s": 0.0, "io_s": 0.0}
+        threads = min(n_parallel, len(os.sched_getaffinity(0)))
+        self._sampling_pool = ThreadPoolExecutor(threads, thread_name_prefix="sample") if threads > 1 else None
         self._io_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._io_lock = threading.Lock()
         self._cancelled: set[Sequence] = set()
@@ -245,6 +251,8 @@ class LoadedModel:
         self._thread.join(timeout=30)
         self._io_queue.put(None)
         self._io_thread.join(timeout=30)
+        if self._sampling_pool is not None:
+            self._sampling_pool.shutdown()
         self.context.close()
         self.model.close()
 
@@ -343,13 +351,11 @@ class LoadedModel:
         self._copy_prompt_to_followers()
 
         events: list[tuple[Sequence, str, dict]] = []
-        for sequence in list(self._active):
-            if sequence.batch_index < 0:
-                continue
+        sampling = [s for s in self._active if s.batch_index >= 0]
+        for sequence, token in zip(sampling, self._sample(sampling), strict=True):
             if sequence.first_token_at is None and sequence.leader is None:
                 events.append((sequence, "start", {"prompt_tokens": len(sequence.prompt),
                                                    "cached_tokens": sequence.cached_tokens}))  # fmt: skip
-            token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
             if token in self._eog:
@@ -407,6 +413,20 @@ class LoadedModel:
                 self._cancelled |= cancelled
             for sequence in ended:
                 sequence.finished.set()
+
+    def _sample(self, sequences: list[Sequence]) -> list[int]:
+        """One token per sequence, each from its own sampler chain. With a large vocabulary every chain walks
+        all logits on the CPU (~0.3 ms each for Llama 3), so beyond a few sequences the chains run on a thread
+        pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
+
+        def sample(sequence: Sequence) -> int:
+            return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
+
+        if len(sequences) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
+            return [sample(s) for s in sequences]
+        for sequence in sequences:  # the first read of an output row may reorder llama.cpp's buffers: do it here
+            llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
+        return list(self._sampling_pool.map(sample, sequences))
 
     def _token_event(self, sequence: Sequence, text: str) -> dict:
         event = {"index": sequence.index, "text": text}
