@@ -2,6 +2,7 @@
 machine (SQLite and an embedded Redis under MINERVA_DATA_DIR). Production differs only through the environment."""
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -82,11 +83,13 @@ STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept pe
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")
 N_CTX = env_int("N_CTX", 4096, minimum=0)  # 0 = the model's trained context length
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
-N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = llama.cpp's default
+N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)
 N_BATCH = env_int("N_BATCH", 512, minimum=32)  # tokens per decode step (decode tokens + prompt chunks)
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=0)  # requests waiting per model before 503
 KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded (Ollama's keep_alive)
+if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):
+    raise ImproperlyConfigured(f"MINERVA_KEEP_ALIVE must be seconds or a duration like 5m or 1h, got {KEEP_ALIVE!r}")
 MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
 
 INSTALLED_APPS = [

@@ -130,7 +130,7 @@ class LoadedModel:
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
         self.n_parallel = n_parallel
-        self.n_batch = n_batch
+        self.n_batch = n_batch = max(n_batch, n_parallel)  # every generating sequence needs its token in a step
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx * n_parallel
         cparams.n_batch = n_batch
