@@ -106,3 +106,19 @@ def test_sigterm_stops_serve_and_every_child_within_ten_seconds(django_db_setup,
     assert server.process.returncode == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not socket.exists()
+
+
+def test_four_concurrent_requests_each_get_the_text_they_get_alone(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Tell me a fact about the number {i}."}],
+            temperature=0.9, seed=100 + i, max_tokens=8 + 6 * i,
+        )  # fmt: skip
+        return reply.choices[0].message.content
+
+    alone = [ask(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, range(4)))
+    assert together == alone
