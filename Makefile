@@ -10,7 +10,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 run: $(VENV)/.base-installed
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py register_models
+	$(PY) manage.py models scan
 	$(PY) manage.py serve
 
 test: $(VENV)/.dev-installed

@@ -109,6 +109,11 @@ class _SamplingRequest(_Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+# The request fields a model's `default_params` may preset.
+SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repeat_penalty", "max_tokens", "seed", "stop"}  # fmt: skip
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
@@ -253,13 +258,30 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class ModelMeta(BaseModel):
+    """What a client (or a coding agent choosing a model) needs to know, from the file's header."""
+
+    format: str
+    architecture: str | None = None
+    quantization: str | None = None
+    parameters: int | None = None
+    file_size: int | None = None
+    tensor_count: int | None = None
+    layers: int | None = None
+    vocab_size: int | None = None
+    trained_context_length: int | None = None
+    loaded: bool = False
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
     # Minerva extensions
-    context_length: int | None = None
+    max_model_len: int | None = Field(default=None, description="Tokens a request may use (prompt + output).")
+    context_length: int | None = Field(default=None, description="Same as max_model_len (llama-server's name).")
+    meta: ModelMeta | None = None
 
 
 class ModelList(BaseModel):

@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from inference.services import request_create
 from inference.streams import TokenStream
-from models_app.selectors import model_get, model_list, model_n_ctx
+from models_app.selectors import model_get, model_list, model_loaded_names, model_n_ctx
 
 from .decorators import openai_view, parse_body
 from .errors import InvalidRequest, NotFound, OpenAIError
@@ -29,6 +29,7 @@ from .protocol import (
     CompletionRequest,
     Model,
     ModelList,
+    ModelMeta,
     OtherPart,
     PromptTokensDetails,
     Usage,
@@ -38,14 +39,16 @@ from .protocol import (
 @openai_view(methods=("GET",))
 async def list_models(request: HttpRequest) -> HttpResponse:
     models = await sync_to_async(model_list)()
-    return JsonResponse(ModelList(data=[_model(m) for m in models]).model_dump())
+    loaded = await sync_to_async(model_loaded_names)()
+    return JsonResponse(ModelList(data=[_model(m, loaded) for m in models]).model_dump(exclude_none=True))
 
 
 @openai_view(methods=("GET",))
 async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
     request.log_model = model_id[:255]
     model = await sync_to_async(model_get)(model_id)
-    return JsonResponse(_model(model).model_dump())
+    loaded = await sync_to_async(model_loaded_names)()
+    return JsonResponse(_model(model, loaded).model_dump(exclude_none=True))
 
 
 @openai_view(methods=("POST",))
@@ -87,12 +90,27 @@ async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
     raise NotFound(f"Invalid URL ({request.method} {request.path})")
 
 
-def _model(model) -> Model:
+def _model(model, loaded: set[str]) -> Model:
+    meta = model.metadata
+    n_ctx = model_n_ctx(model)
     return Model(
         id=model.name,
         created=int(model.created.timestamp()),
         owned_by="minerva",
-        context_length=model_n_ctx(model),
+        max_model_len=n_ctx,
+        context_length=n_ctx,
+        meta=ModelMeta(
+            format=model.format,
+            architecture=meta.get("architecture"),
+            quantization=model.quantization or None,
+            parameters=meta.get("parameter_count"),
+            file_size=model.file_size,
+            tensor_count=meta.get("tensor_count"),
+            layers=meta.get("block_count"),
+            vocab_size=meta.get("vocab_size"),
+            trained_context_length=model.context_length,
+            loaded=model.name in loaded,
+        ),
     )
 
 

@@ -99,7 +99,8 @@ def start_minerva(args, work: Path, slots: int) -> tuple[subprocess.Popen, str, 
     if args.threads:
         env["MINERVA_N_THREADS"] = str(args.threads)
     python = sys.executable
-    for command in (["migrate", "--noinput"], ["register_models"]):
+    env["MINERVA_MODEL_ROOTS"] = str(Path(args.model).resolve().parent)  # the symlink's target must be allowed
+    for command in (["migrate", "--noinput"], ["models", "scan"]):
         subprocess.run([python, "manage.py", *command], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     log = work / "minerva.log"
     process = subprocess.Popen(

@@ -1,7 +1,9 @@
 """Running a generation request: record it, queue it on its model's worker, run it there, finish its log row."""
 
+import json
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -9,13 +11,14 @@ from django import db
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from pydantic import ValidationError
 
 from api.errors import ContextLengthExceeded, InvalidRequest, OpenAIError, ServerError, ServiceUnavailable
-from api.protocol import ChatCompletionRequest, CompletionRequest
+from api.protocol import SAMPLING_DEFAULTS, ChatCompletionRequest, CompletionRequest
 from minerva_project.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import model_get, model_n_ctx, model_parallel
+from models_app.selectors import LOADED_KEY, model_get, model_n_ctx, model_parallel
 
 from .engine import (
     ContextOverflow,
@@ -94,9 +97,10 @@ def request_run(*, log_id: int, payload: dict) -> None:
     try:
         model = LanguageModel.objects.get(name=log.model)
         body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
-        with model_cache().use(_spec(model), keep_alive=parse_keep_alive(body.keep_alive)) as engine:
+        keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
+        with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
             prompt = _prompt(engine, body, is_chat)
-            sequences = engine.submit_many(log.request_id, prompt, _sampling(body), body.n or 1)
+            sequences = engine.submit_many(log.request_id, prompt, _sampling(body, model.default_params), body.n or 1)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()
             for sequence in sequences:
@@ -136,8 +140,16 @@ def model_cache() -> ModelCache:
                 budget_bytes=settings.MEMORY_BUDGET or int(_physical_memory() * 0.75),
                 default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
                 io_factory=RedisStepIO,
+                on_change=_report_loaded,
             )
         return _cache
+
+
+def _report_loaded(loaded: list[dict]) -> None:
+    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names)."""
+    get_redis().hset(
+        LOADED_KEY, f"{socket.gethostname()}:{os.getpid()}", json.dumps({"at": time.time(), "models": loaded})
+    )
 
 
 def _spec(model: LanguageModel) -> ModelSpec:
@@ -150,6 +162,7 @@ def _spec(model: LanguageModel) -> ModelSpec:
         n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
         n_threads=settings.N_THREADS or None,
         n_batch=settings.N_BATCH,
+        chat_template=model.chat_template_override or None,
         estimated_bytes=estimate_memory(model.metadata, n_ctx * n_parallel),
     )
 
@@ -178,7 +191,14 @@ def _template_messages(body: ChatCompletionRequest) -> list[dict]:
     ]
 
 
-def _sampling(body: GenerationRequest) -> SamplingParams:
+def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
+    """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
+    missing = {k: v for k, v in model_defaults.items() if k in SAMPLING_DEFAULTS and getattr(body, k) is None}
+    if missing:
+        try:
+            body = type(body).model_validate({**body.model_dump(exclude_none=True), **missing})
+        except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
+            logger.warning("ignoring invalid default_params %s", missing)
     defaults = SamplingParams()
     return SamplingParams(
         max_tokens=body.token_limit(),

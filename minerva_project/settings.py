@@ -61,6 +61,8 @@ def env_path(name: str, default: Path) -> Path:
 DATA_DIR = env_path("DATA_DIR", BASE_DIR / "var")
 DATA_DIR.mkdir(parents=True, exist_ok=True)  # SQLite and the Redis socket live here; every command needs it
 MODELS_DIR = env_path("MODELS_DIR", DATA_DIR / "models")
+# Model files may only be registered from under MODELS_DIR and these folders (real paths: no symlinks out).
+MODEL_ROOTS = [Path(p).expanduser().resolve() for p in env_str("MODEL_ROOTS", "").split(":") if p]
 
 SECRET_KEY = env_str("SECRET_KEY", "") or "minerva-insecure-dev-key-set-MINERVA_SECRET_KEY-in-production"
 DEBUG = env_bool("DEBUG", False)

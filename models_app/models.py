@@ -1,19 +1,32 @@
+import re
+
+from django.core.exceptions import ValidationError
 from django.db import models
+from pydantic import ValidationError as PydanticValidationError
 
 
 class LanguageModel(models.Model):
-    """A model file Minerva can serve; `name` is the id clients send as `model`."""
+    """A model file (or SafeTensors folder) Minerva can serve; `name` is the id clients send as `model`."""
 
     name = models.CharField(max_length=255, unique=True, help_text="The API id, e.g. smollm2-135m-instruct")
-    path = models.CharField(max_length=4096, help_text="Absolute path of the model file")
-    format = models.CharField(max_length=16, default="gguf")
+    path = models.CharField(max_length=4096, help_text="The model file, first shard, or SafeTensors folder")
+    format = models.CharField(max_length=16, default="gguf", db_index=True)
+    quantization = models.CharField(max_length=32, blank=True, db_index=True, help_text="Q4_K_M, F16, BF16, ...")
     metadata = models.JSONField(default=dict, blank=True, help_text="Read from the file's header")
     context_length = models.PositiveIntegerField(null=True, blank=True, help_text="Trained context length")
+    file_size = models.BigIntegerField(default=0, help_text="Bytes, all shards together")
+    file_mtime = models.FloatField(default=0, help_text="When the file last changed (rescans compare it)")
     available = models.BooleanField(default=True, help_text="The file was present at the last scan")
     enabled = models.BooleanField(default=True, help_text="Served by the API")
-    n_ctx = models.PositiveIntegerField(null=True, blank=True, help_text="Context size; empty = MINERVA_N_CTX")
+    # Load options (empty = the MINERVA_* default)
+    n_ctx = models.PositiveIntegerField(null=True, blank=True, help_text="Context per request; empty = MINERVA_N_CTX")
     n_gpu_layers = models.IntegerField(null=True, blank=True, help_text="Empty = MINERVA_N_GPU_LAYERS")
     n_parallel = models.PositiveIntegerField(null=True, blank=True, help_text="Slots; empty = MINERVA_PARALLEL")
+    keep_alive = models.CharField(max_length=16, blank=True, help_text="e.g. 10m, 1h, -1; empty = MINERVA_KEEP_ALIVE")
+    chat_template_override = models.TextField(blank=True, help_text="A Jinja chat template replacing the file's")
+    default_params = models.JSONField(
+        default=dict, blank=True, help_text='Sampling defaults for requests that omit them, e.g. {"temperature": 0.2}'
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -23,7 +36,34 @@ class LanguageModel(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        from api.protocol import SAMPLING_DEFAULTS, CompletionRequest
+
+        unknown = set(self.default_params or {}) - SAMPLING_DEFAULTS
+        if unknown:
+            raise ValidationError({"default_params": f"unknown parameters: {', '.join(sorted(unknown))}"})
+        try:
+            CompletionRequest.model_validate({"model": self.name, "prompt": "", **(self.default_params or {})})
+        except PydanticValidationError as exc:
+            raise ValidationError({"default_params": str(exc.errors()[0]["msg"])}) from None
+        if self.keep_alive and not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", self.keep_alive.strip()):
+            raise ValidationError({"keep_alive": "seconds, or a duration like 10m or 1h; negative = forever"})
+
     @property
     def queue(self) -> str:
         """The Celery queue whose workers serve this model."""
         return f"minerva.model.{self.name}"
+
+
+class ModelAlias(models.Model):
+    """Another name clients may use for a model (e.g. `gpt-4o` for a local one)."""
+
+    model = models.ForeignKey(LanguageModel, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=255, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "aliases"
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,6 +1,7 @@
 """Looking models up."""
 
 from django.conf import settings
+from django.db.models import Q
 
 from api.errors import ModelNotFound
 
@@ -16,10 +17,14 @@ def model_get(name: str) -> LanguageModel:
     """The served model called `name`, or ModelNotFound."""
     if "\x00" in name:  # PostgreSQL refuses NUL in text; no model is called that anyway
         raise ModelNotFound(name.replace("\x00", ""))
-    try:
-        return LanguageModel.objects.get(name=name, enabled=True, available=True)
-    except LanguageModel.DoesNotExist:
-        raise ModelNotFound(name) from None
+    model = (
+        LanguageModel.objects.filter(Q(name=name) | Q(aliases__name=name), enabled=True, available=True)
+        .distinct()
+        .first()
+    )
+    if model is None:
+        raise ModelNotFound(name)
+    return model
 
 
 def model_n_ctx(model: LanguageModel) -> int:
@@ -31,3 +36,22 @@ def model_n_ctx(model: LanguageModel) -> int:
 def model_parallel(model: LanguageModel) -> int:
     """How many sequences the model decodes together: its own setting, else MINERVA_PARALLEL."""
     return model.n_parallel or settings.PARALLEL
+
+
+LOADED_KEY = "minerva:loaded"  # hash: worker -> {"at": unix time, "models": ModelCache.loaded()}
+LOADED_FRESH_SECONDS = 15  # three missed heartbeats and a worker's report no longer counts
+
+
+def model_loaded_names() -> set[str]:
+    """Names of the models some live worker holds loaded right now."""
+    import json
+    import time
+
+    from minerva_project.redis import get_redis
+
+    names: set[str] = set()
+    for report in get_redis().hvals(LOADED_KEY):
+        data = json.loads(report)
+        if time.time() - data["at"] < LOADED_FRESH_SECONDS:
+            names.update(m["name"] for m in data["models"])
+    return names

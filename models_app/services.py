@@ -1,54 +1,194 @@
-"""Registering model files in the registry."""
+"""Registering models: discovery under the model roots, header metadata, aliases, enable/disable, removal."""
 
 import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
 from .bundled import DEFAULT_MODEL_PACKAGE, default_model_path
-from .metadata import MetadataError, read_gguf_metadata
-from .models import LanguageModel
+from .metadata import SPLIT_RE, MetadataError, read_metadata
+from .models import LanguageModel, ModelAlias
 
 logger = logging.getLogger(__name__)
 
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}$")
 
-def model_register(*, name: str, path: Path) -> LanguageModel:
-    """Create or update the registry row for a model file, reading its header."""
-    path = Path(path).resolve()
-    metadata = read_gguf_metadata(path)  # raises MetadataError before anything is written
+
+class RegistryError(Exception):
+    """A model cannot be registered (path outside the model roots, bad name, unreadable file)."""
+
+
+@dataclass
+class ScanResult:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    unavailable: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # path -> why it was skipped
+
+
+def model_roots() -> list[Path]:
+    """Folders models may be registered from: MINERVA_MODELS_DIR, MINERVA_MODEL_ROOTS, the bundled model's."""
+    roots = [Path(settings.MODELS_DIR).resolve(), *settings.MODEL_ROOTS]
+    bundled = default_model_path()
+    if bundled is not None:
+        roots.append(bundled.parent)
+    return roots
+
+
+def model_register(*, name: str, path: str | Path, aliases: list[str] | None = None) -> LanguageModel:
+    """Create or update the registry row for a model file or folder, reading its header."""
+    if not NAME_RE.match(name):
+        raise RegistryError(f"invalid model name {name!r} (letters, digits and ._:/@+- only)")
+    real = _checked_path(Path(path))
+    try:
+        metadata = read_metadata(real)  # raises before anything is written
+    except MetadataError as exc:
+        raise RegistryError(f"{real}: {exc}") from None
     with transaction.atomic():
         model, created = LanguageModel.objects.update_or_create(
             name=name,
             defaults={
-                "path": str(path),
+                "path": str(real),
                 "format": metadata.format,
+                "quantization": metadata.quantization or "",
                 "metadata": metadata.summary(),
                 "context_length": metadata.context_length,
+                "file_size": _signature(real)[0],
+                "file_mtime": _signature(real)[1],
                 "available": True,
             },
         )
-    logger.info("%s model %s (%s)", "registered" if created else "refreshed", name, path)
+        for alias in aliases or []:
+            if not NAME_RE.match(alias):
+                raise RegistryError(f"invalid alias {alias!r}")
+            if LanguageModel.objects.filter(name=alias).exclude(pk=model.pk).exists():
+                raise RegistryError(f"alias {alias!r} is already a model's name")
+            ModelAlias.objects.update_or_create(name=alias, defaults={"model": model})
+    logger.info("%s model %s (%s)", "registered" if created else "refreshed", name, real)
     return model
 
 
-def models_sync() -> list[LanguageModel]:
-    """Register the default model and every *.gguf under MINERVA_MODELS_DIR; mark vanished files unavailable."""
-    found: list[LanguageModel] = []
-    default = default_model_path()
-    if default is not None:
-        found.append(model_register(name=settings.DEFAULT_MODEL, path=default))
+def model_refresh_metadata(*, model: LanguageModel) -> LanguageModel:
+    """Read the model's header again (after the file changed); mark it unavailable if it is gone."""
+    if not Path(model.path).exists():
+        model.available = False
+        model.save(update_fields=["available", "updated"])
+        return model
+    return model_register(name=model.name, path=model.path)
+
+
+def model_remove(*, name: str) -> None:
+    """Delete a model's registry row (its files stay; request logs keep its name)."""
+    deleted, _ = LanguageModel.objects.filter(name=name).delete()
+    if not deleted:
+        raise RegistryError(f"no model is called {name!r}")
+
+
+def models_set_enabled(*, names: list[str], enabled: bool) -> int:
+    """Enable or disable models; returns how many changed."""
+    return LanguageModel.objects.filter(name__in=names).update(enabled=enabled)
+
+
+def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
+    """Register the bundled default model and every model under MINERVA_MODELS_DIR: new files are added,
+    changed ones (size or mtime) re-read, vanished ones marked unavailable. Rows are never deleted here."""
+    result = ScanResult()
+    found: dict[str, Path] = {}
+    bundled = default_model_path()
+    if bundled is not None:
+        found[settings.DEFAULT_MODEL] = bundled
     else:
         logger.warning("the default model package %s is not installed", DEFAULT_MODEL_PACKAGE)
-    if settings.MODELS_DIR.is_dir():
-        for path in sorted(settings.MODELS_DIR.rglob("*.gguf")):
-            try:
-                found.append(model_register(name=path.stem, path=path))
-            except MetadataError as exc:
-                logger.warning("skipping %s: %s", path, exc)
-    for model in LanguageModel.objects.exclude(pk__in=[m.pk for m in found]):
-        available = Path(model.path).is_file()
-        if model.available != available:
-            model.available = available
+    for name, path in discover(settings.MODELS_DIR, result.errors):
+        found.setdefault(name, path)
+    known = {m.name: m for m in LanguageModel.objects.all()}
+    for i, (name, path) in enumerate(sorted(found.items())):
+        if progress:
+            progress(i + 1, len(found), name)
+        model = known.get(name)
+        try:
+            if model and model.available and model.path == str(path.resolve()) and _unchanged(model, path):
+                result.unchanged.append(name)
+                continue
+            model_register(name=name, path=path)
+            (result.changed if model else result.added).append(name)
+        except RegistryError as exc:
+            result.errors[str(path)] = str(exc)
+            logger.warning("skipping %s: %s", path, exc)
+    for name, model in known.items():
+        if name not in found and model.available and not Path(model.path).exists():
+            model.available = False
             model.save(update_fields=["available", "updated"])
-    return found
+            result.unavailable.append(name)
+    return result
+
+
+def discover(root: Path, errors: dict[str, str]) -> list[tuple[str, Path]]:
+    """(name, path) of every model under `root`: GGUF files (a split model once, by its first shard),
+    .safetensors files, and folders holding a SafeTensors model (named after the folder)."""
+    models: list[tuple[str, Path]] = []
+    if not root.is_dir():
+        return models
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        dirs.sort()
+        if "model.safetensors.index.json" in files or ("config.json" in files and any(
+                f.endswith(".safetensors") for f in files)):  # fmt: skip
+            models.append((here.name, here))
+            continue
+        for file in sorted(files):
+            path = here / file
+            if file.endswith(".gguf"):
+                split = SPLIT_RE.match(file)
+                if split and split["no"] != "00001":
+                    continue
+                models.append((split["stem"] if split else path.stem, path))
+            elif file.endswith(".safetensors"):
+                models.append((path.stem, path))
+    return models
+
+
+def _checked_path(path: Path) -> Path:
+    """The real path, if it is a regular file or folder under a model root."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise RegistryError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not any(real.is_relative_to(root) for root in model_roots()):
+        raise RegistryError(
+            f"{path} is not under a model root ({', '.join(str(r) for r in model_roots())}); "
+            "put it in MINERVA_MODELS_DIR or add its folder to MINERVA_MODEL_ROOTS"
+        )
+    if not (real.is_file() or real.is_dir()):
+        raise RegistryError(f"{path} is not a regular file or folder")
+    return real
+
+
+def _signature(path: Path) -> tuple[int, float]:
+    """(total size, latest mtime) of the files that make up a model: a rescan re-reads it when this changes."""
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()]
+    else:
+        split = SPLIT_RE.match(path.name)
+        files = sorted(path.parent.glob(f"{split['stem']}-*-of-{split['count']}.gguf")) if split else [path]
+    stats = [f.stat() for f in files]
+    return sum(st.st_size for st in stats), max((st.st_mtime for st in stats), default=0.0)
+
+
+def _unchanged(model: LanguageModel, path: Path) -> bool:
+    try:
+        return _signature(path) == (model.file_size, model.file_mtime)
+    except OSError:
+        return False
+
+
+def models_sync() -> list[LanguageModel]:
+    """Scan, then return every available model (what `make run` and the tests use)."""
+    models_scan()
+    return list(LanguageModel.objects.filter(available=True))

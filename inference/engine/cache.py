@@ -14,6 +14,9 @@ from .llama import LoadedModel, StepIO
 logger = logging.getLogger(__name__)
 
 
+HEARTBEAT_SECONDS = 5.0
+
+
 class ModelUnavailable(Exception):
     """The model cannot be loaded: it does not fit in the memory budget, or llama.cpp refused the file."""
 
@@ -29,6 +32,7 @@ class ModelSpec:
     n_gpu_layers: int = 0
     n_threads: int | None = None
     n_batch: int = 512
+    chat_template: str | None = None  # replaces the file's own
     estimated_bytes: int = 0
 
 
@@ -45,10 +49,12 @@ class _Entry:
 
 class ModelCache:
     def __init__(self, *, budget_bytes: int, default_keep_alive: float = 300.0,
-                 io_factory: Callable[[], StepIO] | None = None, reap_interval: float = 1.0):  # fmt: skip
+                 io_factory: Callable[[], StepIO] | None = None, reap_interval: float = 1.0,
+                 on_change: Callable[[list[dict]], None] | None = None):  # fmt: skip
         self.budget_bytes = budget_bytes
         self.default_keep_alive = default_keep_alive
         self.io_factory = io_factory
+        self.on_change = on_change  # called with loaded() after each load and unload, and as a heartbeat
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()  # held while loading, so loads are serialized
         self._stop = threading.Event()
@@ -82,12 +88,13 @@ class ModelCache:
             try:
                 model = LoadedModel(
                     spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
-                    n_threads=spec.n_threads, n_batch=spec.n_batch,
+                    n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
                     io=self.io_factory() if self.io_factory else None,
                 )  # fmt: skip
             except (ValueError, OSError) as exc:
                 raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
             entry = self._entries[spec.name] = _Entry(spec, model, self.default_keep_alive)
+            self._changed()
         if keep_alive is not None:
             entry.keep_alive = keep_alive
         entry.model.last_used = time.monotonic()
@@ -146,15 +153,27 @@ class ModelCache:
             return False
         logger.info("unloading %s: %s", name, why)
         entry.model.close()
+        self._changed()
         return True
 
     def _reap(self, interval: float) -> None:
+        beat = 0.0
         while not self._stop.wait(interval):
             now = time.monotonic()
             with self._lock:
                 for name, entry in list(self._entries.items()):
                     if entry.expired(now):
                         self._unload(name, f"idle for more than {entry.keep_alive:g} s")
+            if now - beat >= HEARTBEAT_SECONDS:  # tell readers of `on_change` we are still alive
+                beat = now
+                self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self.loaded())
+            except Exception:  # reporting must never take the cache down (e.g. Redis restarting)
+                logger.exception("reporting loaded models failed")
 
 
 def _gib(n: int) -> str:

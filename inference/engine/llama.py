@@ -122,7 +122,8 @@ class NullIO:
 
 class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None):  # fmt: skip
+                 n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
+                 chat_template: str | None = None):  # fmt: skip
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
@@ -149,7 +150,7 @@ class LoadedModel:
         self._eog = set(self.eog_tokens)
         self._pieces: dict[int, bytes] = {}
         self.metadata = self.model.metadata()
-        self.chat_formatter = self._chat_formatter()
+        self.chat_formatter = self._chat_formatter(chat_template or self.metadata.get("tokenizer.chat_template"))
         self.size_bytes = self.model.size()
 
         self.io: StepIO = io or NullIO()
@@ -177,8 +178,7 @@ class LoadedModel:
 
     # -- prompts -----------------------------------------------------------------------------------------
 
-    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = self.metadata.get("tokenizer.chat_template")
+    def _chat_formatter(self, template: str | None) -> Jinja2ChatFormatter | None:
         if not template:
             return None
         bos, eos = self.model.token_bos(), self.model.token_eos()

@@ -1,40 +1,143 @@
-"""Registering models: the default model and any *.gguf dropped into the models dir."""
+"""The registry: discovery under the model roots, change detection, aliases, the CLI and /v1/models."""
 
+import json
+import os
 import shutil
+import time
 
 import pytest
+from django.core.management import call_command
 
 from api.errors import ModelNotFound
+from models_app.bundled import default_model_path
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_n_ctx
-from models_app.services import default_model_path, models_sync
+from models_app.services import RegistryError, model_register, models_scan
+from tests.models_app.test_metadata import write_gguf, write_safetensors
 
 pytestmark = pytest.mark.django_db
 
 
-def test_the_default_model_is_registered_with_its_context_length():
-    models_sync()
+@pytest.fixture
+def models_dir(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path / "models"
+    settings.MODELS_DIR.mkdir()
+    return settings.MODELS_DIR
+
+
+def test_the_default_model_is_registered_with_its_metadata():
+    models_scan()
     model = model_get("smollm2-135m-instruct")
-    assert model.context_length == 8192
+    assert (model.context_length, model.quantization, model.format) == (8192, "Q4_1", "gguf")
     assert model_n_ctx(model) == 4096  # MINERVA_N_CTX caps it
     assert model.queue == "minerva.model.smollm2-135m-instruct"
+    assert model.metadata["vocab_size"] == 49152
 
 
-def test_gguf_files_in_the_models_dir_are_registered_by_stem(settings, tmp_path):
-    settings.MODELS_DIR = tmp_path
-    (tmp_path / "team").mkdir()
-    shutil.copy(default_model_path(), tmp_path / "team" / "my-model.gguf")
-    (tmp_path / "broken.gguf").write_bytes(b"not a model")
-    names = {m.name for m in models_sync()}
-    assert "my-model" in names and "broken" not in names
+def test_a_scan_finds_gguf_split_and_safetensors_models(models_dir):
+    (models_dir / "team").mkdir()
+    shutil.copy(default_model_path(), models_dir / "team" / "my-model.gguf")
+    write_gguf(models_dir / "big.gguf", tensors=2, split_max_tensors=1)
+    write_safetensors(models_dir / "single.safetensors", {"a": ("BF16", [4])})
+    folder = models_dir / "qwen-tiny"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", {"a": ("BF16", [4])})
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (models_dir / "broken.gguf").write_bytes(b"not a model")
+    result = models_scan()
+    assert set(result.added) == {"smollm2-135m-instruct", "my-model", "big", "single", "qwen-tiny"}
+    assert list(result.errors) == [str(models_dir / "broken.gguf")]
+    assert LanguageModel.objects.get(name="big").metadata["tensor_count"] == 2
+    assert LanguageModel.objects.get(name="qwen-tiny").format == "safetensors"
 
 
-def test_a_vanished_file_makes_its_model_unavailable(settings, tmp_path):
-    settings.MODELS_DIR = tmp_path
-    shutil.copy(default_model_path(), tmp_path / "gone.gguf")
-    models_sync()
-    (tmp_path / "gone.gguf").unlink()
-    models_sync()
-    assert not LanguageModel.objects.get(name="gone").available
+def test_a_rescan_rereads_only_changed_files_and_marks_vanished_ones_unavailable(models_dir):
+    write_gguf(models_dir / "a.gguf")
+    write_gguf(models_dir / "b.gguf")
+    models_scan()
+    write_gguf(models_dir / "a.gguf", tensors=3)
+    os.utime(models_dir / "a.gguf", (time.time() + 10, time.time() + 10))
+    (models_dir / "b.gguf").unlink()
+    result = models_scan()
+    assert result.changed == ["a"] and result.unavailable == ["b"] and "smollm2-135m-instruct" in result.unchanged
+    assert LanguageModel.objects.get(name="a").metadata["tensor_count"] == 3
+    assert not LanguageModel.objects.get(name="b").available  # the row stays, for the request logs
     with pytest.raises(ModelNotFound):
-        model_get("gone")
+        model_get("b")
+
+
+def test_a_symlink_pointing_out_of_the_model_roots_is_refused(models_dir, tmp_path):
+    write_gguf(tmp_path / "outside.gguf")
+    (models_dir / "sneaky.gguf").symlink_to(tmp_path / "outside.gguf")
+    result = models_scan()
+    assert "sneaky" not in result.added and "not under a model root" in result.errors[str(models_dir / "sneaky.gguf")]
+    with pytest.raises(RegistryError, match="not under a model root"):
+        model_register(name="x", path=models_dir / ".." / "outside.gguf")
+
+
+def test_a_fifo_in_the_models_dir_is_skipped(models_dir):
+    os.mkfifo(models_dir / "pipe.gguf")
+    result = models_scan()
+    assert "pipe" not in result.added and str(models_dir / "pipe.gguf") in result.errors
+
+
+def test_aliases_resolve_to_their_model_and_names_are_validated(models_dir):
+    write_gguf(models_dir / "tiny.gguf")
+    model_register(name="tiny", path=models_dir / "tiny.gguf", aliases=["gpt-4o-mini"])
+    assert model_get("gpt-4o-mini").name == "tiny"
+    with pytest.raises(RegistryError, match="invalid model name"):
+        model_register(name="bad name!", path=models_dir / "tiny.gguf")
+
+
+def test_the_cli_adds_inspects_lists_disables_and_removes(models_dir, capsys):
+    write_gguf(models_dir / "tiny.gguf")
+    call_command("models", "add", str(models_dir / "tiny.gguf"), "--name", "tiny", "--alias", "small")
+    call_command("models", "--json", "list")
+    listed = {
+        row["name"]: row for row in json.loads(capsys.readouterr().out.split("added tiny", 1)[-1].split("\n", 1)[1])
+    }
+    assert listed["tiny"]["aliases"] == ["small"] and listed["tiny"]["quantization"] == "F32"
+    call_command("models", "--json", "inspect", str(models_dir / "tiny.gguf"))
+    assert json.loads(capsys.readouterr().out)["context_length"] == 2048
+    call_command("models", "disable", "tiny")
+    assert not LanguageModel.objects.get(name="tiny").enabled
+    call_command("models", "remove", "tiny")
+    assert not LanguageModel.objects.filter(name="tiny").exists()
+
+
+def test_the_cli_table_and_scan_are_human_readable(models_dir, capsys):
+    call_command("models", "scan")
+    assert "added: 1" in capsys.readouterr().out
+    call_command("models", "list")
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["NAME", "FORMAT", "QUANTIZATION"] and "135M" in out
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_dir):
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(models_scan)()
+    await sync_to_async(write_gguf)(models_dir / "off.gguf")
+    off = await sync_to_async(model_register)(name="off", path=models_dir / "off.gguf")
+    off.enabled = False
+    await off.asave()
+    data = (await async_client.get("/v1/models")).json()
+    assert [m["id"] for m in data["data"]] == ["smollm2-135m-instruct"]
+    entry = data["data"][0]
+    assert entry["max_model_len"] == entry["context_length"] == 4096
+    expected = {
+        "format": "gguf",
+        "architecture": "llama",
+        "quantization": "Q4_1",
+        "file_size": 98362432,
+        "tensor_count": 272,
+        "layers": 30,
+        "vocab_size": 49152,
+        "trained_context_length": 8192,
+        "loaded": False,
+    }
+    assert {k: v for k, v in entry["meta"].items() if k != "parameters"} == expected
+    assert 134e6 < entry["meta"]["parameters"] < 136e6
+    assert len(json.dumps(entry)) <= 1024
+    assert (await async_client.get("/v1/models/off")).status_code == 404
