@@ -41,6 +41,7 @@ def openai_view(*, methods: tuple[str, ...]):
                     logger.exception("unhandled error in %s (request %s)", request.path, request.request_id)
                     response = error_response(ServerError())
             response["x-request-id"] = f"req_{request.request_id}"
+            response["X-Content-Type-Options"] = "nosniff"
             if not request.request_logged:
                 error = getattr(response, "openai_error", None)
                 await sync_to_async(request_log_record)(

@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from inference.services import request_create
 from inference.streams import TokenStream
-from models_app.selectors import model_get, model_list, model_loaded_names, model_n_ctx
+from models_app.selectors import model_get, model_list, model_loaded_names, model_n_ctx, model_registry_version
 
 from .decorators import openai_view, parse_body
 from .errors import InvalidRequest, NotFound, OpenAIError
@@ -28,7 +28,6 @@ from .protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Model,
-    ModelList,
     ModelMeta,
     OtherPart,
     PromptTokensDetails,
@@ -38,9 +37,26 @@ from .protocol import (
 
 @openai_view(methods=("GET",))
 async def list_models(request: HttpRequest) -> HttpResponse:
-    models = await sync_to_async(model_list)()
-    loaded = await sync_to_async(model_loaded_names)()
-    return JsonResponse(ModelList(data=[_model(m, loaded) for m in models]).model_dump(exclude_none=True))
+    return JsonResponse(await sync_to_async(_model_list)())
+
+
+_listing: dict = {}  # {"version": registry version, "entries": [entry dicts]}: rebuilt when the registry changes
+
+
+def _model_list() -> dict:
+    # One trip to the sync thread for the query, the loaded set and the encoding: hops cost more than the work.
+    version = model_registry_version()
+    if _listing.get("version") != version:
+        entries = [_model(m, set()).model_dump(exclude_none=True) for m in model_list()]
+        _listing.update(version=version, entries=entries)
+    loaded = model_loaded_names()
+    return {
+        "object": "list",
+        "data": [
+            entry if entry["id"] not in loaded else {**entry, "meta": {**entry["meta"], "loaded": True}}
+            for entry in _listing["entries"]
+        ],
+    }
 
 
 @openai_view(methods=("GET",))

@@ -1,16 +1,30 @@
 """Looking models up."""
 
+import logging
+
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Count, Max, Q
 
 from api.errors import ModelNotFound
 
 from .models import LanguageModel
 
+logger = logging.getLogger(__name__)
+
 
 def model_list() -> list[LanguageModel]:
     """Every model the API serves (enabled, file present)."""
-    return list(LanguageModel.objects.filter(enabled=True, available=True))
+    # Only the columns /v1/models shows: the load options and templates are not needed to list.
+    return list(
+        LanguageModel.objects.filter(enabled=True, available=True).only(
+            "name", "format", "quantization", "metadata", "context_length", "file_size", "n_ctx", "created"
+        )
+    )
+
+
+def model_registry_version() -> tuple:
+    """Changes whenever a model row is added, removed or saved (one cheap aggregate query)."""
+    return tuple(LanguageModel.objects.aggregate(Count("id"), Max("updated")).values())
 
 
 def model_get(name: str) -> LanguageModel:
@@ -47,10 +61,17 @@ def model_loaded_names() -> set[str]:
     import json
     import time
 
+    from redis.exceptions import RedisError
+
     from minerva_project.redis import get_redis
 
     names: set[str] = set()
-    for report in get_redis().hvals(LOADED_KEY):
+    try:
+        reports = get_redis().hvals(LOADED_KEY)
+    except RedisError:  # listing models must not fail because Redis is restarting; `loaded` is a hint
+        logger.warning("cannot read loaded models from Redis", exc_info=True)
+        return names
+    for report in reports:
         data = json.loads(report)
         if time.time() - data["at"] < LOADED_FRESH_SECONDS:
             names.update(m["name"] for m in data["models"])

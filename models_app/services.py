@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from .bundled import DEFAULT_MODEL_PACKAGE, default_model_path
 from .metadata import SPLIT_RE, MetadataError, read_metadata
@@ -92,7 +93,7 @@ def model_remove(*, name: str) -> None:
 
 def models_set_enabled(*, names: list[str], enabled: bool) -> int:
     """Enable or disable models; returns how many changed."""
-    return LanguageModel.objects.filter(name__in=names).update(enabled=enabled)
+    return LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
 
 
 def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:

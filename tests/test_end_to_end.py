@@ -122,3 +122,9 @@ def test_four_concurrent_requests_each_get_the_text_they_get_alone(client):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(ask, range(4)))
     assert together == alone
+
+
+def test_v1_models_reports_which_models_a_worker_has_loaded(client):
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    entry = next(m for m in client.models.list().data if m.id == MODEL)
+    assert entry.model_extra["meta"]["loaded"] is True

@@ -231,3 +231,24 @@ async def test_completion_logprobs_use_the_legacy_shape(async_client, smollm2):
     assert "".join(logprobs["tokens"]) == data["choices"][0]["text"]
     assert len(logprobs["token_logprobs"]) == 4 and all(len(t) == 2 for t in logprobs["top_logprobs"])
     assert logprobs["text_offset"][0] == 0
+
+
+async def test_a_models_default_params_fill_what_the_request_leaves_out(async_client, smollm2):
+    smollm2.default_params = {"max_tokens": 3, "temperature": 0}
+    await smollm2.asave()
+    data = (
+        await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "ignore_eos": True})
+    ).json()
+    assert data["usage"]["completion_tokens"] == 3
+    data = (await post(async_client, "/v1/chat/completions",
+                       {"model": MODEL, "messages": HELLO, "ignore_eos": True, "max_tokens": 5})).json()  # fmt: skip
+    assert data["usage"]["completion_tokens"] == 5  # the request wins
+
+
+async def test_a_chat_template_override_replaces_the_files_template(async_client, smollm2):
+    smollm2.chat_template_override = "{% for m in messages %}{{ m['content'] }}{% endfor %} =>"
+    await smollm2.asave()
+    data = (
+        await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 1})
+    ).json()
+    assert data["usage"]["prompt_tokens"] <= 6  # "Say hello. =>" without any <|im_start|> scaffolding
