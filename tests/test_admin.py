@@ -3,6 +3,7 @@
 import pytest
 
 from inference.models import RequestLog
+from models_app.models import LanguageModel
 
 pytestmark = pytest.mark.django_db
 
@@ -32,3 +33,25 @@ def test_request_logs_cannot_be_added_changed_or_deleted(staff):
     assert staff.post(f"/admin/inference/requestlog/{row.pk}/change/", {"model": "x"}).status_code == 403
     assert staff.post(f"/admin/inference/requestlog/{row.pk}/delete/", {"post": "yes"}).status_code == 403
     assert RequestLog.objects.get(pk=row.pk).model == "smollm2-135m-instruct"
+
+
+def test_the_model_page_shows_readable_metadata_and_takes_aliases(staff, smollm2):
+    page = staff.get(f"/admin/models_app/languagemodel/{smollm2.pk}/change/")
+    assert page.status_code == 200
+    assert b"<th>vocab_size</th><td>49152</td>" in page.content
+
+
+def test_the_rescan_action_registers_new_files(staff, settings, tmp_path):
+    from tests.models_app.test_metadata import write_gguf
+
+    settings.MODELS_DIR = tmp_path
+    write_gguf(tmp_path / "fresh.gguf")
+    any_pk = LanguageModel.objects.first().pk
+    response = staff.post("/admin/models_app/languagemodel/", {"action": "rescan", "_selected_action": [any_pk]})
+    assert response.status_code == 302
+    assert LanguageModel.objects.filter(name="fresh", available=True).exists()
+
+
+def test_disable_action_hides_a_model_from_the_api(staff, smollm2):
+    staff.post("/admin/models_app/languagemodel/", {"action": "disable", "_selected_action": [smollm2.pk]})
+    assert not LanguageModel.objects.get(pk=smollm2.pk).enabled

@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from minerva_project.redis import start_embedded_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_parallel
+from models_app.services import models_scan
 
 STOP_GRACE_SECONDS = 6  # per phase (worker and daphne, then redis); redis stops at once
 RESTART_BACKOFF_SECONDS = 1.0
@@ -65,7 +66,10 @@ class Command(BaseCommand):
         if settings.EMBEDDED_REDIS:
             children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **_CHILD_OPTIONS)))
             env["MINERVA_REDIS_URL"] = settings.REDIS_URL
-        models = list(LanguageModel.objects.filter(enabled=True))
+        result = models_scan()  # new, changed and vanished model files, before the worker's queues are fixed
+        self.stdout.write(f"models: {len(result.added)} added, {len(result.changed)} changed, "
+                          f"{len(result.unavailable)} unavailable, {len(result.errors)} skipped")  # fmt: skip
+        models = list(LanguageModel.objects.filter(enabled=True, available=True))
         queues = [m.queue for m in models] or ["minerva.default"]
         # One task thread per slot: each waits while its model's scheduler decodes it with the others.
         concurrency = sum(model_parallel(m) for m in models) or 1
