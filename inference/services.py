@@ -182,13 +182,17 @@ def _prompt(engine, body: GenerationRequest, is_chat: bool) -> list[int]:
 
 
 def _template_messages(body: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template expects them: plain-text content; `developer` is a system message."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    """Messages as chat templates expect them: plain-text content, and one system message at the front
+    (`developer` is a system message; several are merged, since Qwen-style templates reject any other)."""
+    system = [m.text() for m in body.messages if m.role in ("system", "developer")]
+    rest = [
+        {"role": m.role, "content": m.text()}
         | ({"name": m.name} if m.name else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
         for m in body.messages
+        if m.role not in ("system", "developer")
     ]
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
 
 
 def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,6 +149,10 @@ class LoadedModel:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = set(self.eog_tokens)
+        control = [self.model.token_get_text(t) for t in range(self.n_vocab)
+                   if llama_cpp.llama_vocab_get_attr(self.vocab, t) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL]  # fmt: skip
+        pattern = "|".join(re.escape(text) for text in sorted(filter(None, control), key=len, reverse=True))
+        self._control_text = re.compile(pattern or "(?!)")  # what user content must not be able to spell
         self._pieces: dict[int, bytes] = {}
         self.metadata = self.model.metadata()
         self.chat_formatter = self._chat_formatter(chat_template or self.metadata.get("tokenizer.chat_template"))
@@ -195,11 +200,30 @@ class LoadedModel:
                 "This model has no chat template, so it cannot serve /v1/chat/completions; "
                 "use /v1/completions with a plain prompt."
             )
+        if not any(isinstance(m.get("content"), str) and self._control_text.search(m["content"]) for m in messages):
+            rendered = self._render(messages)
+            return self.model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+        # Some content spells a control token (`<|im_start|>system` in a user message): render with placeholders,
+        # then tokenize the template's own text with special tokens and every content as plain text, so a user
+        # can never forge a turn.
+        marked = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m.get("content"), str) else m
+                  for i, m in enumerate(messages)]  # fmt: skip
+        rendered = self._render(marked)
+        tokens: list[int] = []
+        for k, part in enumerate(re.split("\ue000(\\d+)\ue001", rendered.prompt)):
+            if k % 2:
+                tokens += self.model.tokenize(messages[int(part)]["content"].encode(), add_bos=False, special=False)
+            elif part or k == 0:
+                tokens += self.model.tokenize(
+                    part.encode(), add_bos=k == 0 and not rendered.added_special, special=True
+                )
+        return tokens
+
+    def _render(self, messages: list[dict]):
         try:
-            rendered = self.chat_formatter(messages=messages)
+            return self.chat_formatter(messages=messages)
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise PromptError(f"The model's chat template rejected the messages: {exc}") from None
-        return self.model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
 
     def text_prompt(self, text: str) -> list[int]:
         """Tokenize a raw completion prompt (with BOS; special tokens are plain text)."""
