@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
 
 class TextPart(_Request):
@@ -114,10 +114,56 @@ SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty
                      "repeat_penalty", "max_tokens", "seed", "stop"}  # fmt: skip
 
 
+class JSONSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema", description="The JSON Schema the output follows.")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_supported(cls, value: JSONSchemaFormat | None) -> JSONSchemaFormat | None:
+        if value is not None:
+            unsupported = _unsupported_schema_keywords(value.schema_)
+            if unsupported:
+                raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
+        return value
+
+
+# JSON Schema keywords the grammar converter would silently ignore: refuse them rather than not enforce them.
+UNSUPPORTED_SCHEMA_KEYWORDS = {"not", "if", "then", "else", "patternProperties", "dependentRequired",
+                               "dependentSchemas", "uniqueItems", "contains", "propertyNames", "multipleOf",
+                               "unevaluatedProperties", "unevaluatedItems", "$dynamicRef"}  # fmt: skip
+
+
+def _unsupported_schema_keywords(node, depth: int = 0) -> set[str]:
+    if depth > 64:
+        return {"nesting deeper than 64 levels"}
+    found: set[str] = set()
+    if isinstance(node, dict):
+        found |= UNSUPPORTED_SCHEMA_KEYWORDS & {k for k in node if k not in ("properties", "$defs", "definitions")}
+        for key, value in node.items():
+            if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+                for sub in value.values():
+                    found |= _unsupported_schema_keywords(sub, depth + 1)
+            elif key not in ("enum", "const", "default", "examples"):
+                found |= _unsupported_schema_keywords(value, depth + 1)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _unsupported_schema_keywords(item, depth + 1)
+    return found
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (logprobs).")
 
     @field_validator("top_logprobs")

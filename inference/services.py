@@ -56,7 +56,7 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest) -
             request=_params(body),
         )
         # The body travels in the task message, not the row: the row keeps parameters, not content.
-        payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True)}
+        payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True)}
         transaction.on_commit(lambda: run_request_task.apply_async(args=[log.pk, payload], queue=model.queue))
     return log
 
@@ -111,6 +111,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
         return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
     except ModelUnavailable as exc:
         return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequences)
+    except OpenAIError as exc:
+        return _fail(log, stream, exc, sequences)
     except Exception:
         logger.exception("generation failed for request %s", log.request_id)
         return _fail(log, stream, ServerError(), sequences)
@@ -218,7 +220,26 @@ def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
         logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
         ignore_eos=bool(body.ignore_eos),
         logprobs=body.logprobs_top(),
+        grammar=_grammar(body),
     )
+
+
+def _grammar(body: GenerationRequest) -> str | None:
+    """A GBNF grammar for `response_format`: any JSON object, or JSON following the given schema."""
+    response_format = getattr(body, "response_format", None)
+    if response_format is None or response_format.type == "text":
+        return None
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema = response_format.json_schema.schema_ if response_format.json_schema else None
+    if response_format.type == "json_object" or not schema:
+        schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
+        raise InvalidRequest(
+            f"The JSON schema cannot be turned into a grammar: {exc}", param="response_format"
+        ) from None
 
 
 def _count(log: RequestLog, sequences: list[Sequence]) -> None:
@@ -253,7 +274,7 @@ def _ms_since(log: RequestLog) -> float:
 
 def _params(body: GenerationRequest) -> dict:
     """The request's parameters without its content (messages or prompt), safe for any database."""
-    params = body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True)
+    params = body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True, by_alias=True)
     return _strip_nul(params)
 
 

@@ -32,6 +32,10 @@ def redis_server(tmp_path_factory):
     settings.REDIS_URL = f"unix://{socket_path}"
     celery_app.conf.task_always_eager = True  # in-process tests run the task inline; the stream replays
     yield socket_path
+    from inference import services
+
+    if services._cache is not None:  # stop its reaper before Redis goes, or its heartbeat logs errors
+        services._cache.close()
     process.terminate()
     process.wait(timeout=10)
 

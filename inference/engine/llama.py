@@ -73,6 +73,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely alternatives
+    grammar: str | None = None  # GBNF (root rule `root`): only tokens the grammar allows are sampled
 
 
 class StepIO(Protocol):
@@ -254,6 +255,8 @@ class LoadedModel:
         seeds = [None if params.seed is None else params.seed + i for i in range(n)]
         group = [Sequence(key, list(prompt), dataclasses.replace(params, seed=seeds[i]), max_tokens, index=i)
                  for i in range(n)]  # fmt: skip
+        for sequence in group:  # here, in the caller's thread: a bad grammar is the caller's error
+            sequence.sampler = self._sampler(sequence.params)
         for follower in group[1:]:
             follower.leader, follower.waiting_for_leader = group[0], True
         with self._wakeup:
@@ -322,13 +325,11 @@ class LoadedModel:
             slot.sequence, sequence.slot = slot, slot
             sequence.n_past = sequence.cached_tokens = reuse
             sequence.pending = sequence.prompt[reuse:]
-            sequence.sampler = self._sampler(sequence.params)
             self._active.append(sequence)
             for follower in followers:
                 free.remove(slot)
                 slot = min(free, key=lambda s: s.last_used)
                 slot.sequence, follower.slot = slot, slot
-                follower.sampler = self._sampler(follower.params)
                 self._active.append(follower)
 
     def _copy_prompt_to_followers(self) -> None:
@@ -531,6 +532,12 @@ class LoadedModel:
                 self.n_vocab, params.repeat_last_n, params.repeat_penalty, params.frequency_penalty,
                 params.presence_penalty,
             )  # fmt: skip
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                sampler.close()
+                raise PromptError("The grammar for response_format could not be compiled.")
+            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
         if params.temperature <= 0:
             sampler.add_greedy()
             return sampler

@@ -252,3 +252,27 @@ async def test_a_chat_template_override_replaces_the_files_template(async_client
         await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 1})
     ).json()
     assert data["usage"]["prompt_tokens"] <= 6  # "Say hello. =>" without any <|im_start|> scaffolding
+
+
+async def test_json_object_output_always_parses(async_client, smollm2):
+    question = 'Give a JSON object with the key "color" set to a color.'
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}],
+            "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 100}  # fmt: skip
+    data = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert data["choices"][0]["finish_reason"] == "stop", data
+    assert isinstance(json.loads(data["choices"][0]["message"]["content"]), dict)
+
+
+async def test_json_schema_output_validates_against_the_schema(async_client, smollm2):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+              "age": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+              "required": ["name", "age", "tags"], "additionalProperties": False}  # fmt: skip
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Invent a person."}], "max_tokens": 150,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema,
+                                                                       "strict": True}}}  # fmt: skip
+    for seed in range(3):
+        data = (await post(async_client, "/v1/chat/completions", {**body, "seed": seed, "temperature": 1.0})).json()
+        assert data["choices"][0]["finish_reason"] == "stop", data
+        jsonschema.validate(json.loads(data["choices"][0]["message"]["content"]), schema)

@@ -70,6 +70,11 @@ CASES = [
      400, "invalid_request_error", None, "top_logprobs"),
     ("n over the slots", "post", CHAT, {"model": MODEL, "messages": HELLO, "n": 9},
      400, "invalid_request_error", None, "n"),
+    ("unsupported schema keyword", "post", CHAT, {"model": MODEL, "messages": HELLO, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}}},
+     400, "invalid_request_error", None, "response_format.json_schema"),
+    ("unknown response_format type", "post", CHAT, {"model": MODEL, "messages": HELLO,
+     "response_format": {"type": "yaml"}}, 400, "invalid_request_error", None, "response_format.type"),
     ("echo", "post", "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True},
      400, "invalid_request_error", None, "echo"),
     ("token id outside the vocabulary", "post", "/v1/completions", {"model": MODEL, "prompt": [10**9]},
