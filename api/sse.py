@@ -9,13 +9,17 @@ from inference.streams import TokenStream
 
 from .errors import OpenAIError
 
+PING = ": ping\n\n"
+
 
 async def frames(stream: TokenStream, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """An async generator: under ASGI a sync iterator would be read in full before anything is sent."""
     finished = False
     try:
         async for chunk in chunks:
-            yield f"data: {chunk}\n\n"
+            # A comment line keeps proxies and client idle timers (OpenCode's is 300 s) from giving up while
+            # the request waits in the queue or in a long prefill.
+            yield PING if chunk is PING else f"data: {chunk}\n\n"
         finished = True
     except OpenAIError as exc:  # the 200 has already gone out, so the error is a frame
         finished = True

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from inference.services import request_create
@@ -33,6 +34,7 @@ from .protocol import (
     PromptTokensDetails,
     Usage,
 )
+from .sse import PING, sse_response
 
 
 @openai_view(methods=("GET",))
@@ -141,8 +143,6 @@ class _Generation:
         self.n = body.n or 1
 
     def sse_response(self, chunks: AsyncIterator[str]) -> HttpResponse:
-        from .sse import sse_response
-
         return sse_response(self.stream, chunks)
 
     async def collect_chat(self) -> dict:
@@ -205,7 +205,8 @@ async def _submit(request: HttpRequest, body) -> _Generation:
     status even when streaming: the 200 goes out only once the worker has accepted the prompt."""
     await sync_to_async(request_create)(request_id=request.request_id, endpoint=request.path, body=body)
     request.request_logged = True  # from here on the worker owns the log row
-    events = TokenStream(request.request_id).read(choices=body.n or 1)
+    ping_every = settings.SSE_PING_SECONDS if body.stream else None
+    events = TokenStream(request.request_id).read(choices=body.n or 1, ping_every=ping_every)
     generation = _Generation(request, body, events)
     try:
         event, data = await anext(events)
@@ -214,6 +215,8 @@ async def _submit(request: HttpRequest, body) -> _Generation:
         raise
     if event == "error":
         raise OpenAIError.from_dict(data)
+    # A "ping" first means the request is still queued after SSE_PING_SECONDS: the 200 goes out now so the
+    # client sees life; a refusal after this point (e.g. context length) arrives as an error frame instead.
     return generation
 
 
@@ -231,7 +234,9 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
         yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
     done = []
     async for event, data in generation.events:
-        if event == "token":
+        if event == "ping":
+            yield PING
+        elif event == "token":
             logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
             yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(content=data["text"]), logprobs=logprobs)])
         elif event == "done":
@@ -251,7 +256,9 @@ async def _completion_chunks(generation: _Generation, body: CompletionRequest) -
 
     done = []
     async for event, data in generation.events:
-        if event == "token":
+        if event == "ping":
+            yield PING
+        elif event == "token":
             logprobs = _completion_logprobs(data["logprobs"]) if "logprobs" in data else None
             yield chunk([CompletionChoice(index=data["index"], text=data["text"], logprobs=logprobs)])
         elif event == "done":

@@ -49,21 +49,26 @@ class TokenStream:
         finally:
             await client.aclose()
 
-    async def read(self, *, choices: int = 1) -> AsyncIterator[tuple[str, dict]]:
+    async def read(self, *, choices: int = 1, ping_every: float | None = None) -> AsyncIterator[tuple[str, dict]]:
         """Yield (event, data) from the first event on, until every choice is `done`, an `error`, or
-        MINERVA_REQUEST_TIMEOUT."""
+        MINERVA_REQUEST_TIMEOUT. With `ping_every`, a ("ping", {}) comes after that many quiet seconds."""
         deadline = time.monotonic() + settings.REQUEST_TIMEOUT
         client = get_async_redis()
         last_id = "0"
+        last_yield = time.monotonic()
         try:
             while True:
                 if time.monotonic() > deadline:
                     raise Timeout("The request timed out waiting for the model.")
                 reply = await client.xread({self.key: last_id}, block=READ_BLOCK_MS, count=256)
+                if not reply and ping_every is not None and time.monotonic() - last_yield >= ping_every:
+                    last_yield = time.monotonic()
+                    yield "ping", {}
                 for _key, entries in reply or []:
                     for entry_id, fields in entries:
                         last_id = entry_id
                         event = fields["event"]
+                        last_yield = time.monotonic()
                         yield event, json.loads(fields["data"])
                         if event == "done":
                             choices -= 1

@@ -80,6 +80,7 @@ EMBEDDED_REDIS = not env_str("REDIS_URL", "")
 MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES  # Django raises RequestDataTooBig past this: our 413
 REQUEST_TIMEOUT = env_int("REQUEST_TIMEOUT", 600, minimum=1)  # seconds a view waits for its worker
+SSE_PING_SECONDS = env_int("SSE_PING_SECONDS", 15, minimum=1)  # quiet seconds before a `: ping` comment
 STREAM_TTL = env_int("STREAM_TTL", 3600, minimum=10)  # seconds a finished request's Redis keys live
 STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept per request stream
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")

@@ -276,3 +276,18 @@ async def test_json_schema_output_validates_against_the_schema(async_client, smo
         data = (await post(async_client, "/v1/chat/completions", {**body, "seed": seed, "temperature": 1.0})).json()
         assert data["choices"][0]["finish_reason"] == "stop", data
         jsonschema.validate(json.loads(data["choices"][0]["message"]["content"]), schema)
+
+
+async def test_a_stream_waiting_in_the_queue_gets_pings_then_a_timeout_frame(async_client, smollm2, settings,
+                                                                             monkeypatch):  # fmt: skip
+    from inference import tasks
+
+    monkeypatch.setattr(tasks.run_request, "apply_async", lambda *args, **kwargs: None)  # no worker picks it up
+    settings.SSE_PING_SECONDS, settings.REQUEST_TIMEOUT = 1, 3
+    response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "stream": True})
+    assert response.status_code == 200
+    raw = b"".join([part async for part in response.streaming_content]).decode()
+    frames = [f for f in raw.split("\n\n") if f]
+    assert frames.count(": ping") >= 1
+    assert json.loads(frames[-2].removeprefix("data: "))["error"]["code"] == "timeout"
+    assert frames[-1] == "data: [DONE]"
