@@ -30,6 +30,17 @@ class OtherPart(_Request):
 ContentPart = Annotated[TextPart | OtherPart, Field(discriminator="type")]
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON string.")
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="The role of the message's author."
@@ -37,6 +48,7 @@ class ChatMessage(_Request):
     content: str | list[ContentPart] | None = Field(default=None, description="Text, or a list of parts.")
     name: str | None = Field(default=None, description="An optional name for the participant.")
     tool_call_id: str | None = Field(default=None, description="The call this tool message answers.")
+    tool_calls: list[ToolCallIn] | None = Field(default=None, description="Calls an assistant message made.")
 
     def text(self) -> str:
         """The content as plain text (parts joined)."""
@@ -159,11 +171,43 @@ def _unsupported_schema_keywords(node, depth: int = 0) -> set[str]:
     return found
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(default=None, description="A JSON Schema for the arguments.")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_supported(cls, value: dict | None) -> dict | None:
+        unsupported = _unsupported_schema_keywords(value or {})
+        if unsupported:
+            raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
+        return value
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
     response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128, description="Functions the model may call.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (logprobs).")
 
     @field_validator("top_logprobs")
@@ -212,10 +256,22 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -252,6 +308,7 @@ class ChatCompletion(BaseModel):
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None  # {"index", "id", "type", "function": {"name", "arguments"}}
 
 
 class ChunkChoice(BaseModel):

@@ -32,9 +32,11 @@ from .protocol import (
     ModelMeta,
     OtherPart,
     PromptTokensDetails,
+    ToolCall,
     Usage,
 )
 from .sse import PING, sse_response
+from .tools import parse_tool_answer, tools_active
 
 
 @openai_view(methods=("GET",))
@@ -80,6 +82,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
                         f"This model does not support {part.type} content.",
                         param=f"messages[{i}].content[{j}]",
                     )
+    _check_tools(body)
     generation = await _submit(request, body)
     if body.stream:
         return generation.sse_response(_chat_chunks(generation, body))
@@ -147,21 +150,27 @@ class _Generation:
 
     async def collect_chat(self) -> dict:
         choices, usage = await self._collect()
-        return ChatCompletion(
+        with_tools = tools_active(self.body)
+        result = ChatCompletion(
             id=f"chatcmpl-{self.id}",
             created=self.created,
             model=self.body.model,
             choices=[
-                ChatCompletionChoice(
-                    index=i,
-                    message=ChatCompletionMessage(content="".join(c["texts"])),
-                    logprobs=ChoiceLogprobs(content=c["logprobs"]) if self.body.logprobs else None,
-                    finish_reason=c["finish_reason"],
+                _chat_choice(
+                    i,
+                    "".join(c["texts"]),
+                    c["finish_reason"],
+                    with_tools,
+                    ChoiceLogprobs(content=c["logprobs"]) if self.body.logprobs else None,
                 )
                 for i, c in enumerate(choices)
             ],
             usage=usage,
         ).model_dump()
+        for choice in result["choices"]:  # `tool_calls` is absent, not null, when there are none
+            if choice["message"]["tool_calls"] is None:
+                del choice["message"]["tool_calls"]
+        return result
 
     async def collect_completion(self) -> dict:
         choices, usage = await self._collect()
@@ -233,9 +242,19 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
     for i in range(generation.n):
         yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
     done = []
+    answers: dict[int, list[str]] = {}  # with tools: the JSON answer is parsed once it is complete
     async for event, data in generation.events:
         if event == "ping":
             yield PING
+        elif event == "token" and tools_active(body):
+            answers.setdefault(data["index"], []).append(data["text"])
+        elif event == "done" and tools_active(body):
+            done.append(data)
+            content, calls = parse_tool_answer("".join(answers.get(data["index"], [])))
+            for delta in _tool_deltas(content, calls):
+                yield chunk([ChunkChoice(index=data["index"], delta=delta)])
+            finish = "tool_calls" if calls else data["finish_reason"]
+            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=finish)])
         elif event == "token":
             logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
             yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(content=data["text"]), logprobs=logprobs)])
@@ -246,6 +265,44 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
             raise OpenAIError.from_dict(data)
     if _include_usage(body):
         yield chunk([], _usage(done))
+
+
+def _check_tools(body: ChatCompletionRequest) -> None:
+    choice = body.tool_choice
+    if choice is not None and choice != "none" and not body.tools:
+        raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
+    if (
+        not isinstance(choice, str)
+        and choice is not None
+        and choice.function.name not in {t.function.name for t in body.tools}
+    ):
+        raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools.", param="tool_choice")
+    if tools_active(body) and body.response_format is not None and body.response_format.type != "text":
+        raise InvalidRequest("response_format cannot be combined with tools.", param="response_format")
+
+
+def _chat_choice(index: int, text: str, finish_reason: str, with_tools: bool, logprobs) -> ChatCompletionChoice:
+    content, calls = parse_tool_answer(text) if with_tools else (text, [])
+    return ChatCompletionChoice(
+        index=index,
+        message=ChatCompletionMessage(content=content, tool_calls=[ToolCall(**c) for c in calls] or None),
+        logprobs=logprobs,
+        finish_reason="tool_calls" if calls else finish_reason,
+    )
+
+
+def _tool_deltas(content: str | None, calls: list[dict]) -> list[ChoiceDelta]:
+    """How a parsed answer streams: the text, or per call a delta with its id and name (arguments "") and
+    then one with the arguments, as OpenAI streams them."""
+    if not calls:
+        return [ChoiceDelta(content=content)] if content else []
+    deltas = []
+    for i, call in enumerate(calls):
+        head = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"],
+                                                                                "arguments": ""}}  # fmt: skip
+        deltas.append(ChoiceDelta(tool_calls=[head]))
+        deltas.append(ChoiceDelta(tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]))
+    return deltas
 
 
 async def _completion_chunks(generation: _Generation, body: CompletionRequest) -> AsyncIterator[str]:

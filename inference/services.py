@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from api.errors import ContextLengthExceeded, InvalidRequest, OpenAIError, ServerError, ServiceUnavailable
 from api.protocol import SAMPLING_DEFAULTS, ChatCompletionRequest, CompletionRequest
+from api.tools import tool_instruction, tool_schema, tools_active
 from minerva_project.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
@@ -187,14 +188,29 @@ def _template_messages(body: ChatCompletionRequest) -> list[dict]:
     """Messages as chat templates expect them: plain-text content, and one system message at the front
     (`developer` is a system message; several are merged, since Qwen-style templates reject any other)."""
     system = [m.text() for m in body.messages if m.role in ("system", "developer")]
+    if tools_active(body):
+        system.append(tool_instruction(body))
     rest = [
-        {"role": m.role, "content": m.text()}
+        {"role": m.role, "content": _tool_calls_as_answer(m.tool_calls) if m.tool_calls else m.text()}
         | ({"name": m.name} if m.name else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
         for m in body.messages
         if m.role not in ("system", "developer")
     ]
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
+
+
+def _tool_calls_as_answer(calls) -> str:
+    """An earlier assistant turn's tool calls, written the way the model was asked to answer."""
+
+    def arguments(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": arguments(c.function.arguments)}
+                                      for c in calls]}, ensure_ascii=False)  # fmt: skip
 
 
 def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
@@ -227,13 +243,16 @@ def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
 def _grammar(body: GenerationRequest) -> str | None:
     """A GBNF grammar for `response_format`: any JSON object, or JSON following the given schema."""
     response_format = getattr(body, "response_format", None)
-    if response_format is None or response_format.type == "text":
+    if isinstance(body, ChatCompletionRequest) and tools_active(body):
+        schema = tool_schema(body)
+    elif response_format is None or response_format.type == "text":
         return None
+    else:
+        schema = response_format.json_schema.schema_ if response_format.json_schema else None
+        if response_format.type == "json_object" or not schema:
+            schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    schema = response_format.json_schema.schema_ if response_format.json_schema else None
-    if response_format.type == "json_object" or not schema:
-        schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
