@@ -1,5 +1,6 @@
 """The official openai SDK against a real `manage.py serve`: daphne, a Celery worker process, Redis, SmolLM2."""
 
+import json
 import time
 
 import httpx2 as httpx
@@ -144,3 +145,26 @@ def test_the_sdks_parse_returns_a_validated_pydantic_object(client):
     # (The raw response's shape is checked against the spec in the other tests; parse() adds client-side fields.)
     assert isinstance(completion.choices[0].message.parsed, Color)
     assert completion.choices[0].message.parsed.hex.startswith("#")
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                               "required": ["city"]}}}  # fmt: skip
+
+
+def test_the_sdk_gets_tool_calls_streamed_and_not(client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = {"model": MODEL, "messages": ask, "tools": [WEATHER_TOOL], "tool_choice": "required", "temperature": 0,
+              "max_tokens": 60}  # fmt: skip
+    reply = client.chat.completions.create(**params)
+    assert_schema("CreateChatCompletionResponse", reply.model_dump(exclude_unset=True))
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+    chunks = list(client.chat.completions.create(**params, stream=True))
+    calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
+    assert calls[0].function.arguments == "" and all(tc.id is None and tc.function.name is None for tc in calls[1:])
+    assert json.loads("".join(tc.function.arguments for tc in calls)) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
