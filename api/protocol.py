@@ -49,6 +49,8 @@ class ChatMessage(_Request):
     name: str | None = Field(default=None, description="An optional name for the participant.")
     tool_call_id: str | None = Field(default=None, description="The call this tool message answers.")
     tool_calls: list[ToolCallIn] | None = Field(default=None, description="Calls an assistant message made.")
+    reasoning_content: str | None = Field(default=None, description="An assistant turn's thinking.")
+    reasoning: str | None = Field(default=None, description="Same as reasoning_content (another server's name).")
 
     def text(self) -> str:
         """The content as plain text (parts joined)."""
@@ -205,6 +207,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None, description="Accepted; passed to the chat template as `reasoning_effort`."
+    )
     response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128, description="Functions the model may call.")
@@ -272,6 +277,9 @@ class ChatCompletionMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # Minerva extensions (as llama-server and vLLM name them)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class TopLogprob(BaseModel):
@@ -309,6 +317,8 @@ class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict] | None = None  # {"index", "id", "type", "function": {"name", "arguments"}}
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChunkChoice(BaseModel):

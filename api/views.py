@@ -35,6 +35,7 @@ from .protocol import (
     ToolCall,
     Usage,
 )
+from .reasoning import ReasoningSplitter
 from .sse import PING, sse_response
 from .tools import parse_tool_answer, tools_active
 
@@ -144,6 +145,7 @@ class _Generation:
         self.id = request.request_id
         self.created = int(time.time())
         self.n = body.n or 1
+        self.thinking = False  # the template opened a <think> block (from the `start` event)
 
     def sse_response(self, chunks: AsyncIterator[str]) -> HttpResponse:
         return sse_response(self.stream, chunks)
@@ -162,14 +164,16 @@ class _Generation:
                     c["finish_reason"],
                     with_tools,
                     ChoiceLogprobs(content=c["logprobs"]) if self.body.logprobs else None,
+                    self.thinking,
                 )
                 for i, c in enumerate(choices)
             ],
             usage=usage,
         ).model_dump()
-        for choice in result["choices"]:  # `tool_calls` is absent, not null, when there are none
-            if choice["message"]["tool_calls"] is None:
-                del choice["message"]["tool_calls"]
+        for choice in result["choices"]:  # these are absent, not null, when there are none
+            for key in ("tool_calls", "reasoning_content", "reasoning"):
+                if choice["message"][key] is None:
+                    del choice["message"][key]
         return result
 
     async def collect_completion(self) -> dict:
@@ -195,7 +199,9 @@ class _Generation:
         done = []
         try:
             async for event, data in self.events:
-                if event == "token":
+                if event == "start":
+                    self.thinking = data.get("thinking", False)
+                elif event == "token":
                     choices[data["index"]]["texts"].append(data["text"])
                     choices[data["index"]]["logprobs"].extend(data.get("logprobs", []))
                 elif event == "done":
@@ -224,6 +230,8 @@ async def _submit(request: HttpRequest, body) -> _Generation:
         raise
     if event == "error":
         raise OpenAIError.from_dict(data)
+    if event == "start":
+        generation.thinking = data.get("thinking", False)
     # A "ping" first means the request is still queued after SSE_PING_SECONDS: the 200 goes out now so the
     # client sees life; a refusal after this point (e.g. context length) arrives as an error frame instead.
     return generation
@@ -243,9 +251,18 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
         yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
     done = []
     answers: dict[int, list[str]] = {}  # with tools: the JSON answer is parsed once it is complete
+    splitters: dict[int, ReasoningSplitter] = {}  # without: <think> text goes to reasoning_content
+
+    def split(index: int, reasoning: str, content: str) -> ChoiceDelta | None:
+        if not reasoning and not content:
+            return None
+        return ChoiceDelta(content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None)
+
     async for event, data in generation.events:
         if event == "ping":
             yield PING
+        elif event == "start":
+            generation.thinking = data.get("thinking", False)
         elif event == "token" and tools_active(body):
             answers.setdefault(data["index"], []).append(data["text"])
         elif event == "done" and tools_active(body):
@@ -257,9 +274,16 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
             yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=finish)])
         elif event == "token":
             logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
-            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(content=data["text"]), logprobs=logprobs)])
+            splitter = splitters.setdefault(data["index"], ReasoningSplitter(thinking=generation.thinking))
+            delta = split(data["index"], *splitter.feed(data["text"]))
+            if delta or logprobs:
+                yield chunk([ChunkChoice(index=data["index"], delta=delta or ChoiceDelta(), logprobs=logprobs)])
         elif event == "done":
             done.append(data)
+            splitter = splitters.get(data["index"])
+            delta = split(data["index"], *splitter.flush()) if splitter else None
+            if delta:
+                yield chunk([ChunkChoice(index=data["index"], delta=delta)])
             yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=data["finish_reason"])])
         elif event == "error":
             raise OpenAIError.from_dict(data)
@@ -281,11 +305,23 @@ def _check_tools(body: ChatCompletionRequest) -> None:
         raise InvalidRequest("response_format cannot be combined with tools.", param="response_format")
 
 
-def _chat_choice(index: int, text: str, finish_reason: str, with_tools: bool, logprobs) -> ChatCompletionChoice:
-    content, calls = parse_tool_answer(text) if with_tools else (text, [])
+def _chat_choice(index: int, text: str, finish_reason: str, with_tools: bool, logprobs,
+                 thinking: bool) -> ChatCompletionChoice:  # fmt: skip
+    reasoning = None
+    if with_tools:
+        content, calls = parse_tool_answer(text)
+    else:
+        splitter = ReasoningSplitter(thinking=thinking)
+        (r1, c1), (r2, c2) = splitter.feed(text), splitter.flush()
+        content, calls, reasoning = c1 + c2, [], (r1 + r2) or None
     return ChatCompletionChoice(
         index=index,
-        message=ChatCompletionMessage(content=content, tool_calls=[ToolCall(**c) for c in calls] or None),
+        message=ChatCompletionMessage(
+            content=content,
+            tool_calls=[ToolCall(**c) for c in calls] or None,
+            reasoning_content=reasoning,
+            reasoning=reasoning,
+        ),
         logprobs=logprobs,
         finish_reason="tool_calls" if calls else finish_reason,
     )

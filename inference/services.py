@@ -176,7 +176,8 @@ def _physical_memory() -> int:
 
 def _prompt(engine, body: GenerationRequest, is_chat: bool) -> list[int]:
     if is_chat:
-        return engine.chat_prompt(_template_messages(body))
+        template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
+        return engine.chat_prompt(_template_messages(body), **template_vars)
     if isinstance(body.prompt, str):
         return engine.text_prompt(body.prompt)
     if body.prompt and isinstance(body.prompt[0], str):
@@ -192,6 +193,7 @@ def _template_messages(body: ChatCompletionRequest) -> list[dict]:
         system.append(tool_instruction(body))
     rest = [
         {"role": m.role, "content": _tool_calls_as_answer(m.tool_calls) if m.tool_calls else m.text()}
+        | ({"reasoning_content": m.reasoning_content or m.reasoning} if m.reasoning_content or m.reasoning else {})
         | ({"name": m.name} if m.name else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
         for m in body.messages

@@ -194,22 +194,23 @@ class LoadedModel:
             eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
         )
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Render messages with the model's own chat template and tokenize the result."""
+    def chat_prompt(self, messages: list[dict], **template_vars) -> list[int]:
+        """Render messages with the model's own chat template (plus variables such as `reasoning_effort`) and
+        tokenize the result."""
         if self.chat_formatter is None:
             raise PromptError(
                 "This model has no chat template, so it cannot serve /v1/chat/completions; "
                 "use /v1/completions with a plain prompt."
             )
         if not any(isinstance(m.get("content"), str) and self._control_text.search(m["content"]) for m in messages):
-            rendered = self._render(messages)
+            rendered = self._render(messages, template_vars)
             return self.model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
         # Some content spells a control token (`<|im_start|>system` in a user message): render with placeholders,
         # then tokenize the template's own text with special tokens and every content as plain text, so a user
         # can never forge a turn.
         marked = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m.get("content"), str) else m
                   for i, m in enumerate(messages)]  # fmt: skip
-        rendered = self._render(marked)
+        rendered = self._render(marked, template_vars)
         tokens: list[int] = []
         for k, part in enumerate(re.split("\ue000(\\d+)\ue001", rendered.prompt)):
             if k % 2:
@@ -220,9 +221,9 @@ class LoadedModel:
                 )
         return tokens
 
-    def _render(self, messages: list[dict]):
+    def _render(self, messages: list[dict], template_vars: dict):
         try:
-            return self.chat_formatter(messages=messages)
+            return self.chat_formatter(messages=messages, **template_vars)
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise PromptError(f"The model's chat template rejected the messages: {exc}") from None
 
@@ -379,8 +380,11 @@ class LoadedModel:
         sampling = [s for s in self._active if s.batch_index >= 0]
         for sequence, token in zip(sampling, self._sample(sampling), strict=True):
             if sequence.first_token_at is None and sequence.leader is None:
+                # `thinking`: the template opened a <think> block itself, so the output starts inside it.
+                thinking = self.detokenize(sequence.prompt[-4:]).rstrip().endswith("<think>")
                 events.append((sequence, "start", {"prompt_tokens": len(sequence.prompt),
-                                                   "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+                                                   "cached_tokens": sequence.cached_tokens,
+                                                   "thinking": thinking}))  # fmt: skip
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
             if token in self._eog:

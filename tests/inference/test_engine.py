@@ -87,7 +87,8 @@ def test_a_resent_conversation_reuses_the_cached_prefix(model, io):
     )  # fmt: skip
     sequence = run(model, "turn-2", second, SamplingParams(temperature=0, max_tokens=4))
     assert sequence.cached_tokens >= len(first) - 1
-    assert io.events["turn-2"][0] == ("start", {"prompt_tokens": len(second), "cached_tokens": sequence.cached_tokens})
+    start = {"prompt_tokens": len(second), "cached_tokens": sequence.cached_tokens, "thinking": False}
+    assert io.events["turn-2"][0] == ("start", start)
 
 
 def test_an_identical_prompt_gives_the_same_text_from_the_cache(model, io):

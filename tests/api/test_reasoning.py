@@ -1,0 +1,62 @@
+"""<think>...</think> goes to reasoning_content, whatever the cuts between deltas."""
+
+import pytest
+
+from api.reasoning import ReasoningSplitter
+
+TEXT = "<think>\nThe user greets me.\n</think>\nHello there!"
+
+
+def split(pieces, **kwargs):
+    splitter = ReasoningSplitter(**kwargs)
+    reasoning = content = ""
+    for piece in pieces:
+        r, c = splitter.feed(piece)
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.flush()
+    return reasoning + r, content + c
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, len(TEXT)])
+def test_thinking_is_split_from_the_answer_at_any_cut(size):
+    pieces = [TEXT[i : i + size] for i in range(0, len(TEXT), size)]
+    assert split(pieces) == ("\nThe user greets me.\n", "Hello there!")
+
+
+def test_text_without_thinking_is_all_content():
+    assert split(["<thi", "s is not a tag> hi"]) == ("", "<this is not a tag> hi")
+
+
+def test_a_template_that_opens_the_thought_starts_inside_it():
+    assert split(["I should greet.</th", "ink>Hi!"], thinking=True) == ("I should greet.", "Hi!")
+
+
+def test_an_unclosed_thought_stays_reasoning():
+    assert split(["<think>still thinking"]) == ("still thinking", "")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_content(async_client, smollm2):
+    import json
+
+    from tests.api.test_chat_completions import post, sse_events
+    from tests.conftest import HELLO, MODEL
+    from tests.openapi import assert_schema
+
+    smollm2.chat_template_override = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n<think>\n"
+    )
+    await smollm2.asave()
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
+            "logit_bias": {"28": -100}}  # fmt: skip
+    data = (await post(async_client, "/v1/chat/completions", body)).json()
+    assert_schema("CreateChatCompletionResponse", data)
+    message = data["choices"][0]["message"]
+    assert message["reasoning_content"] and message["reasoning"] == message["reasoning_content"]
+    assert "</think>" not in message["reasoning_content"]
+    events = await sse_events(await post(async_client, "/v1/chat/completions", {**body, "stream": True}))
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1] if json.loads(e)["choices"]]
+    streamed = "".join(d.get("reasoning_content", "") for d in deltas)
+    assert streamed == message["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
