@@ -65,6 +65,10 @@ class StreamOptions(_Request):
     include_usage: bool = Field(default=False, description="Send a final chunk with usage and no choices.")
 
 
+# Ollama's keep_alive: seconds or a duration with one unit; negative = forever. (settings.py checks
+# MINERVA_KEEP_ALIVE with the same pattern: settings cannot import app modules.)
+KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
+
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 
 
@@ -104,7 +108,7 @@ class _SamplingRequest(_Request):
     @field_validator("keep_alive")
     @classmethod
     def _duration(cls, value: str | float | None) -> str | float | None:
-        if isinstance(value, str) and not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", value.strip()):
+        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
             raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
         return value
 

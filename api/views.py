@@ -253,7 +253,7 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
     answers: dict[int, list[str]] = {}  # with tools: the JSON answer is parsed once it is complete
     splitters: dict[int, ReasoningSplitter] = {}  # without: <think> text goes to reasoning_content
 
-    def split(index: int, reasoning: str, content: str) -> ChoiceDelta | None:
+    def split(reasoning: str, content: str) -> ChoiceDelta | None:
         if not reasoning and not content:
             return None
         return ChoiceDelta(content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None)
@@ -275,13 +275,13 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
         elif event == "token":
             logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
             splitter = splitters.setdefault(data["index"], ReasoningSplitter(thinking=generation.thinking))
-            delta = split(data["index"], *splitter.feed(data["text"]))
+            delta = split(*splitter.feed(data["text"]))
             if delta or logprobs:
                 yield chunk([ChunkChoice(index=data["index"], delta=delta or ChoiceDelta(), logprobs=logprobs)])
         elif event == "done":
             done.append(data)
             splitter = splitters.get(data["index"])
-            delta = split(data["index"], *splitter.flush()) if splitter else None
+            delta = split(*splitter.flush()) if splitter else None
             if delta:
                 yield chunk([ChunkChoice(index=data["index"], delta=delta)])
             yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=data["finish_reason"])])

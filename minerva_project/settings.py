@@ -91,7 +91,7 @@ PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes
 N_BATCH = env_int("N_BATCH", 512, minimum=32)  # tokens per decode step (decode tokens + prompt chunks)
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=0)  # requests waiting per model before 503
 KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded (Ollama's keep_alive)
-if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):
+if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = api.protocol.KEEP_ALIVE_RE
     raise ImproperlyConfigured(f"MINERVA_KEEP_ALIVE must be seconds or a duration like 5m or 1h, got {KEEP_ALIVE!r}")
 MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
 

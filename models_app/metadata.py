@@ -216,19 +216,17 @@ class _GGUFWalker:
         return _U64.unpack_from(self.buf, self.pos - 8)[0]
 
     def string(self) -> str:
-        n = self.u64()
-        if n > MAX_STRING:
-            raise MetadataError(f"absurd string length {n}")
-        self.need(n)
-        self.pos += n
+        n = self.skip_string()
         return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
+    def skip_string(self) -> int:
+        """Step over one string; return its length."""
         n = self.u64()
         if n > MAX_STRING:
             raise MetadataError(f"absurd string length {n}")
         self.need(n)
         self.pos += n
+        return n
 
     def value(self, value_type: int, depth: int):
         if value_type in _SCALARS:

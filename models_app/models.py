@@ -1,5 +1,3 @@
-import re
-
 from django.core.exceptions import ValidationError
 from django.db import models
 from pydantic import ValidationError as PydanticValidationError
@@ -37,7 +35,7 @@ class LanguageModel(models.Model):
         return self.name
 
     def clean(self) -> None:
-        from api.protocol import SAMPLING_DEFAULTS, CompletionRequest
+        from api.protocol import KEEP_ALIVE_RE, SAMPLING_DEFAULTS, CompletionRequest
 
         unknown = set(self.default_params or {}) - SAMPLING_DEFAULTS
         if unknown:
@@ -46,7 +44,7 @@ class LanguageModel(models.Model):
             CompletionRequest.model_validate({"model": self.name, "prompt": "", **(self.default_params or {})})
         except PydanticValidationError as exc:
             raise ValidationError({"default_params": str(exc.errors()[0]["msg"])}) from None
-        if self.keep_alive and not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", self.keep_alive.strip()):
+        if self.keep_alive and not KEEP_ALIVE_RE.fullmatch(self.keep_alive.strip()):
             raise ValidationError({"keep_alive": "seconds, or a duration like 10m or 1h; negative = forever"})
 
     @property

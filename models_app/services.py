@@ -51,6 +51,7 @@ def model_register(*, name: str, path: str | Path, aliases: list[str] | None = N
         metadata = read_metadata(real)  # raises before anything is written
     except MetadataError as exc:
         raise RegistryError(f"{real}: {exc}") from None
+    file_size, file_mtime = _signature(real)
     with transaction.atomic():
         model, created = LanguageModel.objects.update_or_create(
             name=name,
@@ -60,8 +61,8 @@ def model_register(*, name: str, path: str | Path, aliases: list[str] | None = N
                 "quantization": metadata.quantization or "",
                 "metadata": metadata.summary(),
                 "context_length": metadata.context_length,
-                "file_size": _signature(real)[0],
-                "file_mtime": _signature(real)[1],
+                "file_size": file_size,
+                "file_mtime": file_mtime,
                 "available": True,
             },
         )

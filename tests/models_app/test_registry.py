@@ -141,3 +141,35 @@ async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_
     assert 134e6 < entry["meta"]["parameters"] < 136e6
     assert len(json.dumps(entry)) <= 1024
     assert (await async_client.get("/v1/models/off")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("default_params", {"temperature": "hot"}, "default_params"),
+        ("default_params", {"tools": []}, "unknown parameters: tools"),
+        ("keep_alive", "soon", "keep_alive"),
+    ],
+    ids=["wrong type", "unknown key", "bad duration"],
+)
+def test_bad_load_options_are_refused_by_validation(field, value, message):
+    from django.core.exceptions import ValidationError
+
+    models_scan()
+    model = LanguageModel.objects.get(name="smollm2-135m-instruct")
+    setattr(model, field, value)
+    with pytest.raises(ValidationError, match=message):
+        model.clean()
+
+
+def test_the_cli_reports_registry_errors_without_a_traceback(models_dir, tmp_path):
+    from django.core.management.base import CommandError
+
+    write_gguf(tmp_path / "outside.gguf")
+    with pytest.raises(CommandError, match="not under a model root"):
+        call_command("models", "add", str(tmp_path / "outside.gguf"), "--name", "x")
+    with pytest.raises(CommandError, match="no model is called"):
+        call_command("models", "remove", "ghost")
+    (models_dir / "bad.gguf").write_bytes(b"nope" * 10)
+    with pytest.raises(CommandError, match="bad magic"):
+        call_command("models", "inspect", str(models_dir / "bad.gguf"))
