@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
+# The AI SDK test's npm packages (tests/test_ai_sdk.py), pinned by tests/node/package-lock.json.
+NODE_DEPS := tests/node/node_modules/.installed
 # Two cores: let llama.cpp's CMake build use both.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
@@ -13,11 +15,11 @@ run: $(VENV)/.base-installed
 	$(PY) manage.py models scan
 	$(PY) manage.py serve
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed $(NODE_DEPS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The same suite against the local PostgreSQL (CI runs this too).
-test-postgres: $(VENV)/.dev-installed
+test-postgres: $(VENV)/.dev-installed $(NODE_DEPS)
 	MINERVA_DATABASE_URL=$${MINERVA_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test} $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
@@ -43,5 +45,9 @@ $(VENV)/.dev-installed: $(VENV)/.base-installed requirements/dev.txt
 	$(PIP) install -r requirements/dev.txt
 	touch $@
 
+$(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund
+	touch $@
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache tests/node/node_modules

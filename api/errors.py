@@ -65,3 +65,12 @@ class ServiceUnavailable(OpenAIError):
 
 class Timeout(OpenAIError):
     status, type, code = 504, "server_error", "timeout"
+
+
+class WorkerLost(OpenAIError):
+    status, type, code = 500, "server_error", "worker_lost"
+
+    def __init__(self):
+        super().__init__(
+            "The worker running this request stopped unexpectedly; the request was not retried. Try again."
+        )

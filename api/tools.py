@@ -1,13 +1,46 @@
-"""Tool calling in the generic format (llama-server's fallback for templates without tool support), a leaf
-module like protocol.py: the worker uses it to prompt and constrain the model, the view to parse its answer.
+"""Tool calling: the syntaxes models call tools in, the grammars that hold a model to them, and the parsers that
+turn the model's text back into OpenAI `tool_calls`. A leaf module like protocol.py: the worker uses it to prompt
+and constrain the model, the view to parse its answer.
 
-The model answers in JSON, forced by a grammar: `{"tool_calls": [{"name": ..., "arguments": {...}}]}` to call
-tools, or `{"response": "..."}` to answer in words (only when tool_choice is "auto")."""
+Formats (picked from the chat template by `tool_format_for`, overridable per model in admin):
+- generic: for templates that know no tools (like llama-server's generic format). The tools are described in the
+  system prompt and the whole answer is JSON, held by a grammar: `{"tool_calls": [{"name", "arguments"}]}`, or
+  `{"response": "..."}` when tool_choice is "auto".
+- hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes 2 Pro, Qwen 2.5 / 3, SmolLM3, ...).
+- llama3: a bare `{"name": ..., "parameters": {...}}`, maybe after `<|python_tag|>` (Llama 3.1 - 3.3).
+- mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]` (Mistral Nemo / Small); newer Mistral models write
+  `[TOOL_CALLS]name[ARGS]{...}`, which the parser reads too.
+
+With a native format the tools go to the template's own `tools` variable. For tool_choice "auto" the grammar is
+lazy: the answer is free text, streamed as it comes, until the model starts a call (a trigger such as
+`<tool_call>`), and from there the grammar holds the call to the tools' schemas. "required" and a named function
+hold the answer from its first token."""
 
 import json
+import re
 import uuid
 
 from .protocol import ChatCompletionRequest
+
+TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral")
+
+# What starts a call in each native format: the view holds text back from here on, the grammar wakes on it.
+_TRIGGER = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+_LLAMA3_TRIGGER = r'^\s*(\{\s*"name")[\s\S]*$'  # a call is the whole answer: an object that starts with "name"
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def tool_format_for(template: str | None) -> str:
+    """The tool-call syntax a chat template was written for ("generic" when it knows none)."""
+    if not template:
+        return "generic"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<tool_call>" in template:
+        return "hermes"
+    if _PYTHON_TAG in template or ("<|start_header_id|>" in template and "tools" in template):
+        return "llama3"
+    return "generic"
 
 
 def tools_active(body: ChatCompletionRequest) -> bool:
@@ -15,8 +48,13 @@ def tools_active(body: ChatCompletionRequest) -> bool:
     return bool(body.tools) and body.tool_choice != "none"
 
 
+def offered_tools(body: ChatCompletionRequest) -> list[dict]:
+    """The tools as the template's `tools` variable gets them (only the named one for a named tool_choice)."""
+    return [t.model_dump(exclude_none=True) for t in _offered(body)]
+
+
 def tool_instruction(body: ChatCompletionRequest) -> str:
-    """A system-prompt paragraph describing the tools and the answer format."""
+    """For the generic format: a system-prompt paragraph describing the tools and the answer format."""
     tools = [
         {
             "name": t.function.name,
@@ -30,55 +68,227 @@ def tool_instruction(body: ChatCompletionRequest) -> str:
         json.dumps(tools, ensure_ascii=False),
         'To call tools, answer with JSON: {"tool_calls": [{"name": "<tool name>", "arguments": {<its parameters>}}]}',
     ]
-    if body.tool_choice in (None, "auto"):
+    if _free(body):
         lines.append('To answer without a tool, answer with JSON: {"response": "<your answer>"}')
     return "\n".join(lines)
 
 
-def tool_schema(body: ChatCompletionRequest) -> dict:
-    """The JSON schema of the answers this request allows; the worker turns it into a grammar."""
+def tool_grammar(body: ChatCompletionRequest, tool_format: str) -> tuple[str, list[str]]:
+    """The GBNF grammar that holds the model to this request's tools, and the trigger patterns that wake it
+    (none: it holds from the first token)."""
+    args_key = "parameters" if tool_format == "llama3" else "arguments"
     calls = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": t.function.name},
-                "arguments": t.function.parameters or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": t.function.name}, args_key: t.function.parameters or {"type": "object"}},
+            "required": ["name", args_key],
         }
         for t in _offered(body)
     ]
-    tool_calls = {"type": "array", "items": {"anyOf": calls} if len(calls) > 1 else calls[0], "minItems": 1}
-    if body.parallel_tool_calls is False:
-        tool_calls["maxItems"] = 1
-    call_answer = {"type": "object", "properties": {"tool_calls": tool_calls}, "required": ["tool_calls"]}
-    if body.tool_choice in (None, "auto"):
-        words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
-        return {"anyOf": [call_answer, words]}
-    return call_answer
+    call = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    many = body.parallel_tool_calls is not False
+    if tool_format == "generic":
+        tool_calls = {"type": "array", "items": call, "minItems": 1} | ({} if many else {"maxItems": 1})
+        answer = {"type": "object", "properties": {"tool_calls": tool_calls}, "required": ["tool_calls"]}
+        if _free(body):
+            words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
+            answer = {"anyOf": [answer, words]}
+        return json_schema_grammar(answer), []
+    if tool_format == "hermes":
+        one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
+        root = f'{one} ("\\n"? {one})*' if many else one
+    elif tool_format == "mistral":
+        root = '"[TOOL_CALLS]" "[" call ("," " "? call)* "]"' if many else '"[TOOL_CALLS]" "[" call "]"'
+    else:  # llama3: one call per turn, as its template renders them
+        root = "call"
+    triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(_TRIGGER[tool_format])]
+    return json_schema_grammar(call, rule="call", root=root), triggers if _free(body) else []
 
 
-def parse_tool_answer(text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) from the model's JSON answer; text that is not such JSON (e.g. cut off by
-    max_tokens) stays content."""
+def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None) -> str:
+    """GBNF for JSON following `schema` (llama-cpp-python's converter) as rule `rule`, plus `root ::= root`
+    when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle."""
+    from llama_cpp.llama_grammar import SchemaConverter  # here: the view imports this module without llama_cpp
+
+    class Converter(SchemaConverter):
+        def _generate_constant_rule(self, value):
+            # The stock converter writes const/enum values with json.dumps' \uXXXX escapes, which GBNF reads as
+            # code points: a character beyond the BMP (an emoji) became two lone surrogates, invalid UTF-8, and
+            # its backslashes went unescaped. Here the literal is exactly the JSON text the model must write.
+            text = json.dumps(value, ensure_ascii=False)
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    try:
+        converter.visit(converter.resolve_refs(schema, ""), rule if rule != "root" else "")
+    except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    grammar = converter.format_grammar()
+    return grammar if root is None else f"root ::= {root}\n{grammar}"
+
+
+def parse_tool_calls(tool_format: str, text: str) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) from a model's answer. Text around the calls stays content; a call that does not
+    parse (cut off by max_tokens, say) stays content too, so nothing the model wrote is lost."""
+    if tool_format == "generic":
+        return _parse_generic(text)
+    if tool_format == "hermes":
+        return _parse_hermes(text)
+    if tool_format == "mistral":
+        return _parse_mistral(text)
+    return _parse_llama3(text)
+
+
+class ToolCallStream:
+    """Streams an answer's free text as it comes and holds back what may be a tool call; `finish` parses what it
+    held. The generic format's answer is JSON from its first token, so all of it is held."""
+
+    def __init__(self, tool_format: str):
+        self.tool_format = tool_format
+        self.held = ""
+        self.holding = tool_format == "generic"  # a call has (or may have) started: hold the rest
+        self.free = False  # llama3: the answer did not start with a call, so it is all text
+
+    def feed(self, text: str) -> str:
+        """Text that can go to the client now."""
+        if self.holding:
+            self.held += text
+            return ""
+        if self.free:
+            return text
+        self.held += text
+        if self.tool_format == "llama3":
+            start = self.held.lstrip()
+            if not start:
+                return ""
+            if start.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(start):
+                self.holding = start.startswith(("{", _PYTHON_TAG))
+                return ""
+            self.free, out, self.held = True, self.held, ""
+            return out
+        trigger = _TRIGGER[self.tool_format]
+        at = self.held.find(trigger)
+        if at >= 0:
+            self.holding, out, self.held = True, self.held[:at], self.held[at:]
+            return out
+        keep = next((k for k in range(min(len(trigger) - 1, len(self.held)), 0, -1)
+                     if trigger.startswith(self.held[-k:])), 0)  # fmt: skip
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+    def finish(self) -> tuple[str | None, list[dict]]:
+        """The rest of the content, and the calls."""
+        return parse_tool_calls(self.tool_format, self.held) if self.held else (None, [])
+
+
+def new_call(name: str, arguments) -> dict:
+    """An OpenAI tool call; arguments are always a JSON string ("{}" when there are none)."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments or "{}"}}  # fmt: skip
+
+
+def _parse_generic(text: str) -> tuple[str | None, list[dict]]:
     try:
         answer = json.loads(text)
     except ValueError:
         return text, []
     if isinstance(answer, dict) and isinstance(answer.get("tool_calls"), list):
-        calls = [
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("arguments") or {})},
-            }
-            for call in answer["tool_calls"]
-            if isinstance(call, dict)
-        ]
-        return None, calls
+        calls = [_call(c, "arguments") for c in answer["tool_calls"]]
+        if calls and all(calls):
+            return None, calls
     if isinstance(answer, dict) and isinstance(answer.get("response"), str):
         return answer["response"], []
     return text, []
+
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+
+
+def _parse_hermes(text: str) -> tuple[str | None, list[dict]]:
+    calls, kept, end = [], [], 0
+    for match in _HERMES_CALL.finditer(text):
+        call = _call(_json(match.group(1)), "arguments")
+        if call is None:
+            continue  # not a call after all: it stays in the content
+        kept.append(text[end : match.start()])
+        end = match.end()
+        calls.append(call)
+    kept.append(text[end:])
+    return _content("".join(kept)), calls
+
+
+def _parse_mistral(text: str) -> tuple[str | None, list[dict]]:
+    at = text.find("[TOOL_CALLS]")
+    if at < 0:
+        return _content(text), []
+    rest = text[at + len("[TOOL_CALLS]") :].lstrip()
+    calls: list[dict] = []
+    if rest.startswith("["):  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
+        value, end = _json_prefix(rest)
+        if isinstance(value, list):
+            calls = [_call(c, "arguments") for c in value]
+            if calls and all(calls):
+                return _content(text[:at] + rest[end:]), calls
+        return _content(text), []
+    # [TOOL_CALLS]name[ARGS]{...}[TOOL_CALLS]name[ARGS]{...}
+    for chunk in rest.split("[TOOL_CALLS]"):
+        name, sep, arguments = chunk.partition("[ARGS]")
+        value, end = _json_prefix(arguments.strip())
+        if not sep or not name.strip() or not isinstance(value, dict):
+            return _content(text), []
+        calls.append(new_call(name.strip(), value))
+    return _content(text[:at]), calls
+
+
+def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
+    rest = text.strip()
+    if rest.startswith(_PYTHON_TAG):
+        rest = rest[len(_PYTHON_TAG) :].strip()
+    calls = []
+    while rest.startswith("{"):  # one call, or several separated by ";" or new lines
+        value, end = _json_prefix(rest)
+        call = _call(value, "parameters") or _call(value, "arguments")
+        if call is None:
+            break
+        calls.append(call)
+        rest = rest[end:].lstrip().lstrip(";").lstrip()
+    if not calls:
+        return _content(text), []
+    return _content(rest), calls
+
+
+def _call(value, args_key: str) -> dict | None:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    if args_key not in value and "arguments" in value:
+        args_key = "arguments"
+    return new_call(value["name"], value.get(args_key))
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _json_prefix(text: str):
+    """The JSON value text starts with and where it ends, or (None, 0)."""
+    try:
+        return json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None, 0
+
+
+def _content(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _free(body: ChatCompletionRequest) -> bool:
+    """Whether the model may answer in words instead of calling a tool."""
+    return body.tool_choice in (None, "auto")
 
 
 def _offered(body: ChatCompletionRequest):

@@ -2,10 +2,12 @@ from django.urls import path, re_path
 
 from . import views
 
+# (?s:...): a model id or path may hold a newline (%0A); without DOTALL nothing would match it, and Django's HTML
+# 404 would answer instead of ours.
 urlpatterns = [
     path("models", views.list_models),
-    path("models/<path:model_id>", views.retrieve_model),
+    re_path(r"^models/(?P<model_id>(?s:.+))$", views.retrieve_model),
     path("chat/completions", views.chat_completions),
     path("completions", views.completions),
-    re_path(r"^(?P<path>.*)$", views.not_found),  # unknown /v1 paths answer 404 JSON, not Django's HTML
+    re_path(r"^(?P<path>(?s:.*))$", views.not_found),  # unknown /v1 paths answer 404 JSON, not Django's HTML
 ]

@@ -4,17 +4,18 @@ request's TokenStream events into OpenAI objects (JSON or SSE)."""
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from inference.services import request_create
+from inference.services import request_create, request_worker_lost
 from inference.streams import TokenStream
 from models_app.selectors import model_get, model_list, model_loaded_names, model_n_ctx, model_registry_version
 
 from .decorators import openai_view, parse_body
-from .errors import InvalidRequest, NotFound, OpenAIError
+from .errors import InvalidRequest, ModelNotFound, NotFound, OpenAIError, WorkerLost
 from .protocol import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -37,12 +38,15 @@ from .protocol import (
 )
 from .reasoning import ReasoningSplitter
 from .sse import PING, sse_response
-from .tools import parse_tool_answer, tools_active
+from .tools import ToolCallStream, parse_tool_calls, tools_active
 
 
 @openai_view(methods=("GET",))
 async def list_models(request: HttpRequest) -> HttpResponse:
-    return JsonResponse(await sync_to_async(_model_list)())
+    listing = await sync_to_async(_model_list)()
+    if request.api_key is not None:  # a key scoped to some models sees only those
+        listing["data"] = [entry for entry in listing["data"] if request.api_key.allows(entry["id"])]
+    return JsonResponse(listing)
 
 
 _listing: dict = {}  # {"version": registry version, "entries": [entry dicts]}: rebuilt when the registry changes
@@ -68,6 +72,8 @@ def _model_list() -> dict:
 async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
     request.log_model = model_id[:255]
     model = await sync_to_async(model_get)(model_id)
+    if request.api_key is not None and not request.api_key.allows(model.name):
+        raise ModelNotFound(model_id)
     loaded = await sync_to_async(model_loaded_names)()
     return JsonResponse(_model(model, loaded).model_dump(exclude_none=True))
 
@@ -75,15 +81,7 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
 @openai_view(methods=("POST",))
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     body = parse_body(request, ChatCompletionRequest)
-    for i, message in enumerate(body.messages):
-        if isinstance(message.content, list):
-            for j, part in enumerate(message.content):
-                if isinstance(part, OtherPart):
-                    raise InvalidRequest(
-                        f"This model does not support {part.type} content.",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-    _check_tools(body)
+    check_chat(body)
     generation = await _submit(request, body)
     if body.stream:
         return generation.sse_response(_chat_chunks(generation, body))
@@ -93,6 +91,28 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 @openai_view(methods=("POST",))
 async def completions(request: HttpRequest) -> HttpResponse:
     body = parse_body(request, CompletionRequest)
+    check_completion(body)
+    generation = await _submit(request, body)
+    if body.stream:
+        return generation.sse_response(_completion_chunks(generation, body))
+    return JsonResponse(await generation.collect_completion())
+
+
+def check_chat(body: ChatCompletionRequest) -> None:
+    """What /v1/chat/completions refuses beyond the schema (batch lines get the same checks)."""
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, OtherPart):  # no multimodal projector is loaded with any model yet
+                    what = {"image_url": "images", "input_audio": "audio", "file": "files"}.get(part.type, part.type)
+                    raise InvalidRequest(
+                        f"The model {body.model} does not support {what}.", param=f"messages[{i}].content[{j}]"
+                    )
+    _check_tools(body)
+
+
+def check_completion(body: CompletionRequest) -> None:
+    """What /v1/completions refuses beyond the schema (batch lines get the same checks)."""
     if body.echo:
         raise InvalidRequest("echo is not supported yet.", param="echo")
     if body.suffix:
@@ -101,10 +121,16 @@ async def completions(request: HttpRequest) -> HttpResponse:
         raise InvalidRequest("The prompt must not be empty.", param="prompt")
     if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) and len(body.prompt) > 1:
         raise InvalidRequest("Only one prompt per request is supported.", param="prompt")
-    generation = await _submit(request, body)
-    if body.stream:
-        return generation.sse_response(_completion_chunks(generation, body))
-    return JsonResponse(await generation.collect_completion())
+
+
+async def collect_answer(request_id: str, body: ChatCompletionRequest | CompletionRequest) -> dict:
+    """The JSON body a finished request's endpoint would have returned, rebuilt from the events in its stream
+    (a batch line's response). Raises the request's OpenAIError if it failed."""
+    events = TokenStream(request_id).read(choices=body.n or 1)
+    generation = _Generation(SimpleNamespace(request_id=request_id), body, events)  # it reads only the id
+    if isinstance(body, ChatCompletionRequest):
+        return await generation.collect_chat()
+    return await generation.collect_completion()
 
 
 @openai_view(methods=("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
@@ -146,13 +172,19 @@ class _Generation:
         self.created = int(time.time())
         self.n = body.n or 1
         self.thinking = False  # the template opened a <think> block (from the `start` event)
+        self.tool_format = "generic"  # how the model writes tool calls (from the `start` event)
+
+    def started(self, data: dict) -> None:
+        """Take what the worker's `start` event says about the answer to come."""
+        self.thinking = data.get("thinking", False)
+        self.tool_format = data.get("tool_format", self.tool_format)
 
     def sse_response(self, chunks: AsyncIterator[str]) -> HttpResponse:
         return sse_response(self.stream, chunks)
 
     async def collect_chat(self) -> dict:
         choices, usage = await self._collect()
-        with_tools = tools_active(self.body)
+        tool_format = self.tool_format if tools_active(self.body) else None
         result = ChatCompletion(
             id=f"chatcmpl-{self.id}",
             created=self.created,
@@ -162,7 +194,7 @@ class _Generation:
                     i,
                     "".join(c["texts"]),
                     c["finish_reason"],
-                    with_tools,
+                    tool_format,
                     ChoiceLogprobs(content=c["logprobs"]) if self.body.logprobs else None,
                     self.thinking,
                 )
@@ -200,7 +232,7 @@ class _Generation:
         try:
             async for event, data in self.events:
                 if event == "start":
-                    self.thinking = data.get("thinking", False)
+                    self.started(data)
                 elif event == "token":
                     choices[data["index"]]["texts"].append(data["text"])
                     choices[data["index"]]["logprobs"].extend(data.get("logprobs", []))
@@ -218,10 +250,13 @@ class _Generation:
 async def _submit(request: HttpRequest, body) -> _Generation:
     """Queue the request and wait for its first event, so a refusal (e.g. context length) is a real 4xx
     status even when streaming: the 200 goes out only once the worker has accepted the prompt."""
-    await sync_to_async(request_create)(request_id=request.request_id, endpoint=request.path, body=body)
+    await sync_to_async(request_create)(
+        request_id=request.request_id, endpoint=request.path, body=body, api_key=request.api_key, audit=request.audit
+    )
     request.request_logged = True  # from here on the worker owns the log row
     ping_every = settings.SSE_PING_SECONDS if body.stream else None
     events = TokenStream(request.request_id).read(choices=body.n or 1, ping_every=ping_every)
+    events = _watched(request.request_id, events, stream=bool(body.stream))
     generation = _Generation(request, body, events)
     try:
         event, data = await anext(events)
@@ -231,10 +266,24 @@ async def _submit(request: HttpRequest, body) -> _Generation:
     if event == "error":
         raise OpenAIError.from_dict(data)
     if event == "start":
-        generation.thinking = data.get("thinking", False)
+        generation.started(data)
     # A "ping" first means the request is still queued after SSE_PING_SECONDS: the 200 goes out now so the
     # client sees life; a refusal after this point (e.g. context length) arrives as an error frame instead.
     return generation
+
+
+async def _watched(request_id: str, events: AsyncIterator[tuple[str, dict]], *,
+                   stream: bool) -> AsyncIterator[tuple[str, dict]]:  # fmt: skip
+    """The worker's events; when that worker dies, the request's row ends here (no worker will end it)."""
+    started = False  # a streamed response has sent its 200 once the first start (or ping) arrived
+    try:
+        async for event, data in events:
+            started = started or event in ("start", "ping")
+            yield event, data
+    except WorkerLost:
+        status_code = 200 if stream and started else WorkerLost.status
+        await sync_to_async(request_worker_lost)(request_id=request_id, status_code=status_code)
+        raise
 
 
 def _include_usage(body) -> bool:
@@ -250,10 +299,12 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
     for i in range(generation.n):
         yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))])
     done = []
-    answers: dict[int, list[str]] = {}  # with tools: the JSON answer is parsed once it is complete
-    splitters: dict[int, ReasoningSplitter] = {}  # without: <think> text goes to reasoning_content
+    splitters: dict[int, ReasoningSplitter] = {}  # per choice: <think> text goes to reasoning_content
+    tool_streams: dict[int, ToolCallStream] = {}  # per choice, with tools: text that may be a call is held
 
-    def split(reasoning: str, content: str) -> ChoiceDelta | None:
+    def delta(index: int, reasoning: str, content: str) -> ChoiceDelta | None:
+        if index in tool_streams:
+            content = tool_streams[index].feed(content)
         if not reasoning and not content:
             return None
         return ChoiceDelta(content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None)
@@ -262,29 +313,28 @@ async def _chat_chunks(generation: _Generation, body: ChatCompletionRequest) -> 
         if event == "ping":
             yield PING
         elif event == "start":
-            generation.thinking = data.get("thinking", False)
-        elif event == "token" and tools_active(body):
-            answers.setdefault(data["index"], []).append(data["text"])
-        elif event == "done" and tools_active(body):
-            done.append(data)
-            content, calls = parse_tool_answer("".join(answers.get(data["index"], [])))
-            for delta in _tool_deltas(content, calls):
-                yield chunk([ChunkChoice(index=data["index"], delta=delta)])
-            finish = "tool_calls" if calls else data["finish_reason"]
-            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=finish)])
+            generation.started(data)
         elif event == "token":
+            index = data["index"]
+            if index not in splitters:
+                splitters[index] = ReasoningSplitter(thinking=generation.thinking)
+                if tools_active(body):
+                    tool_streams[index] = ToolCallStream(generation.tool_format)
             logprobs = ChoiceLogprobs(content=data["logprobs"]) if "logprobs" in data else None
-            splitter = splitters.setdefault(data["index"], ReasoningSplitter(thinking=generation.thinking))
-            delta = split(*splitter.feed(data["text"]))
-            if delta or logprobs:
-                yield chunk([ChunkChoice(index=data["index"], delta=delta or ChoiceDelta(), logprobs=logprobs)])
+            text = delta(index, *splitters[index].feed(data["text"]))
+            if text or logprobs:
+                yield chunk([ChunkChoice(index=index, delta=text or ChoiceDelta(), logprobs=logprobs)])
         elif event == "done":
+            index = data["index"]
             done.append(data)
-            splitter = splitters.get(data["index"])
-            delta = split(*splitter.flush()) if splitter else None
-            if delta:
-                yield chunk([ChunkChoice(index=data["index"], delta=delta)])
-            yield chunk([ChunkChoice(index=data["index"], delta=ChoiceDelta(), finish_reason=data["finish_reason"])])
+            text = delta(index, *splitters[index].flush()) if index in splitters else None
+            if text:
+                yield chunk([ChunkChoice(index=index, delta=text)])
+            content, calls = tool_streams[index].finish() if index in tool_streams else (None, [])
+            for tool_delta in _tool_deltas(content, calls):
+                yield chunk([ChunkChoice(index=index, delta=tool_delta)])
+            finish = "tool_calls" if calls else data["finish_reason"]
+            yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=finish)])
         elif event == "error":
             raise OpenAIError.from_dict(data)
     if _include_usage(body):
@@ -305,15 +355,13 @@ def _check_tools(body: ChatCompletionRequest) -> None:
         raise InvalidRequest("response_format cannot be combined with tools.", param="response_format")
 
 
-def _chat_choice(index: int, text: str, finish_reason: str, with_tools: bool, logprobs,
+def _chat_choice(index: int, text: str, finish_reason: str, tool_format: str | None, logprobs,
                  thinking: bool) -> ChatCompletionChoice:  # fmt: skip
-    reasoning = None
-    if with_tools:
-        content, calls = parse_tool_answer(text)
-    else:
-        splitter = ReasoningSplitter(thinking=thinking)
-        (r1, c1), (r2, c2) = splitter.feed(text), splitter.flush()
-        content, calls, reasoning = c1 + c2, [], (r1 + r2) or None
+    splitter = ReasoningSplitter(thinking=thinking)
+    (r1, c1), (r2, c2) = splitter.feed(text), splitter.flush()
+    content, calls, reasoning = c1 + c2, [], (r1 + r2) or None
+    if tool_format is not None:
+        content, calls = parse_tool_calls(tool_format, content)
     return ChatCompletionChoice(
         index=index,
         message=ChatCompletionMessage(
@@ -328,11 +376,9 @@ def _chat_choice(index: int, text: str, finish_reason: str, with_tools: bool, lo
 
 
 def _tool_deltas(content: str | None, calls: list[dict]) -> list[ChoiceDelta]:
-    """How a parsed answer streams: the text, or per call a delta with its id and name (arguments "") and
-    then one with the arguments, as OpenAI streams them."""
-    if not calls:
-        return [ChoiceDelta(content=content)] if content else []
-    deltas = []
+    """How the end of a parsed answer streams: its text, then per call a delta with its id and name (arguments
+    "") and one with the arguments, as OpenAI streams them."""
+    deltas = [ChoiceDelta(content=content)] if content else []
     for i, call in enumerate(calls):
         head = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"],
                                                                                 "arguments": ""}}  # fmt: skip

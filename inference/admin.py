@@ -1,14 +1,23 @@
+import csv
+
 from django.contrib import admin
+from django.db.models import Count, Sum
+from django.http import HttpResponse
 
 from .models import RequestLog
+
+CSV_FIELDS = ["created", "request_id", "endpoint", "method", "model", "api_key_prefix", "client_ip", "user_agent",
+              "retry_count", "stream", "status", "status_code", "prompt_tokens", "completion_tokens", "cached_tokens",
+              "finish_reason", "ttft_ms", "latency_ms", "error_type", "error_code"]  # fmt: skip
 
 
 @admin.register(RequestLog)
 class RequestLogAdmin(admin.ModelAdmin):
-    list_display = ["created", "request_id", "endpoint", "model", "stream", "status", "status_code",
+    list_display = ["created", "request_id", "endpoint", "model", "api_key_prefix", "stream", "status", "status_code",
                     "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "error_code"]  # fmt: skip
     list_filter = [
         "model",
+        "api_key_prefix",
         "status",
         "status_code",
         "endpoint",
@@ -17,6 +26,29 @@ class RequestLogAdmin(admin.ModelAdmin):
     ]
     search_fields = ["request_id"]
     date_hierarchy = "created"
+    actions = ["export_csv"]
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", {}).get("cl")
+        if changelist is not None:  # totals for whatever the filters and date drill-down select
+            rows = changelist.queryset.order_by()
+            sums = {"requests": Count("id"), "prompt": Sum("prompt_tokens"), "completion": Sum("completion_tokens")}
+            response.context_data["totals_by_model"] = rows.values("model").annotate(**sums).order_by("model")
+            response.context_data["totals_by_key"] = (
+                rows.values("api_key_prefix").annotate(**sums).order_by("api_key_prefix")
+            )
+        return response
+
+    @admin.action(description="Export the selected rows as CSV")
+    def export_csv(self, request, queryset):
+        response = HttpResponse(content_type="text/csv")
+        response["Content-Disposition"] = 'attachment; filename="requests.csv"'
+        writer = csv.writer(response)
+        writer.writerow(CSV_FIELDS)
+        for row in queryset.values_list(*CSV_FIELDS):
+            writer.writerow(row)
+        return response
 
     def has_add_permission(self, request):
         return False

@@ -27,6 +27,14 @@ class RequestLog(models.Model):
     latency_ms = models.FloatField(null=True, blank=True, help_text="Total time, from arrival")
     error_type = models.CharField(max_length=64, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
+    batch_id = models.CharField(max_length=40, blank=True, db_index=True, help_text="The batch this is a line of")
+    # Who asked: never the key itself or an Authorization header, only the key's visible prefix.
+    api_key_prefix = models.CharField("API key", max_length=16, blank=True, db_index=True)
+    client_ip = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=255, blank=True)
+    retry_count = models.PositiveSmallIntegerField(default=0, help_text="x-stainless-retry-count: SDK retries")
+    prompt = models.JSONField(null=True, blank=True, help_text="Messages or prompt, with MINERVA_LOG_CONTENT=1")
+    completion = models.JSONField(null=True, blank=True, help_text="Text per choice, with MINERVA_LOG_CONTENT=1")
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     finished = models.DateTimeField(null=True, blank=True)
 

@@ -1,21 +1,31 @@
 """Running a generation request: record it, queue it on its model's worker, run it there, finish its log row."""
 
+import datetime
 import json
 import logging
 import os
-import socket
 import threading
 import time
 
 from django import db
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
-from api.errors import ContextLengthExceeded, InvalidRequest, OpenAIError, ServerError, ServiceUnavailable
+from access.models import ApiKey
+from access.services import tokens_record
+from api.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    OpenAIError,
+    ServerError,
+    ServiceUnavailable,
+)
 from api.protocol import SAMPLING_DEFAULTS, ChatCompletionRequest, CompletionRequest
-from api.tools import tool_instruction, tool_schema, tools_active
+from api.tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction, tools_active
 from minerva_project.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
@@ -31,23 +41,42 @@ from .engine import (
     Sequence,
     parse_keep_alive,
 )
+from .metrics import metrics_record
 from .models import RequestLog
 from .streams import RedisStepIO, TokenStream
+from .worker import WORKER_ID
 
 logger = logging.getLogger(__name__)
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
+DRAINING_KEY = "minerva:draining:{}"  # set by `serve` (per instance) while it stops: new requests are refused
+DB_RETRY_SECONDS = 120  # how long a worker keeps trying to write a finished request's row while the DB is away
+shutting_down = False  # set in a worker whose drain ran out: unfinished requests say why they end
 
 
-def request_create(*, request_id: str, endpoint: str, body: GenerationRequest) -> RequestLog:
+def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None = None,
+                   audit: dict | None = None) -> RequestLog:  # fmt: skip
     """Record the request and queue it on its model's queue once the row is committed."""
     from .tasks import run_request as run_request_task
 
     model = model_get(body.model)  # raises ModelNotFound
-    if settings.MAX_QUEUE and get_redis().llen(model.queue) >= settings.MAX_QUEUE:
+    if api_key is not None and not api_key.allows(model.name):
+        raise ModelNotFound(body.model)
+    redis = get_redis()
+    if settings.INSTANCE_ID and redis.exists(DRAINING_KEY.format(settings.INSTANCE_ID)):
+        raise ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
+    if settings.MAX_QUEUE and redis.llen(model.queue) >= settings.MAX_QUEUE:
         raise ServiceUnavailable(
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
         )
+    enqueue_failed: list[Exception] = []
+
+    def enqueue() -> None:
+        try:
+            run_request_task.apply_async(args=[log.pk, payload], queue=model.queue)
+        except Exception as exc:  # Redis went away since the checks above
+            enqueue_failed.append(exc)
+
     with transaction.atomic():
         log = RequestLog.objects.create(
             request_id=request_id,
@@ -55,18 +84,25 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest) -
             model=model.name,
             stream=bool(body.stream),
             request=_params(body),
+            prompt=_content(body) if settings.LOG_CONTENT else None,
+            **(audit or {}),
         )
         # The body travels in the task message, not the row: the row keeps parameters, not content.
         payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True)}
-        transaction.on_commit(lambda: run_request_task.apply_async(args=[log.pk, payload], queue=model.queue))
+        transaction.on_commit(enqueue)
+    if enqueue_failed:  # the caller logs the refusal, so this row must not stay
+        log.delete()
+        raise ServiceUnavailable("The request could not be queued (Redis is unavailable); try again.",
+                                 code="redis_unavailable") from enqueue_failed[0]  # fmt: skip
     return log
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
-                       error_type: str = "", error_code: str = "") -> RequestLog:  # fmt: skip
+                       error_type: str = "", error_code: str = "",
+                       audit: dict | None = None) -> RequestLog:  # fmt: skip
     """Log a request that never reached a worker (listing models, or refused before queueing)."""
     failed = status_code >= 400
-    return RequestLog.objects.create(
+    log = RequestLog.objects.create(
         request_id=request_id,
         endpoint=endpoint[:255],
         method=method[:8],
@@ -76,32 +112,40 @@ def request_log_record(*, request_id: str, endpoint: str, method: str, model: st
         error_type=error_type,
         error_code=error_code,
         finished=timezone.now(),
+        **(audit or {}),
     )
+    metrics_record(log)
+    return log
 
 
 def request_run(*, log_id: int, payload: dict) -> None:
     """Generate for one queued request: hand it to its model's scheduler and wait until it finishes."""
-    log = RequestLog.objects.get(pk=log_id)
+    log = _retrying(lambda: RequestLog.objects.get(pk=log_id))
     stream = TokenStream(log.request_id)
     if log.status != RequestLog.Status.QUEUED:
+        # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
         logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
         return
     if stream.cancelled():  # the client left while the request waited in the queue
         _finish(log, RequestLog.Status.CANCELLED, status_code=499)
         return
     log.status = RequestLog.Status.RUNNING
-    log.save(update_fields=["status"])
+    _retrying(lambda: log.save(update_fields=["status"]))
+    stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
 
     is_chat = payload["endpoint"].endswith("/chat/completions")
     param = "messages" if is_chat else "prompt"
     sequences: list[Sequence] = []
     try:
-        model = LanguageModel.objects.get(name=log.model)
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
         body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
         keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
         with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
-            prompt = _prompt(engine, body, is_chat)
-            sequences = engine.submit_many(log.request_id, prompt, _sampling(body, model.default_params), body.n or 1)
+            tool_format = _tool_format(model, engine) if is_chat and tools_active(body) else None
+            prompt = _prompt(engine, body, tool_format)
+            sampling = _sampling(body, model.default_params, tool_format)
+            info = {"tool_format": tool_format} if tool_format else None
+            sequences = engine.submit_many(log.request_id, prompt, sampling, body.n or 1, info=info)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()
             for sequence in sequences:
@@ -119,6 +163,9 @@ def request_run(*, log_id: int, payload: dict) -> None:
         return _fail(log, stream, ServerError(), sequences)
 
     errors = [s.error for s in sequences if s.error is not None]
+    if errors and shutting_down:
+        error = ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
+        return _fail(log, stream, error, sequences)
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)
@@ -128,6 +175,19 @@ def request_run(*, log_id: int, payload: dict) -> None:
     else:
         log.finish_reason = sequences[0].finish_reason
         _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str) -> RequestLog:
+    """Record a batch line's request and run it on this thread (its batch task already holds a worker thread, so
+    it skips the queue and its limit); return the finished row. Its events are in its TokenStream."""
+    model = model_get(body.model)  # raises ModelNotFound
+    log = RequestLog.objects.create(
+        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id
+    )
+    request_run(log_id=log.pk, payload={"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True,
+                                                                                      by_alias=True)})  # fmt: skip
+    log.refresh_from_db()
+    return log
 
 
 _cache: ModelCache | None = None
@@ -150,9 +210,7 @@ def model_cache() -> ModelCache:
 
 def _report_loaded(loaded: list[dict]) -> None:
     """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names)."""
-    get_redis().hset(
-        LOADED_KEY, f"{socket.gethostname()}:{os.getpid()}", json.dumps({"at": time.time(), "models": loaded})
-    )
+    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded}))
 
 
 def _spec(model: LanguageModel) -> ModelSpec:
@@ -174,10 +232,17 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _prompt(engine, body: GenerationRequest, is_chat: bool) -> list[int]:
-    if is_chat:
+def _tool_format(model: LanguageModel, engine) -> str:
+    """The admin's choice for this model, else the syntax its chat template was written for."""
+    return model.tool_format or tool_format_for(engine.chat_template.source if engine.chat_template else None)
+
+
+def _prompt(engine, body: GenerationRequest, tool_format: str | None) -> list[int]:
+    if isinstance(body, ChatCompletionRequest):
         template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
-        return engine.chat_prompt(_template_messages(body), **template_vars)
+        if tool_format not in (None, "generic"):
+            template_vars["tools"] = offered_tools(body)
+        return engine.chat_prompt(_template_messages(body, tool_format), **template_vars)
     if isinstance(body.prompt, str):
         return engine.text_prompt(body.prompt)
     if body.prompt and isinstance(body.prompt[0], str):
@@ -185,37 +250,51 @@ def _prompt(engine, body: GenerationRequest, is_chat: bool) -> list[int]:
     return list(body.prompt)
 
 
-def _template_messages(body: ChatCompletionRequest) -> list[dict]:
+def _template_messages(body: ChatCompletionRequest, tool_format: str | None = None) -> list[dict]:
     """Messages as chat templates expect them: plain-text content, and one system message at the front
-    (`developer` is a system message; several are merged, since Qwen-style templates reject any other)."""
+    (`developer` is a system message; several are merged, since Qwen-style templates reject any other).
+    Earlier tool calls go back in the request's tool format: as the template's own `tool_calls` (arguments as
+    objects, which is what templates' `tojson` expects), or for the generic format as the JSON answer."""
     system = [m.text() for m in body.messages if m.role in ("system", "developer")]
-    if tools_active(body):
+    if tool_format == "generic":
         system.append(tool_instruction(body))
-    rest = [
-        {"role": m.role, "content": _tool_calls_as_answer(m.tool_calls) if m.tool_calls else m.text()}
-        | ({"reasoning_content": m.reasoning_content or m.reasoning} if m.reasoning_content or m.reasoning else {})
-        | ({"name": m.name} if m.name else {})
-        | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
-        for m in body.messages
-        if m.role not in ("system", "developer")
-    ]
+    rest = []
+    for m in body.messages:
+        if m.role in ("system", "developer"):
+            continue
+        message = {"role": m.role, "content": m.text()}
+        if m.tool_calls and tool_format in (None, "generic"):
+            message["content"] = _tool_calls_as_answer(m.tool_calls)
+        elif m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                              "arguments": _arguments(c.function.arguments)}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.reasoning_content or m.reasoning:
+            message["reasoning_content"] = m.reasoning_content or m.reasoning
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        rest.append(message)
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
 
 
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _tool_calls_as_answer(calls) -> str:
-    """An earlier assistant turn's tool calls, written the way the model was asked to answer."""
-
-    def arguments(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-
-    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": arguments(c.function.arguments)}
+    """An earlier assistant turn's tool calls, written the way the generic format asks the model to answer."""
+    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
                                       for c in calls]}, ensure_ascii=False)  # fmt: skip
 
 
-def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
+def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None) -> SamplingParams:
     """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
     missing = {k: v for k, v in model_defaults.items() if k in SAMPLING_DEFAULTS and getattr(body, k) is None}
     if missing:
@@ -224,6 +303,7 @@ def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
         except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
             logger.warning("ignoring invalid default_params %s", missing)
     defaults = SamplingParams()
+    grammar, triggers = _grammar(body, tool_format)
     return SamplingParams(
         max_tokens=body.token_limit(),
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
@@ -238,29 +318,27 @@ def _sampling(body: GenerationRequest, model_defaults: dict) -> SamplingParams:
         logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
         ignore_eos=bool(body.ignore_eos),
         logprobs=body.logprobs_top(),
-        grammar=_grammar(body),
+        grammar=grammar,
+        grammar_triggers=triggers,
     )
 
 
-def _grammar(body: GenerationRequest) -> str | None:
-    """A GBNF grammar for `response_format`: any JSON object, or JSON following the given schema."""
+def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | None, list[str]]:
+    """A GBNF grammar (and its lazy triggers) for the request's tools, or for `response_format`: any JSON
+    object, or JSON following the given schema."""
     response_format = getattr(body, "response_format", None)
-    if isinstance(body, ChatCompletionRequest) and tools_active(body):
-        schema = tool_schema(body)
-    elif response_format is None or response_format.type == "text":
-        return None
-    else:
+    try:
+        if tool_format is not None:
+            return tool_grammar(body, tool_format)
+        if response_format is None or response_format.type == "text":
+            return None, []
         schema = response_format.json_schema.schema_ if response_format.json_schema else None
         if response_format.type == "json_object" or not schema:
             schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
-        raise InvalidRequest(
-            f"The JSON schema cannot be turned into a grammar: {exc}", param="response_format"
-        ) from None
+        return json_schema_grammar(schema), []
+    except ValueError as exc:
+        param = "tools" if tool_format is not None else "response_format"
+        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
 
 
 def _count(log: RequestLog, sequences: list[Sequence]) -> None:
@@ -273,8 +351,19 @@ def _count(log: RequestLog, sequences: list[Sequence]) -> None:
         log.ttft_ms = round(_ms_since(log) - (time.monotonic() - first) * 1000, 1)
 
 
+def request_worker_lost(*, request_id: str, status_code: int) -> int:
+    """Finish the row of a request whose worker died mid-run (seen by its view, or by a reaper); 1 if it did."""
+    return RequestLog.objects.filter(request_id=request_id, status=RequestLog.Status.RUNNING).update(
+        status=RequestLog.Status.FAILED, status_code=status_code, error_type="server_error", error_code="worker_lost",
+        finished=timezone.now(),
+    )  # fmt: skip
+
+
 def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequences: list[Sequence]) -> None:
-    stream.publish("error", **exc.to_dict()["error"], status=exc.status)
+    try:
+        stream.publish("error", **exc.to_dict()["error"], status=exc.status)
+    except RedisError:  # Redis is away: the view's read fails too and tells the client; the row still ends
+        logger.warning("could not publish the error of request %s", log.request_id, exc_info=True)
     _count(log, sequences)
     log.error_type, log.error_code = exc.type, exc.code or ""
     # A stream that already started has sent its 200; the error travels as an SSE frame.
@@ -286,7 +375,36 @@ def _finish(log: RequestLog, status: str, *, status_code: int) -> None:
     log.status, log.status_code = status, status_code
     log.finished = timezone.now()
     log.latency_ms = _ms_since(log)
-    log.save()
+    try:
+        if settings.LOG_CONTENT:
+            log.completion = TokenStream(log.request_id).text()
+    except RedisError:
+        logger.warning("could not read the completion of request %s for the log", log.request_id, exc_info=True)
+    _retrying(log.save)
+    try:  # counters are best effort: the row above is the record
+        tokens_record(prefix=log.api_key_prefix, tokens=log.prompt_tokens + log.completion_tokens)
+        metrics_record(log)
+    except RedisError:
+        logger.warning("could not count request %s in the metrics", log.request_id, exc_info=True)
+
+
+def _retrying(write, *, seconds: float = DB_RETRY_SECONDS):
+    """Run a database call, retrying while the database is unreachable or locked, so a request that ran
+    while it was away still gets its row once it is back (a worker has no client to return a 503 to)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError):  # not IntegrityError and the like: those do not heal
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unavailable; retrying in %.1f s", delay, exc_info=True)
+            db.close_old_connections()
+            if not db.connection.in_atomic_block:
+                db.connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _ms_since(log: RequestLog) -> float:
@@ -299,6 +417,12 @@ def _params(body: GenerationRequest) -> dict:
     return _strip_nul(params)
 
 
+def _content(body: GenerationRequest):
+    """The request's content (messages or prompt), stored only when MINERVA_LOG_CONTENT is on."""
+    field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    return _strip_nul(body.model_dump(mode="json", include={field}, exclude_none=True, by_alias=True)[field])
+
+
 def _strip_nul(value):
     # PostgreSQL's jsonb cannot hold U+0000.
     if isinstance(value, str):
@@ -308,3 +432,10 @@ def _strip_nul(value):
     if isinstance(value, dict):
         return {k.replace("\x00", ""): _strip_nul(v) for k, v in value.items()}
     return value
+
+
+def request_logs_prune(*, days: int) -> int:
+    """Delete log rows older than `days`; return how many went."""
+    cutoff = timezone.now() - datetime.timedelta(days=days)
+    deleted, _ = RequestLog.objects.filter(created__lt=cutoff).delete()
+    return deleted

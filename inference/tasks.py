@@ -1,5 +1,6 @@
 from celery import shared_task
 
+from . import worker  # noqa: F401  (connects the worker process's signals: heartbeat, reaper, recycling, drain)
 from .services import request_run
 
 

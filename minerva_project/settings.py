@@ -64,9 +64,51 @@ MODELS_DIR = env_path("MODELS_DIR", DATA_DIR / "models")
 # Model files may only be registered from under MODELS_DIR and these folders (real paths: no symlinks out).
 MODEL_ROOTS = [Path(p).expanduser().resolve() for p in env_str("MODEL_ROOTS", "").split(":") if p]
 
-SECRET_KEY = env_str("SECRET_KEY", "") or "minerva-insecure-dev-key-set-MINERVA_SECRET_KEY-in-production"
+
+def _secret_key() -> str:
+    """MINERVA_SECRET_KEY, else one generated on first run and kept in the data dir (readable by us only)."""
+    import secrets
+
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        # Written aside, then linked into place: processes starting together all end up with the same key.
+        tmp = DATA_DIR / f".secret_key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(50))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+SECRET_KEY = env_str("SECRET_KEY", "") or _secret_key()
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "*").split(",") if h]
+
+# Access: keys are optional while serving on loopback only, required elsewhere; MINERVA_AUTH=on/off forces it.
+AUTH = env_str("AUTH", "").lower()
+if AUTH not in ("", "on", "off"):
+    raise ImproperlyConfigured(f"MINERVA_AUTH must be on or off (or unset), got {AUTH!r}")
+TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0, minimum=0)  # X-Forwarded-For hops to believe
+CORS_ORIGINS = [o for o in env_str("CORS_ORIGINS", "").split(",") if o]
+LOG_CONTENT = env_bool("LOG_CONTENT", False)  # store prompts and completions in the request log
+LOG_RETENTION_DAYS = env_int("LOG_RETENTION_DAYS", 0, minimum=0)  # prune_logs deletes older rows; 0 = keep all
+
+# Behind a TLS-terminating proxy (see README, "Running in production"): cookies only over HTTPS, HSTS.
+SECURE = env_bool("SECURE", False)
+if SECURE:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^metrics$"]  # probes speak plain HTTP inside
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 # Where `serve` binds daphne.
 HOST = env_str("HOST", "127.0.0.1")
@@ -94,6 +136,14 @@ KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded 
 if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = api.protocol.KEEP_ALIVE_RE
     raise ImproperlyConfigured(f"MINERVA_KEEP_ALIVE must be seconds or a duration like 5m or 1h, got {KEEP_ALIVE!r}")
 MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
+INSTANCE_ID = env_str("INSTANCE_ID", "")  # set by `serve` for its daphne: names it in Redis while it drains
+WORKER_MAX_REQUESTS = env_int("WORKER_MAX_REQUESTS", 0, minimum=0)  # recycle a worker after this many; 0 = never
+WORKER_MAX_RSS = env_bytes("WORKER_MAX_RSS", 0)  # recycle a worker whose memory passes this; 0 = never
+
+# Files and batches.
+FILES_DIR = DATA_DIR / "files"  # uploaded files and batch results, named by their file id
+MAX_FILE_BYTES = env_bytes("MAX_FILE_BYTES", 512 * 1024**2)  # largest upload; larger ones get 413
+BATCH_SLOTS = env_int("BATCH_SLOTS", 0, minimum=0)  # a model's slots batch lines may use; 0 = all but one
 
 INSTALLED_APPS = [
     "daphne",
@@ -103,12 +153,17 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
     "api",
+    "access",
     "models_app",
     "inference",
+    "batches",
 ]
 
 MIDDLEWARE = [
+    "minerva_project.middleware.Cors",
     "minerva_project.middleware.ApiFastPath",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -141,6 +196,9 @@ TEMPLATES = [
 _database_url = env_str("DATABASE_URL", "")
 if _database_url:
     DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=0)}
+    if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        # A database host that accepts the connection but never answers must not hang requests: fail, then 503.
+        DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("DB_TIMEOUT", 20)
 else:
     DATABASES = {
         "default": {
@@ -148,7 +206,7 @@ else:
             "NAME": env_path("DB_PATH", DATA_DIR / "minerva.sqlite3"),
             # WAL lets daphne read while the worker writes; the timeout waits out short write locks.
             "OPTIONS": {
-                "timeout": 20,
+                "timeout": env_int("DB_TIMEOUT", 20),
                 "transaction_mode": "IMMEDIATE",
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
@@ -172,6 +230,8 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ACKS_LATE = True  # a message leaves the queue when its task ends (the guard in request_run
 # keeps a redelivered interactive request from running twice)
+# An unacknowledged message (its worker died) goes back to the queue after this many seconds.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("VISIBILITY_TIMEOUT", 3600, minimum=1)}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_EAGER", False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
@@ -182,4 +242,21 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.request": {"level": "ERROR"}},
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["access.drf.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["access.drf.IsStaffKey"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "access.drf.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Minerva history API",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["access.drf.IsStaffKey"],
+    "SERVE_AUTHENTICATION": ["access.drf.ApiKeyAuthentication", "rest_framework.authentication.SessionAuthentication"],
 }

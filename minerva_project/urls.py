@@ -1,7 +1,20 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from api import history
+
+from . import ops
+
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("v1/", include("batches.urls")),  # before api.urls, which ends in a catch-all
     path("v1/", include("api.urls")),
+    path("health", ops.health),
+    path("ready", ops.ready),
+    path("metrics", ops.prometheus),
+    path("api/requests", history.RequestList.as_view()),
+    path("api/requests/<str:request_id>", history.RequestDetail.as_view()),
+    path("api/usage", history.Usage.as_view()),
+    path("api/schema", history.Schema.as_view(), name="schema"),
+    path("api/docs", history.Docs.as_view(url_name="schema")),
 ]

@@ -4,7 +4,15 @@ from django.utils.html import format_html, format_html_join
 from .models import LanguageModel, ModelAlias
 from .services import RegistryError, model_refresh_metadata, models_scan, models_set_enabled
 
-LOAD_OPTIONS = ["n_ctx", "n_gpu_layers", "n_parallel", "keep_alive", "default_params", "chat_template_override"]
+LOAD_OPTIONS = [
+    "n_ctx",
+    "n_gpu_layers",
+    "n_parallel",
+    "keep_alive",
+    "default_params",
+    "chat_template_override",
+    "tool_format",
+]
 
 
 class ModelAliasInline(admin.TabularInline):

@@ -32,6 +32,7 @@ MAX_KV = 1 << 16
 MAX_TENSORS = 1 << 20
 MAX_DIMS = 8
 MAX_ARRAY_DEPTH = 4
+MAX_HPARAM = 2**31 - 1  # context length, layers, heads, ...: a PositiveIntegerField holds them
 MAX_JSON_BYTES = 64 * 1024 * 1024
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -84,6 +85,9 @@ class ModelMetadata:
         """The JSON stored on the model row: everything above but the raw key/values and the template text."""
         data = asdict(self)
         del data["values"], data["chat_template"]
+        for key, value in data.items():  # header strings are untrusted, and PostgreSQL's jsonb cannot hold U+0000
+            if isinstance(value, str):
+                data[key] = value.replace("\x00", "")
         data["has_chat_template"] = self.chat_template is not None
         data["chat_template_sha256"] = self.chat_template_sha256
         return data
@@ -125,8 +129,9 @@ def read_gguf_metadata(path: str | Path) -> ModelMetadata:
     arch = arch if isinstance(arch, str) else None
 
     def arch_int(key: str) -> int | None:
+        # llama.cpp reads these as u32; a negative or larger value is no size at all (and would not fit the row)
         value = values.get(f"{arch}.{key}")
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_HPARAM else None
 
     template = values.get("tokenizer.chat_template")
     return ModelMetadata(
@@ -336,7 +341,7 @@ def read_safetensors_metadata(path: str | Path) -> ModelMetadata:
         for source in (config, text_config):
             for key in keys:
                 value = source.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_HPARAM:
                     return value
         return None
 

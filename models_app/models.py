@@ -22,6 +22,17 @@ class LanguageModel(models.Model):
     n_parallel = models.PositiveIntegerField(null=True, blank=True, help_text="Slots; empty = MINERVA_PARALLEL")
     keep_alive = models.CharField(max_length=16, blank=True, help_text="e.g. 10m, 1h, -1; empty = MINERVA_KEEP_ALIVE")
     chat_template_override = models.TextField(blank=True, help_text="A Jinja chat template replacing the file's")
+    tool_format = models.CharField(
+        max_length=16,
+        blank=True,
+        choices=[
+            ("generic", "generic (JSON, any template)"),
+            ("hermes", "hermes (<tool_call>)"),
+            ("llama3", "llama3 (JSON, <|python_tag|>)"),
+            ("mistral", "mistral ([TOOL_CALLS])"),
+        ],
+        help_text="How the model calls tools; empty = detected from the chat template",
+    )
     default_params = models.JSONField(
         default=dict, blank=True, help_text='Sampling defaults for requests that omit them, e.g. {"temperature": 0.2}'
     )

@@ -31,6 +31,7 @@ def redis_server(tmp_path_factory):
     process = start_embedded_redis(socket_path, stdout=subprocess.DEVNULL)
     settings.REDIS_URL = f"unix://{socket_path}"
     celery_app.conf.task_always_eager = True  # in-process tests run the task inline; the stream replays
+    celery_app.conf.broker_url = f"redis+socket://{socket_path}"  # for tests that queue without a worker
     yield socket_path
     from inference import services
 
@@ -70,14 +71,15 @@ def serve_env(data_dir: Path) -> dict:
 
 
 class Server:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, **env: str):
+        """`env`: extra MINERVA_* settings for this server, e.g. PARALLEL="1"."""
         self.port = free_port()
         self.data_dir = data_dir
         self.log = data_dir / "serve.log"
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "serve", "--port", str(self.port)],
             cwd=ROOT,
-            env=serve_env(data_dir),
+            env=serve_env(data_dir) | {f"MINERVA_{k}": v for k, v in env.items()},
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -93,6 +95,19 @@ class Server:
             assert time.monotonic() < deadline, f"serve did not come up:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.3)
         self.children = psutil.Process(self.process.pid).children(recursive=True)
+
+    def child(self, name: str) -> psutil.Process:
+        """The running child whose command line mentions `name` ("celery", "daphne", "redis-server")."""
+        deadline = time.monotonic() + 60
+        while True:
+            for child in psutil.Process(self.process.pid).children():
+                try:
+                    if any(name in part for part in child.cmdline()):
+                        return child
+                except psutil.NoSuchProcess:
+                    pass
+            assert time.monotonic() < deadline, f"no {name} child:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
 
     def stop(self) -> float:
         """SIGTERM serve; return how long until it exited."""

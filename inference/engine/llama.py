@@ -21,12 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import jinja2
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals, _logger
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .template import ChatTemplate, ChatTemplateError
 from .text import TextDecoder
 
 logger = logging.getLogger(__name__)
@@ -74,6 +73,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and the k most likely alternatives
     grammar: str | None = None  # GBNF (root rule `root`): only tokens the grammar allows are sampled
+    # Lazy grammar: regexes (ECMAScript) over the output; the grammar holds only from the first match on, so the
+    # text before it is free (a tool call that may or may not come).
+    grammar_triggers: list[str] = field(default_factory=list)
 
 
 class StepIO(Protocol):
@@ -103,6 +105,7 @@ class Sequence:
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
         self.logprobs: list[dict] = []  # entries not yet sent with a text event
+        self.info: dict = {}  # extra data for the `start` event
         self.finished = threading.Event()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -129,6 +132,7 @@ class LoadedModel:
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
+        mparams.use_extra_bufts = not _cpu_has_amx()
         self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
@@ -156,7 +160,7 @@ class LoadedModel:
         self._control_text = re.compile(pattern or "(?!)")  # what user content must not be able to spell
         self._pieces: dict[int, bytes] = {}
         self.metadata = self.model.metadata()
-        self.chat_formatter = self._chat_formatter(chat_template or self.metadata.get("tokenizer.chat_template"))
+        self.chat_template = self._chat_template(chat_template or self.metadata.get("tokenizer.chat_template"))
         self.size_bytes = self.model.size()
 
         self.io: StepIO = io or NullIO()
@@ -184,48 +188,49 @@ class LoadedModel:
 
     # -- prompts -----------------------------------------------------------------------------------------
 
-    def _chat_formatter(self, template: str | None) -> Jinja2ChatFormatter | None:
-        if not template:
+    def _chat_template(self, source: str | None) -> ChatTemplate | None:
+        if not source:
             return None
         bos, eos = self.model.token_bos(), self.model.token_eos()
-        return Jinja2ChatFormatter(
-            template=template,
-            bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
-            eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
-        )
+        try:
+            return ChatTemplate(
+                source,
+                bos_token=self.model.token_get_text(bos) if bos >= 0 else "",
+                eos_token=self.model.token_get_text(eos) if eos >= 0 else "",
+                max_chars=max(1 << 20, 32 * self.n_ctx),  # far more than fits in the context: only runaways stop
+            )
+        except ChatTemplateError as exc:
+            logger.warning("%s: %s; chat is unavailable for this model", self.path, exc)
+            return None
 
     def chat_prompt(self, messages: list[dict], **template_vars) -> list[int]:
-        """Render messages with the model's own chat template (plus variables such as `reasoning_effort`) and
-        tokenize the result."""
-        if self.chat_formatter is None:
+        """Render messages with the model's own chat template (plus variables such as `tools` and
+        `reasoning_effort`) and tokenize the result; the template writes BOS itself if the model wants it."""
+        if self.chat_template is None:
             raise PromptError(
-                "This model has no chat template, so it cannot serve /v1/chat/completions; "
+                "This model has no usable chat template, so it cannot serve /v1/chat/completions; "
                 "use /v1/completions with a plain prompt."
             )
         if not any(isinstance(m.get("content"), str) and self._control_text.search(m["content"]) for m in messages):
-            rendered = self._render(messages, template_vars)
-            return self.model.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
+            return self.model.tokenize(self._render(messages, template_vars).encode(), add_bos=False, special=True)
         # Some content spells a control token (`<|im_start|>system` in a user message): render with placeholders,
         # then tokenize the template's own text with special tokens and every content as plain text, so a user
         # can never forge a turn.
         marked = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m.get("content"), str) else m
                   for i, m in enumerate(messages)]  # fmt: skip
-        rendered = self._render(marked, template_vars)
         tokens: list[int] = []
-        for k, part in enumerate(re.split("\ue000(\\d+)\ue001", rendered.prompt)):
+        for k, part in enumerate(re.split("\ue000(\\d+)\ue001", self._render(marked, template_vars))):
             if k % 2:
                 tokens += self.model.tokenize(messages[int(part)]["content"].encode(), add_bos=False, special=False)
-            elif part or k == 0:
-                tokens += self.model.tokenize(
-                    part.encode(), add_bos=k == 0 and not rendered.added_special, special=True
-                )
+            elif part:
+                tokens += self.model.tokenize(part.encode(), add_bos=False, special=True)
         return tokens
 
-    def _render(self, messages: list[dict], template_vars: dict):
+    def _render(self, messages: list[dict], template_vars: dict) -> str:
         try:
-            return self.chat_formatter(messages=messages, **template_vars)
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:
-            raise PromptError(f"The model's chat template rejected the messages: {exc}") from None
+            return self.chat_template.render(messages, **template_vars)
+        except ChatTemplateError as exc:
+            raise PromptError(str(exc)) from None
 
     def text_prompt(self, text: str) -> list[int]:
         """Tokenize a raw completion prompt (with BOS; special tokens are plain text)."""
@@ -240,8 +245,10 @@ class LoadedModel:
         """Check the prompt fits, clamp max_tokens to the room left, and queue it for the next step."""
         return self.submit_many(key, prompt, params, 1)[0]
 
-    def submit_many(self, key: str, prompt: list[int], params: SamplingParams, n: int) -> list[Sequence]:
-        """Like `submit`, for n completions of one prompt: the prompt is decoded once and its KV cells copied."""
+    def submit_many(self, key: str, prompt: list[int], params: SamplingParams, n: int,
+                    info: dict | None = None) -> list[Sequence]:  # fmt: skip
+        """Like `submit`, for n completions of one prompt: the prompt is decoded once and its KV cells copied.
+        `info` rides along in the request's `start` event (e.g. the tool-call format the view must parse)."""
         if n > self.n_parallel:
             raise PromptError(f"n={n} is more than this model's {self.n_parallel} parallel slots.")
         if not prompt:
@@ -260,6 +267,7 @@ class LoadedModel:
             sequence.sampler = self._sampler(sequence.params)
         for follower in group[1:]:
             follower.leader, follower.waiting_for_leader = group[0], True
+        group[0].info = info or {}
         with self._wakeup:
             if self._closed:
                 raise EngineError("The model is being unloaded.")
@@ -361,7 +369,10 @@ class LoadedModel:
                 sequence.n_past += 1
         for sequence in self._active:
             if sequence.pending and batch.room():
-                chunk = sequence.pending[: batch.room()]
+                # The prompt's last token goes in a step of its own, as it does when the rest of the prompt comes
+                # from the prefix cache: its logits (computed in a smaller batch) then do not depend on the cache,
+                # and temperature 0 gives the same text for the same request, cached or not.
+                chunk = (sequence.pending[:-1] or sequence.pending)[: batch.room()]
                 sequence.pending = sequence.pending[len(chunk) :]
                 last = batch.add(chunk, sequence.n_past, sequence.slot.id, not sequence.pending)
                 sequence.n_past += len(chunk)
@@ -384,7 +395,7 @@ class LoadedModel:
                 thinking = self.detokenize(sequence.prompt[-4:]).rstrip().endswith("<think>")
                 events.append((sequence, "start", {"prompt_tokens": len(sequence.prompt),
                                                    "cached_tokens": sequence.cached_tokens,
-                                                   "thinking": thinking}))  # fmt: skip
+                                                   "thinking": thinking, **sequence.info}))  # fmt: skip
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
             if token in self._eog:
@@ -537,10 +548,10 @@ class LoadedModel:
                 params.presence_penalty,
             )  # fmt: skip
         if params.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            grammar = self._grammar_sampler(params.grammar, params.grammar_triggers)
             if not grammar:
                 sampler.close()
-                raise PromptError("The grammar for response_format could not be compiled.")
+                raise PromptError("The grammar for this request (response_format or tools) could not be compiled.")
             llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
         if params.temperature <= 0:
             sampler.add_greedy()
@@ -554,6 +565,14 @@ class LoadedModel:
         sampler.add_temp(params.temperature)
         sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
         return sampler
+
+    def _grammar_sampler(self, grammar: str, triggers: list[str]):
+        if not triggers:
+            return llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+        patterns = (ctypes.c_char_p * len(triggers))(*[t.encode() for t in triggers])
+        return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            self.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
+        )
 
 
 class _Batch:
@@ -594,6 +613,17 @@ class _Batch:
         self.logits[n + k - 1] = 1 if logits_last else 0
         self.n = self.struct.n_tokens = n + k
         return n + k - 1
+
+
+def _cpu_has_amx() -> bool:
+    """llama.cpp (0.3.36's) AMX kernels, which it picks for weights on CPUs with AMX (Sapphire Rapids and later),
+    crash in mul_mat on any batch of more than a few tokens (seen with Q4_1). Without "extra buffer types" the
+    weights stay in the plain CPU buffer; elsewhere the extra types only repack weights for speed, so keep them."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "amx_int8" in cpuinfo.read()
+    except OSError:
+        return False
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

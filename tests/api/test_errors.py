@@ -148,3 +148,36 @@ async def test_listing_models_is_logged_once(async_client, smollm2):
     assert response.status_code == 200
     request_id = response["x-request-id"].removeprefix("req_")
     assert await RequestLog.objects.filter(request_id=request_id, status_code=200).acount() == 1
+
+
+@pytest.mark.parametrize(
+    ("part", "what"),
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "images"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "audio"),
+    ],
+    ids=["image", "audio"],
+)
+async def test_images_and_audio_are_refused_saying_what_the_model_lacks(async_client, smollm2, part, what):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    response = await send(async_client, "post", CHAT, {"model": MODEL, "messages": messages})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == f"The model {MODEL} does not support {what}."
+    assert response.json()["error"]["param"] == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{{ 'a' * 10**9 }}", "{{ raise_exception.__globals__ }}", "{% for i in range(10**9) %}{% endfor %}"],
+    ids=["huge string", "globals", "huge loop"],
+)
+async def test_a_hostile_chat_template_is_a_400_and_the_worker_keeps_serving(async_client, smollm2, template):
+    smollm2.chat_template_override = template
+    await smollm2.asave()
+    response = await send(async_client, "post", CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("The chat template")
+    smollm2.chat_template_override = ""
+    await smollm2.asave()
+    response = await send(async_client, "post", CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
+    assert response.status_code == 200

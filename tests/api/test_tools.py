@@ -1,9 +1,15 @@
-"""Tool calling (generic format, grammar-forced) through /v1/chat/completions, against the OpenAPI spec."""
+"""Tool calling through /v1/chat/completions, against the OpenAPI spec: the generic format (SmolLM2's own template
+knows no tools) and the Hermes format (SmolLM2 with a Hermes/Qwen-style template, which shares its ChatML tokens)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from api.protocol import ChatCompletionRequest
+from api.tools import offered_tools
+from inference.engine.template import ChatTemplate
+from inference.services import _template_messages, _tool_format
 from tests.api.test_chat_completions import post, sse_events
 from tests.conftest import MODEL
 from tests.openapi import assert_schema
@@ -15,6 +21,10 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                           "required": ["city"], "additionalProperties": False}}}  # fmt: skip
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+HERMES = (Path(__file__).parent.parent / "templates" / "hermes.jinja").read_text()
+CALLED = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]  # fmt: skip
 
 
 def body(**extra) -> dict:
@@ -71,10 +81,7 @@ async def test_auto_may_answer_in_words_and_none_offers_no_tools(async_client, s
 
 
 async def test_a_tool_result_turn_renders_and_gets_an_answer(async_client, smollm2):
-    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]  # fmt: skip
-    response = await post(async_client, "/v1/chat/completions", body(messages=messages, tool_choice="auto"))
+    response = await post(async_client, "/v1/chat/completions", body(messages=CALLED, tool_choice="auto"))
     assert response.status_code == 200
     assert_schema("CreateChatCompletionResponse", response.json())
 
@@ -92,3 +99,90 @@ async def test_inconsistent_tool_requests_are_400s_naming_the_parameter(async_cl
     response = await post(async_client, "/v1/chat/completions", {**body(), **extra})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+@pytest.fixture
+def hermes(smollm2):
+    smollm2.chat_template_override = HERMES
+    smollm2.save()
+    return smollm2
+
+
+def stream_chunks(events: list[str]) -> list[dict]:
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for chunk in chunks:
+        assert_schema("CreateChatCompletionStreamResponse", chunk)
+    return chunks
+
+
+async def test_hermes_required_calls_are_forced_into_tool_call_tags_and_parsed(async_client, hermes):
+    import jsonschema
+
+    data = (await post(async_client, "/v1/chat/completions", body(tool_choice="required"))).json()
+    assert_schema("CreateChatCompletionResponse", data)
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    for call in choice["message"]["tool_calls"]:
+        tool = {"get_weather": WEATHER, "get_time": TIME}[call["function"]["name"]]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+
+
+async def test_hermes_streamed_calls_arrive_delta_by_delta_equal_to_the_non_streamed_ones(async_client, hermes):
+    request = body(tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False)
+    plain = (await post(async_client, "/v1/chat/completions", request)).json()
+    chunks = stream_chunks(
+        await sse_events(await post(async_client, "/v1/chat/completions", {**request, "stream": True}))
+    )
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert all(set(d) == {"tool_calls"} for d in deltas)  # no stray content: the call was held back whole
+    head, *rest = [d["tool_calls"][0] for d in deltas]
+    assert head == {"index": 0, "id": head["id"], "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    assert head["id"].startswith("call_") and rest and all(d.keys() == {"index", "function"} for d in rest)
+    (expected,) = plain["choices"][0]["message"]["tool_calls"]
+    assert "".join(d["function"]["arguments"] for d in rest) == expected["function"]["arguments"]
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "tool_calls", "logprobs": None} or (
+        chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    )
+
+
+async def test_hermes_auto_answers_in_words_stream_as_they_are_generated(async_client, hermes):
+    request = body(tool_choice="auto", messages=[{"role": "user", "content": "Tell me a joke."}], max_tokens=30)
+    plain = (await post(async_client, "/v1/chat/completions", request)).json()
+    message = plain["choices"][0]["message"]
+    assert message["content"] and "tool_calls" not in message  # the tiny model chats; the lazy grammar never woke
+    chunks = stream_chunks(
+        await sse_events(await post(async_client, "/v1/chat/completions", {**request, "stream": True}))
+    )
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks[1:] if c["choices"]]
+    pieces = [p for p in pieces if p]
+    assert len(pieces) > 5  # token by token, not one block at the end
+    assert "".join(pieces) == message["content"]
+
+
+def test_earlier_calls_and_results_render_into_a_native_template_as_objects():
+    request = ChatCompletionRequest.model_validate(body(messages=CALLED))
+    prompt = ChatTemplate(HERMES).render(_template_messages(request, "hermes"), tools=offered_tools(request))
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
+    assert "<tool_response>\nSunny, 21 C\n</tool_response>" in prompt
+    assert "You can call these tools" not in prompt  # the generic instruction is only for templates without tools
+
+
+def test_the_generic_format_describes_tools_in_the_system_message_and_replays_calls_as_json():
+    request = ChatCompletionRequest.model_validate(body(messages=CALLED))
+    system, _, assistant, tool = _template_messages(request, "generic")
+    assert system["role"] == "system" and "You can call these tools" in system["content"]
+    assert json.loads(assistant["content"]) == {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+    assert tool == {"role": "tool", "content": "Sunny, 21 C", "tool_call_id": "call_1"}
+
+
+def test_an_admin_set_tool_format_overrides_the_templates(smollm2):
+    class Engine:
+        chat_template = ChatTemplate(HERMES)
+
+    assert _tool_format(smollm2, Engine) == "hermes"
+    smollm2.tool_format = "mistral"
+    assert _tool_format(smollm2, Engine) == "mistral"

@@ -5,6 +5,8 @@ import os
 import shutil
 import time
 
+import gguf
+import numpy as np
 import pytest
 from django.core.management import call_command
 
@@ -173,3 +175,39 @@ def test_the_cli_reports_registry_errors_without_a_traceback(models_dir, tmp_pat
     (models_dir / "bad.gguf").write_bytes(b"nope" * 10)
     with pytest.raises(CommandError, match="bad magic"):
         call_command("models", "inspect", str(models_dir / "bad.gguf"))
+
+
+def write_hostile_gguf(path, **values) -> None:
+    """A tiny GGUF whose header carries `values` (key -> (value, GGUFValueType)) as the fuzzer found them."""
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for key, (value, value_type) in values.items():
+        writer.add_key_value(key, value, value_type)
+    writer.add_tensor("t", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("length", [-5, 2**40, 2**64 - 1], ids=["negative", "2**40", "u64 max"])
+def test_a_gguf_claiming_an_absurd_context_length_registers_without_one(models_dir, length):
+    value_type = gguf.GGUFValueType.INT64 if length < 0 else gguf.GGUFValueType.UINT64
+    write_hostile_gguf(models_dir / "odd.gguf", **{"llama.context_length": (length, value_type)})
+    model = model_register(name="odd", path=models_dir / "odd.gguf")  # the row's column is a PositiveIntegerField
+    model.refresh_from_db()
+    assert model.context_length is None and model.metadata["context_length"] is None
+
+
+def test_a_safetensors_config_claiming_a_negative_context_length_registers_without_one(models_dir):
+    write_safetensors(models_dir / "model.safetensors", {"a": ("F32", [2])})
+    (models_dir / "config.json").write_text(json.dumps({"max_position_embeddings": -1}))
+    model = model_register(name="odd", path=models_dir / "model.safetensors")
+    assert model.context_length is None
+
+
+def test_nul_in_header_strings_is_dropped_from_the_stored_summary(models_dir):
+    text = gguf.GGUFValueType.STRING
+    write_hostile_gguf(models_dir / "nul.gguf", **{"general.name": ("ti\x00ny", text)})
+    model = model_register(name="nul", path=models_dir / "nul.gguf")  # PostgreSQL's jsonb refuses U+0000
+    model.refresh_from_db()
+    assert model.metadata["name"] == "tiny"

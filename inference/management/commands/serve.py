@@ -15,13 +15,20 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from redis.exceptions import RedisError
 
-from minerva_project.redis import start_embedded_redis
+from access.services import auth_required_without_override
+from inference.services import DRAINING_KEY
+from inference.worker import worker_key
+from minerva_project.redis import get_redis, start_embedded_redis
 from models_app.models import LanguageModel
-from models_app.selectors import model_parallel
+from models_app.selectors import LOADED_KEY, model_parallel
 from models_app.services import models_scan
 
-STOP_GRACE_SECONDS = 6  # per phase (worker and daphne, then redis); redis stops at once
+# Stopping: the worker first (it gives running requests worker.DRAIN_SECONDS, then ends them with an error
+# event that daphne still delivers), then daphne, then Redis: within 10 s in all.
+WORKER_GRACE_SECONDS = 6
+DAPHNE_GRACE_SECONDS = 3
 RESTART_BACKOFF_SECONDS = 1.0
 
 
@@ -58,8 +65,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, host: str, port: int, **options):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        if settings.AUTH == "off" and auth_required_without_override(host):
+            self.stderr.write(self.style.ERROR(
+                f"WARNING: MINERVA_AUTH=off and listening on {host}: anyone who can reach this port can use "
+                "every model without a key. Unset MINERVA_AUTH to require keys."))  # fmt: skip
         self.stopping = False
         env = dict(os.environ)
+        self.instance = env["MINERVA_INSTANCE_ID"] = f"{socket.gethostname()}:{port}"
         children: list[Child] = []
         redis_socket = Path(settings.REDIS_URL.removeprefix("unix://"))
 
@@ -95,13 +107,17 @@ class Command(BaseCommand):
             for child in children:
                 child.start()
             self._wait_for_port(host, port, children)
+            self._redis(lambda r: r.delete(DRAINING_KEY.format(self.instance)))  # a previous run's flag
             if not self.stopping:
                 self.stdout.write(f"Minerva is serving http://{host}:{port}/v1 (models: {', '.join(queues)})")
             self._supervise(children)
         finally:
-            # Redis last: the worker and daphne may still talk to it while they shut down.
-            self._stop([c for c in children if c.name != "redis"])
-            self._stop([c for c in children if c.name == "redis"])
+            # New requests get a 503 from now on; the worker drains, then daphne (which delivers the running
+            # streams' last events) stops, and Redis, which both talk to, goes last.
+            self._redis(lambda r: r.set(DRAINING_KEY.format(self.instance), "1", ex=60))
+            self._stop([c for c in children if c.name == "worker"], WORKER_GRACE_SECONDS)
+            self._stop([c for c in children if c.name == "daphne"], DAPHNE_GRACE_SECONDS)
+            self._stop([c for c in children if c.name == "redis"], 1)
             if settings.EMBEDDED_REDIS and redis_socket.exists():
                 redis_socket.unlink()
 
@@ -131,17 +147,26 @@ class Command(BaseCommand):
                 code = child.exited()
                 if code is not None and not self.stopping:
                     self.stderr.write(f"{child.name} exited with code {code}; restarting it")
+                    if child.name == "worker":  # its requests' views need not wait for its heartbeat to expire
+                        worker_id = f"{socket.gethostname()}:{child.process.pid}"
+                        self._redis(lambda r, w=worker_id: (r.delete(worker_key(w)), r.hdel(LOADED_KEY, w)))
                     time.sleep(min(RESTART_BACKOFF_SECONDS * (child.restarts + 1), 10))
                     child.restarts += 1
                     child.start()
             time.sleep(0.2)
 
-    def _stop(self, children: list[Child]) -> None:
+    def _redis(self, command) -> None:
+        try:
+            command(get_redis())
+        except RedisError:
+            self.stderr.write("Redis is unavailable; carrying on")
+
+    def _stop(self, children: list[Child], grace: float) -> None:
         """SIGTERM each, then SIGKILL whatever outlives the grace period."""
         running = [c.process for c in children if c.process and c.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        deadline = time.monotonic() + grace
         for process in running:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))

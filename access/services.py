@@ -1,0 +1,156 @@
+"""API keys: create, revoke, authenticate a request; per-key rate limits kept in Redis (shared by every process)."""
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.utils import timezone
+
+from api.errors import OpenAIError
+from minerva_project.redis import get_redis
+
+from .models import ApiKey
+
+KEY_PREFIX = "sk-mnrv-"
+VISIBLE = len(KEY_PREFIX) + 8  # what is stored and shown: sk-mnrv-abcd1234
+WINDOW_SECONDS = 60
+
+
+class InvalidApiKey(OpenAIError):
+    status, code = 401, "invalid_api_key"
+
+
+class RateLimited(OpenAIError):
+    status, type, code = 429, "requests", "rate_limit_exceeded"
+
+
+def _hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def key_create(*, name: str, models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None,
+               expires: datetime | None = None, staff: bool = False) -> tuple[ApiKey, str]:  # fmt: skip
+    """Create a key; return the row and the full key, which is not stored and cannot be shown again."""
+    while True:
+        raw = KEY_PREFIX + secrets.token_urlsafe(32).replace("-", "x").replace("_", "y")
+        if not ApiKey.objects.filter(prefix=raw[:VISIBLE]).exists():
+            break
+    key = ApiKey.objects.create(name=name, prefix=raw[:VISIBLE], hashed=_hash(raw), models=models or [], rpm=rpm,
+                                tpm=tpm, expires=expires, staff=staff)  # fmt: skip
+    return key, raw
+
+
+def key_revoke(*, key: ApiKey) -> None:
+    """Revoke a key from now on."""
+    key.revoked = timezone.now()
+    key.save(update_fields=["revoked"])
+
+
+def auth_required(host: str | None = None) -> bool:
+    """Whether requests need a key: MINERVA_AUTH on/off, else only when listening beyond loopback."""
+    if settings.AUTH in ("on", "off"):
+        return settings.AUTH == "on"
+    return auth_required_without_override(host or settings.HOST)
+
+
+def auth_required_without_override(host: str) -> bool:
+    """Whether listening on `host` reaches beyond this machine (so keys are required by default)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return True
+
+
+def key_authenticate(header: str) -> ApiKey | None:
+    """The active key an Authorization header carries; None when there is none and keys are optional."""
+    raw = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    if not raw:
+        if auth_required():
+            raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer sk-mnrv-...'.")
+        return None
+    key = ApiKey.objects.filter(prefix=raw[:VISIBLE]).first()
+    if key is None and not auth_required():  # SDKs insist on sending some key; with keys optional, ignore it
+        return None
+    # The lookup is by the public prefix; the secret part is checked in constant time.
+    if key is None or not hmac.compare_digest(key.hashed, _hash(raw)) or not key.active:
+        raise InvalidApiKey("Incorrect API key provided, or the key was revoked or has expired.")
+    return key
+
+
+@dataclass
+class Limits:
+    """What a key has left in this minute, sent back as x-ratelimit-* headers."""
+
+    rpm: int | None
+    tpm: int | None
+    requests: int
+    tokens: int
+    reset: int  # seconds until the window ends
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        for kind, limit, used in (("requests", self.rpm, self.requests), ("tokens", self.tpm, self.tokens)):
+            if limit is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
+                headers[f"x-ratelimit-reset-{kind}"] = f"{self.reset}s"
+        return headers
+
+
+def _window_keys(prefix: str) -> tuple[str, str, int]:
+    window = int(time.time()) // WINDOW_SECONDS
+    reset = WINDOW_SECONDS - int(time.time()) % WINDOW_SECONDS
+    return f"minerva:rl:{prefix}:req:{window}", f"minerva:rl:{prefix}:tok:{window}", reset
+
+
+def rate_limit_check(*, key: ApiKey) -> Limits:
+    """Count one request against the key's minute; raise RateLimited (with headers) past rpm or tpm."""
+    requests_key, tokens_key, reset = _window_keys(key.prefix)
+    pipe = get_redis().pipeline()
+    pipe.incr(requests_key).expire(requests_key, WINDOW_SECONDS * 2).get(tokens_key)
+    requests, _, tokens = pipe.execute()
+    limits = Limits(rpm=key.rpm, tpm=key.tpm, requests=requests, tokens=int(tokens or 0), reset=reset)
+    if key.rpm is not None and requests > key.rpm:
+        raise _limited(f"Rate limit reached: {key.rpm} requests per minute.", limits)
+    if key.tpm is not None and limits.tokens >= key.tpm:
+        raise _limited(f"Rate limit reached: {key.tpm} tokens per minute.", limits)
+    return limits
+
+
+def _limited(message: str, limits: Limits) -> RateLimited:
+    exc = RateLimited(message)
+    exc.headers = limits.headers() | {"Retry-After": str(limits.reset)}
+    return exc
+
+
+def tokens_record(*, prefix: str, tokens: int) -> None:
+    """Count a finished request's tokens against its key's minute (its tokens-per-minute limit)."""
+    if prefix and tokens:
+        _, tokens_key, _ = _window_keys(prefix)
+        get_redis().pipeline().incrby(tokens_key, tokens).expire(tokens_key, WINDOW_SECONDS * 2).execute()
+
+
+def client_address(meta: dict) -> str:
+    """The client's address: X-Forwarded-For is believed only for MINERVA_TRUSTED_PROXIES hops."""
+    remote = meta.get("REMOTE_ADDR", "")
+    hops = settings.TRUSTED_PROXIES
+    forwarded = [a.strip() for a in meta.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
+    if hops and forwarded:
+        return forwarded[-min(hops, len(forwarded))]
+    return remote
+
+
+def staff_key_check(header: str) -> None:
+    """Gate for operator endpoints (/metrics): a staff key, unless keys are optional and none is sent."""
+    key = key_authenticate(header)
+    if key is not None and not key.staff:
+        raise InvalidApiKey("This endpoint needs a staff key.")
+    if key is None and auth_required():
+        raise InvalidApiKey("This endpoint needs a staff key.")

@@ -1,0 +1,71 @@
+from django.contrib import admin, messages
+from django.utils.html import format_html
+
+from api.errors import OpenAIError
+
+from .models import Batch, File
+from .services import batch_cancel, batch_counts
+
+
+class ReadOnly(admin.ModelAdmin):
+    """Rows that only the API and the `batch` command change."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+def _file_link(file_id: str | None):
+    return format_html('<a href="/v1/files/{}/content">{}</a>', file_id, file_id) if file_id else "-"
+
+
+@admin.register(Batch)
+class BatchAdmin(ReadOnly):
+    list_display = ["id", "status", "progress", "model", "endpoint", "created", "completed_at", "input",
+                    "output", "errors_file"]  # fmt: skip
+    list_filter = ["status", "endpoint", "model", ("created", admin.DateFieldListFilter)]
+    search_fields = ["id", "model"]
+    date_hierarchy = "created"
+    actions = ["cancel"]
+
+    @admin.display(description="done / failed / total")
+    def progress(self, batch: Batch) -> str:
+        counts = batch_counts(batch)
+        return f"{counts['completed']} / {counts['failed']} / {counts['total']}"
+
+    @admin.display(description="input file")
+    def input(self, batch: Batch):
+        return _file_link(batch.input_file_id)
+
+    @admin.display(description="output file")
+    def output(self, batch: Batch):
+        return _file_link(batch.output_file_id)
+
+    @admin.display(description="error file")
+    def errors_file(self, batch: Batch):
+        return _file_link(batch.error_file_id)
+
+    @admin.action(description="Cancel the selected batches")
+    def cancel(self, request, queryset):
+        for batch in queryset:
+            try:
+                batch_cancel(batch=batch)
+            except OpenAIError as exc:
+                self.message_user(request, f"{batch.id}: {exc.message}", messages.WARNING)
+        self.message_user(request, "Cancelling: waiting lines stop now, running ones within a few tokens.")
+
+
+@admin.register(File)
+class FileAdmin(ReadOnly):
+    list_display = ["id", "filename", "purpose", "bytes", "created", "download"]
+    list_filter = ["purpose", ("created", admin.DateFieldListFilter)]
+    search_fields = ["id", "filename"]
+
+    @admin.display(description="content")
+    def download(self, file: File):
+        return _file_link(file.id)

@@ -1,0 +1,399 @@
+"""Batches: a file of requests becomes BatchLine rows; each model's worker runs them on at most `batch_slots`
+of the model's slots (the others stay free for interactive requests), through the same generation path as the
+endpoints; the finished lines become an output file and an error file.
+
+Lines wait in the database, not in Celery: a task on the model's queue (a "lane") claims one waiting line after
+another. Claims and results are conditional updates, so no line runs twice at once or records two results."""
+
+import json
+import logging
+import threading
+import uuid
+from datetime import timedelta
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Q, Sum
+from django.utils import timezone
+from pydantic import ValidationError
+
+from api.decorators import validation_error
+from api.errors import InvalidRequest, NotFound, OpenAIError, ServerError
+from api.protocol import ChatCompletionRequest, CompletionRequest
+from api.views import check_chat, check_completion, collect_answer
+from inference.models import RequestLog
+from inference.services import request_run_inline
+from inference.streams import TokenStream
+from minerva_project.redis import get_redis
+from models_app.models import LanguageModel
+from models_app.selectors import model_get, model_parallel
+
+from .files import _temp_path, batch_input_lines
+from .models import Batch, BatchLine, File
+from .worker import WORKER_ID, stopping, worker_alive
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+COMPLETION_WINDOW = timedelta(hours=24)
+# Errors that say the line never got a fair run (its worker stopped under it): it waits for another.
+RETRY_CODES = {"server_shutting_down", "worker_lost"}
+MAX_ERRORS = 100  # validation errors kept on a failed batch
+
+Line = BatchLine.Status
+
+
+def batch_slots(model: LanguageModel) -> int:
+    """How many of the model's slots one worker gives batch lines: MINERVA_BATCH_SLOTS, else all but one."""
+    slots = model_parallel(model)
+    return min(settings.BATCH_SLOTS or max(1, slots - 1), slots)
+
+
+def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None) -> Batch:
+    """Check every line of the input file, record one BatchLine each, and start the lines' models' lanes once
+    committed. Lines that cannot run (bad parameters, unknown model) are failed at once, with their error."""
+    if endpoint == "/v1/embeddings":
+        raise InvalidRequest("Minerva does not serve /v1/embeddings yet.", param="endpoint")
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
+    if completion_window != "24h":
+        raise InvalidRequest("completion_window must be 24h.", param="completion_window")
+    file = File.objects.filter(pk=input_file_id).first()
+    if file is None:
+        raise InvalidRequest(f"No such File object: {input_file_id}", param="input_file_id")
+    if file.purpose != File.Purpose.BATCH:
+        raise InvalidRequest(f"File {file.id} was not uploaded with purpose batch.", param="input_file_id")
+    now = timezone.now()
+    with transaction.atomic():
+        batch = Batch.objects.create(
+            endpoint=endpoint, input_file=file, completion_window=completion_window, metadata=metadata,
+            expires_at=now + COMPLETION_WINDOW,
+        )  # fmt: skip
+        errors, models = _add_lines(batch)
+        if errors:
+            batch.lines.all().delete()
+            RequestLog.objects.filter(batch_id=batch.id).delete()
+            batch.status, batch.errors, batch.failed_at = Batch.Status.FAILED, errors, now
+        else:
+            batch.status, batch.in_progress_at = Batch.Status.IN_PROGRESS, now
+            batch.model = next(iter(models), "")
+        batch.save()
+        # robust: if Redis is away the batch still stands, and the reaper starts its lanes later
+        transaction.on_commit(lambda: batch_lanes_start(models=[] if errors else models), robust=True)
+    if not errors and not batch.lines.filter(status=Line.PENDING).exists():
+        batch_finalize(batch_id=batch.id)  # every line failed its checks: nothing to wait for
+        batch.refresh_from_db()
+    return batch
+
+
+def _add_lines(batch: Batch) -> tuple[list[dict], list[str]]:
+    """Create the batch's lines from its input file (in chunks, never the whole file in memory); return the
+    validation errors that fail the batch, and the models its waiting lines need, in order of appearance."""
+    errors, models, lines, refused = [], {}, [], []
+    known: dict[str, str | OpenAIError] = {}  # the name a line gives -> the model's own name, or why it cannot run
+    try:
+        for number, offset, request in batch_input_lines(batch.input_file.path):
+            if request["url"] != batch.endpoint:
+                if len(errors) < MAX_ERRORS:
+                    message = f"The url {request['url']} differs from the batch's endpoint, {batch.endpoint}."
+                    errors.append({"code": "mismatched_endpoint", "message": message, "param": "url", "line": number})
+                continue
+            line = BatchLine(batch=batch, index=number, offset=offset, custom_id=request["custom_id"])
+            try:
+                body = _parse(batch.endpoint, request["body"])
+                line.model = body.model[:255].replace("\x00", "")
+                if body.model not in known:
+                    known[body.model] = _resolve(body.model)
+                if isinstance(known[body.model], OpenAIError):
+                    raise known[body.model]
+                line.model = known[body.model]
+                models.setdefault(line.model, None)
+            except OpenAIError as exc:
+                line.request_id = uuid.uuid4().hex
+                line.status, line.output = Line.FAILED, _result(line, exc.status, exc.to_dict())
+                refused.append(_refused_log(batch, line, exc))
+            lines.append(line)
+            if len(lines) >= 1000:
+                BatchLine.objects.bulk_create(lines)
+                RequestLog.objects.bulk_create(refused)
+                lines, refused = [], []
+    except InvalidRequest as exc:  # the file changed since its upload's checks
+        errors.append({"code": exc.code or "invalid_file", "message": exc.message, "param": "input_file_id"})
+    BatchLine.objects.bulk_create(lines)
+    RequestLog.objects.bulk_create(refused)
+    return errors, list(models)
+
+
+def _resolve(name: str) -> str | OpenAIError:
+    try:
+        return model_get(name).name  # an alias becomes the model's own name
+    except OpenAIError as exc:
+        return exc
+
+
+def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest:
+    """The line's body as its endpoint would take it (same schema, same checks); never streamed."""
+    try:
+        request = ENDPOINTS[endpoint].model_validate({**body, "stream": False})
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
+    (check_chat if isinstance(request, ChatCompletionRequest) else check_completion)(request)
+    return request
+
+
+def _refused_log(batch: Batch, line: BatchLine, exc: OpenAIError) -> RequestLog:
+    """The request-history row of a line refused before it reached a model."""
+    return RequestLog(
+        request_id=line.request_id, endpoint=batch.endpoint, model=line.model, status=RequestLog.Status.FAILED,
+        status_code=exc.status, error_type=exc.type, error_code=exc.code or "", batch_id=batch.id,
+        finished=timezone.now(),
+    )  # fmt: skip
+
+
+def _result(line: BatchLine, status_code: int, body: dict) -> str:
+    """A line of the output or error file."""
+    response = {"status_code": status_code, "request_id": f"req_{line.request_id}", "body": body}
+    return json.dumps({"id": f"batch_req_{line.request_id}", "custom_id": line.custom_id, "response": response,
+                       "error": None}, ensure_ascii=False)  # fmt: skip
+
+
+def _not_run(line: BatchLine) -> str:
+    """The error-file line of a line that never ran (its batch was cancelled or expired first)."""
+    code = "batch_expired" if line.status == Line.EXPIRED else "batch_cancelled"
+    message = "The batch expired before this request ran." if code == "batch_expired" else (
+        "The batch was cancelled before this request ran.")  # fmt: skip
+    return json.dumps({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
+                       "error": {"code": code, "message": message}}, ensure_ascii=False)  # fmt: skip
+
+
+def batch_lanes_start(*, models: list[str]) -> None:
+    """Queue one lane per batch slot on each model's queue (a lane finding its worker's slots taken just ends)."""
+    from .tasks import run_batch_lines as run_batch_lines_task
+
+    for model in LanguageModel.objects.filter(name__in=models):
+        for _ in range(batch_slots(model)):
+            run_batch_lines_task.apply_async(args=[model.name], queue=model.queue)
+
+
+def batch_lines_run(*, model_name: str) -> int:
+    """A lane: run the model's waiting lines one after another while this worker has a batch slot; return how many."""
+    model = LanguageModel.objects.filter(name=model_name).first()
+    ran = 0
+    while model is not None and not stopping.is_set() and (line := batch_line_claim(model=model)) is not None:
+        batch_line_run(line=line)
+        ran += 1
+    return ran
+
+
+_claim_lock = threading.Lock()  # the slot count below is per worker, so only this process's threads race on it
+
+
+def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
+    """Take the oldest waiting line for the model, unless this worker already runs `batch_slots` of them."""
+    with _claim_lock:
+        running = BatchLine.objects.filter(model=model.name, status=Line.RUNNING, worker=WORKER_ID).count()
+        if running >= batch_slots(model):
+            return None
+        while True:
+            waiting = BatchLine.objects.filter(model=model.name, status=Line.PENDING)
+            pk = waiting.order_by("batch__created", "batch_id", "index").values_list("pk", flat=True).first()
+            if pk is None:
+                return None
+            # Conditional: another worker may take the same line between the two queries.
+            if waiting.filter(pk=pk).update(status=Line.RUNNING, worker=WORKER_ID, request_id=uuid.uuid4().hex):
+                return BatchLine.objects.select_related("batch").get(pk=pk)
+
+
+def batch_line_run(*, line: BatchLine) -> None:
+    """Run one claimed line through its endpoint's generation path and record its result line."""
+    batch = line.batch
+    status, output = Line.FAILED, ""
+    try:
+        with batch.input_file.path.open("rb") as f:
+            f.seek(line.offset)
+            body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
+        try:
+            log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint, body=body, batch_id=batch.id)
+        except OpenAIError as exc:  # refused before a row was written (the model went away since)
+            RequestLog.objects.bulk_create([_refused_log(batch, line, exc)])
+            raise
+        if log.status == RequestLog.Status.CANCELLED:
+            status = Line.CANCELLED
+        else:  # the stream holds its `done` or `error` events by now
+            output = _result(line, 200, async_to_sync(collect_answer)(line.request_id, body))
+            status = Line.COMPLETED
+    except OpenAIError as exc:
+        if exc.code in RETRY_CODES:
+            status = Line.PENDING
+        else:
+            output = _result(line, exc.status, exc.to_dict())
+    except Exception:
+        logger.exception("batch %s line %s failed", batch.id, line.index)
+        output = _result(line, 500, ServerError().to_dict())
+    fields = {"status": status, "output": output}
+    if status == Line.PENDING:
+        fields.update(worker="", request_id="")
+    # Only the attempt that still holds the line records it: a reaped attempt's late result is dropped.
+    BatchLine.objects.filter(pk=line.pk, status=Line.RUNNING, request_id=line.request_id).update(**fields)
+    if not batch.lines.filter(status__in=[Line.PENDING, Line.RUNNING]).exists():
+        batch_finalize(batch_id=batch.id)
+
+
+def batch_cancel(*, batch: Batch) -> Batch:
+    """Cancel a batch: its waiting lines at once, its running ones through their requests' cancel flags."""
+    if batch.status in (Batch.Status.CANCELLING, Batch.Status.CANCELLED):
+        return batch
+    with transaction.atomic():
+        if not Batch.objects.filter(pk=batch.pk, status=Batch.Status.IN_PROGRESS).update(
+            status=Batch.Status.CANCELLING, cancelling_at=timezone.now()
+        ):
+            batch.refresh_from_db()
+            raise InvalidRequest(f"Cannot cancel a batch that is {batch.status}.", param="batch_id")
+        batch.lines.filter(status=Line.PENDING).update(status=Line.CANCELLED)
+    # After the commit: a line claimed before it is running now and is seen here; none can be claimed after.
+    running = list(batch.lines.filter(status=Line.RUNNING).values_list("request_id", flat=True))
+    if running:
+        pipe = get_redis().pipeline(transaction=False)
+        for request_id in running:
+            pipe.set(TokenStream(request_id).cancel_key, "1", ex=settings.STREAM_TTL)
+        pipe.execute()
+    else:
+        batch_finalize(batch_id=batch.id)
+    batch.refresh_from_db()
+    return batch
+
+
+def batch_finalize(*, batch_id: str, taking_over: str = "") -> None:
+    """Write the result files of a batch with no line left to run and give it its final status. Claimed by a
+    conditional update, so one caller writes them; `taking_over` names a dead finalizer the reaper replaces."""
+    claimed = Batch.objects.filter(
+        pk=batch_id, finalizer=taking_over,
+        status__in=[Batch.Status.IN_PROGRESS, Batch.Status.FINALIZING, Batch.Status.CANCELLING],
+    ).update(finalizer=WORKER_ID)  # fmt: skip
+    if not claimed:
+        return
+    now = timezone.now()
+    Batch.objects.filter(pk=batch_id, status=Batch.Status.IN_PROGRESS).update(
+        status=Batch.Status.FINALIZING, finalizing_at=now
+    )
+    batch = Batch.objects.get(pk=batch_id)
+    lines = batch.lines.order_by("index")
+    temps = {"output": _temp_path(".output-"), "error": _temp_path(".error-")}
+    try:
+        with temps["output"].open("w", encoding="utf-8") as out, temps["error"].open("w", encoding="utf-8") as err:
+            for line in lines.only("custom_id", "status", "output").iterator(chunk_size=1000):
+                if line.status == Line.COMPLETED:
+                    out.write(line.output + "\n")
+                else:
+                    err.write((line.output or _not_run(line)) + "\n")
+        with transaction.atomic():
+            batch.output_file = _keep(temps["output"], f"{batch.id}_output.jsonl")
+            batch.error_file = _keep(temps["error"], f"{batch.id}_error.jsonl")
+            if batch.cancelling_at:
+                batch.status, batch.cancelled_at = Batch.Status.CANCELLED, now
+            elif lines.filter(status=Line.EXPIRED).exists():
+                batch.status, batch.expired_at = Batch.Status.EXPIRED, now
+            else:
+                batch.status, batch.completed_at = Batch.Status.COMPLETED, now
+            batch.finalizer = ""
+            batch.save()
+            lines.update(output="")  # the files hold the results now
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def _keep(temp, filename: str) -> File | None:
+    size = temp.stat().st_size
+    if not size:
+        return None
+    file = File.objects.create(filename=filename, purpose=File.Purpose.BATCH_OUTPUT, bytes=size)
+    temp.replace(file.path)
+    return file
+
+
+def batches_reap() -> None:
+    """Run by every worker every few seconds: lines whose worker died wait again, overdue batches expire, batches
+    with nothing left to run are finalized, and models with waiting lines but no lane get new lanes."""
+    for worker in set(BatchLine.objects.filter(status=Line.RUNNING).values_list("worker", flat=True)):
+        if not worker_alive(worker):
+            lost = BatchLine.objects.filter(status=Line.RUNNING, worker=worker)
+            logger.warning("requeueing %d batch line(s) of worker %s, which is gone", lost.count(), worker)
+            lost.update(status=Line.PENDING, worker="", request_id="")
+    BatchLine.objects.filter(
+        status=Line.PENDING, batch__status=Batch.Status.IN_PROGRESS, batch__expires_at__lt=timezone.now()
+    ).update(status=Line.EXPIRED)
+    active = Batch.objects.filter(status__in=[Batch.Status.IN_PROGRESS, Batch.Status.FINALIZING,
+                                              Batch.Status.CANCELLING])  # fmt: skip
+    for batch_id, finalizer in active.values_list("id", "finalizer"):
+        if finalizer and worker_alive(finalizer):
+            continue
+        if not BatchLine.objects.filter(batch_id=batch_id, status__in=[Line.PENDING, Line.RUNNING]).exists():
+            batch_finalize(batch_id=batch_id, taking_over=finalizer)
+    waiting = set(BatchLine.objects.filter(status=Line.PENDING).values_list("model", flat=True))
+    running = set(BatchLine.objects.filter(status=Line.RUNNING).values_list("model", flat=True))
+    for model in LanguageModel.objects.filter(name__in=waiting - running):
+        if not get_redis().llen(model.queue):  # lanes already queued there will get to it
+            batch_lanes_start(models=[model.name])
+
+
+def batch_get(batch_id: str) -> Batch:
+    """The batch with that id, or a 404."""
+    batch = Batch.objects.filter(pk=batch_id).first()
+    if batch is None:
+        raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+    return batch
+
+
+def batch_counts(batch: Batch) -> dict:
+    """request_counts, counted from the lines (cancelled and expired lines are neither completed nor failed)."""
+    return batch.lines.aggregate(
+        total=Count("id"),
+        completed=Count("id", filter=Q(status=Line.COMPLETED)),
+        failed=Count("id", filter=Q(status=Line.FAILED)),
+    )
+
+
+def batch_object(batch: Batch) -> dict:
+    """The OpenAI Batch object."""
+
+    def at(moment):
+        return int(moment.timestamp()) if moment else None
+
+    tokens = RequestLog.objects.filter(batch_id=batch.id, status=RequestLog.Status.COMPLETED).aggregate(
+        input=Sum("prompt_tokens", default=0), output=Sum("completion_tokens", default=0),
+        cached=Sum("cached_tokens", default=0),
+    )  # fmt: skip
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "model": batch.model or None,
+        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": at(batch.created),
+        "in_progress_at": at(batch.in_progress_at),
+        "expires_at": at(batch.expires_at),
+        "finalizing_at": at(batch.finalizing_at),
+        "completed_at": at(batch.completed_at),
+        "failed_at": at(batch.failed_at),
+        "expired_at": at(batch.expired_at),
+        "cancelling_at": at(batch.cancelling_at),
+        "cancelled_at": at(batch.cancelled_at),
+        "request_counts": batch_counts(batch),
+        "metadata": batch.metadata,
+        "usage": {
+            "input_tokens": tokens["input"],
+            "input_tokens_details": {"cached_tokens": tokens["cached"]},
+            "output_tokens": tokens["output"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": tokens["input"] + tokens["output"],
+        },
+    }

@@ -1,0 +1,222 @@
+"""Hostile requests against a real `manage.py serve`: schemathesis fuzzes our operations of the official OpenAI
+spec, hypothesis puts wrong types, huge numbers, deep nesting, lone surrogates, NUL and huge strings anywhere in
+a body, and unknown paths and methods. Whatever comes in: never a 5xx, every error in OpenAI's shape, and the
+server still answers a normal request afterwards."""
+
+import functools
+import json
+import os
+
+import httpx2 as httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.core import NOT_SET
+
+from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from tests.conftest import HELLO, MODEL
+from tests.openapi import SPEC, assert_schema
+
+# Each operation we serve, with the spec's schema of its 200 body.
+OPERATIONS = {
+    "createChatCompletion": "CreateChatCompletionResponse",
+    "createCompletion": "CreateCompletionResponse",
+    "listModels": "ListModelsResponse",
+    "retrieveModel": "Model",
+}
+# Requests to a live server, each one a few tokens at most: the bound is examples, not seconds, and the deadline
+# grows with them (a loaded 2-core machine can take seconds for one). MINERVA_FUZZ_EXAMPLES=1000 runs longer.
+EXAMPLES = int(os.environ.get("MINERVA_FUZZ_EXAMPLES", 20))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(120 + 10 * EXAMPLES)]
+
+
+@pytest.fixture
+def server(minerva_server, smollm2):
+    return minerva_server
+
+
+@functools.cache
+def openai_operations() -> dict:
+    """Our operations of the official spec (loading its 3 MB takes a second or two, so once per run)."""
+    schema = schemathesis.openapi.from_path(SPEC).include(operation_id=list(OPERATIONS))
+    return {op.definition.raw["operationId"]: op for op in (result.ok() for result in schema.get_all_operations())}
+
+
+def cheap(body):
+    """Point a generated body at our model and keep its generation to a few tokens, so that the requests the
+    spec allows reach a worker without costing seconds each. Values of the wrong type stay as generated."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    if isinstance(body.get("model"), str):
+        body["model"] = MODEL
+    for key in ("max_tokens", "max_completion_tokens"):
+        if _is_int(body.get(key)) and body[key] > 4:
+            body[key] = 4
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = 4
+    if _is_int(body.get("n")) and body["n"] > 2:
+        body["n"] = 2
+    return body
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def assert_openai_answer(response: httpx.Response, ok_schema: str | None = None) -> None:
+    """No 5xx; an error is OpenAI's error object; a 200 JSON body follows the spec (when its schema is given)."""
+    assert response.status_code < 500, response.text[:2000]
+    if response.status_code >= 400:
+        assert response.headers["content-type"] == "application/json", response.text[:2000]
+        assert_schema("ErrorResponse", response.json())
+    elif ok_schema and response.headers["content-type"] == "application/json":
+        assert_schema(ok_schema, response.json())
+    elif response.headers["content-type"] == "text/event-stream":
+        frames = [line for line in response.text.split("\n\n") if line]
+        assert frames[-1] == "data: [DONE]", frames[-3:]
+
+
+def assert_healthy(server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert_schema("CreateChatCompletionResponse", response.json())
+
+
+def send_case(case, base_url: str) -> httpx.Response:
+    """Send a generated case as schemathesis serialises it (JSON, or raw bytes for a wrong media type)."""
+    if case.body is not NOT_SET:
+        case.body = cheap(case.body)
+    response = case.call(base_url=base_url, timeout=60)
+    headers = [(name, value) for name, values in response.headers.items() for value in values]
+    return httpx.Response(response.status_code, headers=headers, content=response.content)
+
+
+@pytest.mark.parametrize("operation_id", list(OPERATIONS))
+def test_the_openai_spec_fuzzed_against_serve_never_gets_a_5xx(server, operation_id):
+    operation = openai_operations()[operation_id]
+    cases = st.one_of(operation.as_strategy(generation_mode=mode) for mode in GenerationMode)
+
+    @FUZZ
+    @given(case=cases)
+    def fuzz(case):
+        note(f"case: {case.method} {case.formatted_path} {case.body!r:.500}")
+        assert_openai_answer(send_case(case, server.base_url), OPERATIONS[operation_id])
+
+    fuzz()
+    assert_healthy(server)
+
+
+# -- hypothesis: hostile values anywhere in an otherwise valid body ------------------------------------------
+
+HOLE = "@@hole@@"  # where a template takes the hostile value: its JSON text replaces '"@@hole@@"'
+HOSTILE_KEY = "@@key@@"  # a template's key that takes a hostile string
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+TEMPLATES = [
+    *(("chat/completions", {**CHAT, field: HOLE}) for field in ChatCompletionRequest.model_fields),
+    *(("completions", {**COMPLETION, field: HOLE}) for field in CompletionRequest.model_fields),
+    *(("chat/completions", {**CHAT, "messages": [{"role": "user", f: HOLE}]}) for f in ChatMessage.model_fields),
+    ("chat/completions", {**CHAT, "messages": [HOLE]}),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [HOLE]}]}),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": HOLE}]}]}),
+    ("chat/completions", {**CHAT, "messages": [{"role": "assistant", "tool_calls": [HOLE]}]}),
+    ("chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                                         "schema": HOLE}}}),
+    ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": HOLE}}]}),
+    ("chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": HOLE}}]}),
+    ("chat/completions", {**CHAT, "tool_choice": {"type": "function", "function": {"name": HOLE}}}),
+    ("chat/completions", {**CHAT, "logit_bias": {HOSTILE_KEY: 1}}),
+    ("chat/completions", {**CHAT, "stop": [HOLE]}),
+    ("chat/completions", {**CHAT, HOSTILE_KEY: 1}),
+    ("completions", {**COMPLETION, "prompt": [HOLE]}),
+]  # fmt: skip
+
+# Strings with what a careless client sends: NUL, lone surrogates, non-characters, line separators.
+hostile_text = st.text(
+    st.characters() | st.characters(categories=["Cs"]) | st.sampled_from("\x00\ufffe\uffff\u2028\u202e"), max_size=12
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats() | hostile_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(hostile_text, children, max_size=3),
+    max_leaves=8,
+).map(json.dumps)  # ensure_ascii: lone surrogates travel as \udXXX escapes, which are valid JSON
+raw_json = st.one_of(
+    json_values,
+    st.integers(1, 100_000).map(lambda depth: "[" * depth + "]" * depth),
+    st.integers(1, 100_000).map(lambda depth: '{"a":' * depth + "0" + "}" * depth),
+    st.integers(20, 6000).map(lambda digits: "9" * digits),  # past 2**64, and past Python's 4300-digit limit
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "-0", "1e-999", "-9223372036854775809"]),
+)
+
+
+def fill(template: dict, value: str, key: str) -> bytes:
+    text = json.dumps(template).replace(json.dumps(HOLE), value).replace(json.dumps(HOSTILE_KEY), json.dumps(key))
+    return text.encode()
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_hostile_values_anywhere_in_a_body_never_get_a_5xx(server, endpoint):
+    templates = [template for path, template in TEMPLATES if path == endpoint]
+    bodies = st.one_of(
+        st.builds(fill, st.sampled_from(templates), raw_json, hostile_text),
+        raw_json.map(str.encode),  # a whole body that is not an object
+        st.binary(max_size=64),  # not JSON, or not UTF-8
+    )
+    with httpx.Client(base_url=f"{server.base_url}/", timeout=60) as client:
+
+        @FUZZ
+        @given(body=bodies)
+        def fuzz(body):
+            note(f"body: {body[:500]!r}")
+            assert_openai_answer(client.post(endpoint, content=body, headers={"content-type": "application/json"}))
+
+        fuzz()
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "status"),
+    [
+        ("chat/completions", {**CHAT, "model": "m" * 10_000_000}, 413),
+        ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 7_000_000}]}, 400),
+        ("chat/completions", {**CHAT, "stop": ["s" * 1_000_000]}, 200),
+        ("completions", {**COMPLETION, "user": "\x00" * 1_000_000}, 200),  # 6 MB as \u0000 escapes
+    ],
+    ids=["10 MB model", "7 MB content", "1 MB stop", "a million NULs in user"],
+)
+def test_huge_strings_are_refused_or_served_and_never_a_5xx(server, endpoint, body, status):
+    response = httpx.post(f"{server.base_url}/{endpoint}", json=body, timeout=60)
+    assert response.status_code == status, response.text[:2000]
+    assert_openai_answer(response)
+    assert_healthy(server)
+
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND"]
+# Path segments: known ones, percent-escapes of any byte (invalid UTF-8, NUL, '/', '..'), and odd text.
+segments = st.one_of(
+    st.sampled_from(["models", "chat", "completions", MODEL, "..", ".", ""]),
+    st.binary(min_size=1, max_size=6).map(lambda raw: "".join(f"%{byte:02X}" for byte in raw)),
+    st.text(st.characters(codec="ascii", categories=["L", "N", "P", "S"], exclude_characters="/?#%"), max_size=8),
+)
+
+
+def test_unknown_paths_and_methods_get_an_openai_error(server):
+    with httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=60) as client:
+
+        @FUZZ
+        @given(method=st.sampled_from(METHODS), path=st.lists(segments, min_size=1, max_size=4).map("/".join))
+        def fuzz(method, path):
+            response = client.request(method, f"/v1/{path}")
+            # httpx resolves ".." segments, so "/v1/.." asks for "/", which is not the API (Django's HTML 404)
+            if method != "HEAD" and response.request.url.path.startswith("/v1/"):  # a HEAD answer has no body
+                assert_openai_answer(response, "ListModelsResponse" if path == "models" else None)
+            assert response.status_code < 500
+
+        fuzz()
+    assert_healthy(server)

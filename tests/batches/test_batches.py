@@ -1,0 +1,250 @@
+"""Batches in-process: lines checked at creation, run through the endpoints' generation path, results in files;
+cancel, expiry and the reaper driven by hand (Celery eager, or lanes left in the real Redis queue)."""
+
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from batches.models import Batch, BatchLine
+from batches.services import batch_line_claim, batch_line_run, batch_lines_run, batches_reap
+from inference.models import RequestLog
+from inference.streams import TokenStream
+from minerva_project import celery_app
+from minerva_project.redis import get_redis
+from tests.batches.test_files import chat_line, jsonl
+from tests.conftest import HELLO, MODEL
+from tests.openapi import assert_schema
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def files_dir(settings, tmp_path):
+    settings.FILES_DIR = tmp_path
+    return tmp_path
+
+
+@pytest.fixture
+def lanes_left_queued():
+    """Lanes go to the model's real Redis queue, where no worker takes them: the test runs lines by hand."""
+    celery_app.conf.task_always_eager = False
+    yield
+    celery_app.conf.task_always_eager = True
+
+
+def create(client, lines, endpoint="/v1/chat/completions", **extra) -> dict:
+    upload = client.post("/v1/files", {"purpose": "batch", "file": SimpleUploadedFile("in.jsonl", jsonl(*lines))})
+    assert upload.status_code == 200, upload.content
+    body = {"input_file_id": upload.json()["id"], "endpoint": endpoint, "completion_window": "24h", **extra}
+    response = client.post("/v1/batches", json.dumps(body), content_type="application/json")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def retrieve(client, batch_id: str) -> dict:
+    batch = client.get(f"/v1/batches/{batch_id}").json()
+    assert_schema("Batch", {k: v for k, v in batch.items() if v is not None})  # OpenAI sends nulls the spec omits
+    return batch
+
+
+def content(client, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    response = client.get(f"/v1/files/{file_id}/content")
+
+    async def read() -> bytes:  # the download is an async iterator, even for the sync test client
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    return [json.loads(line) for line in async_to_sync(read)().decode().splitlines()]
+
+
+def test_a_batch_answers_good_lines_like_the_endpoint_and_files_bad_ones_with_their_errors(client, smollm2,
+                                                                                            files_dir):  # fmt: skip
+    lines = [
+        chat_line("good-1"),
+        chat_line("good-2", messages=[{"role": "user", "content": "Name a colour."}]),
+        chat_line("unknown-model", model="no-such-model"),
+        chat_line("bad-param", temperature="hot"),
+        chat_line("too-long", messages=[{"role": "user", "content": "hi " * 5000}]),
+        chat_line("bad-tools", tool_choice="required"),
+    ]
+    created = create(client, lines, metadata={"purpose": "test"})
+    batch = retrieve(client, created["id"])
+    assert batch["status"] == "completed" and batch["metadata"] == {"purpose": "test"}
+    assert batch["request_counts"] == {"total": 6, "completed": 2, "failed": 4}
+    assert batch["usage"]["output_tokens"] > 0 and batch["model"] == MODEL
+
+    output, errors = content(client, batch["output_file_id"]), content(client, batch["error_file_id"])
+    assert [line["custom_id"] for line in output] == ["good-1", "good-2"]
+    direct = client.post("/v1/chat/completions", json.dumps(lines[0]["body"]), content_type="application/json").json()
+    answer = output[0]["response"]
+    assert answer["status_code"] == 200 and answer["request_id"].startswith("req_") and output[0]["error"] is None
+    assert_schema("CreateChatCompletionResponse", answer["body"])
+    assert answer["body"]["choices"][0]["message"] == direct["choices"][0]["message"]
+
+    failures = {line["custom_id"]: (line["response"]["status_code"], line["response"]["body"]["error"]["code"],
+                                    line["response"]["body"]["error"]["param"]) for line in errors}  # fmt: skip
+    assert failures == {
+        "unknown-model": (404, "model_not_found", "model"),
+        "bad-param": (400, None, "temperature"),
+        "too-long": (400, "context_length_exceeded", "messages"),
+        "bad-tools": (400, None, "tool_choice"),
+    }
+    logged = RequestLog.objects.filter(batch_id=batch["id"])
+    assert sorted(logged.values_list("status_code", flat=True)) == [200, 200, 400, 400, 400, 404]
+
+
+def test_a_completions_batch_runs_legacy_completions(client, smollm2, files_dir):
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 6, "temperature": 0}}  # fmt: skip
+    batch = retrieve(client, create(client, [line], endpoint="/v1/completions")["id"])
+    (result,) = content(client, batch["output_file_id"])
+    assert result["response"]["body"]["object"] == "text_completion"
+    assert " 5" in result["response"]["body"]["choices"][0]["text"]
+
+
+def test_a_file_whose_lines_call_another_endpoint_fails_the_batch_naming_the_lines(client, smollm2, files_dir):
+    lines = [chat_line("a"), {**chat_line("b"), "url": "/v1/completions"}]
+    batch = retrieve(client, create(client, lines)["id"])
+    assert batch["status"] == "failed" and batch["failed_at"]
+    assert [(e["code"], e["line"]) for e in batch["errors"]["data"]] == [("mismatched_endpoint", 2)]
+    assert not BatchLine.objects.exists() and batch["output_file_id"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"endpoint": "/v1/images/generations"}, "endpoint"),
+        ({"completion_window": "1h"}, "completion_window"),
+        ({"input_file_id": "file-nope"}, "input_file_id"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"input_file_id": 5}, "input_file_id"),
+    ],
+)
+def test_batch_creation_refuses_bad_parameters_with_a_400(client, files_dir, change, param):
+    body = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h", **change}
+    if body["input_file_id"] == "file-x":
+        upload = {"purpose": "batch", "file": SimpleUploadedFile("in.jsonl", jsonl(chat_line("a")))}
+        body["input_file_id"] = client.post("/v1/files", upload).json()["id"]
+    response = client.post("/v1/batches", json.dumps(body), content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.json()
+
+
+def test_a_user_data_file_cannot_be_a_batch_input(client, files_dir):
+    upload = client.post("/v1/files", {"purpose": "user_data", "file": SimpleUploadedFile("a", b"x")}).json()
+    body = {"input_file_id": upload["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    response = client.post("/v1/batches", json.dumps(body), content_type="application/json")
+    assert response.status_code == 400 and "purpose batch" in response.json()["error"]["message"]
+
+
+def test_unknown_batches_are_a_404_and_batches_list_in_pages(client, smollm2, files_dir, lanes_left_queued):
+    assert client.get("/v1/batches/batch_nope").json()["error"]["code"] == "not_found"
+    assert client.post("/v1/batches/batch_nope/cancel").status_code == 404
+    ids = [create(client, [chat_line("a")])["id"] for _ in range(3)]
+    first = client.get("/v1/batches?limit=2").json()
+    assert_schema("ListBatchesResponse", {**first, "data": []})
+    assert [b["id"] for b in first["data"]] == ids[::-1][:2] and first["has_more"]
+    rest = client.get(f"/v1/batches?after={first['last_id']}").json()
+    assert [b["id"] for b in rest["data"]] == ids[:1] and not rest["has_more"]
+
+
+def test_a_worker_runs_batch_lines_on_all_but_one_of_a_models_slots(client, smollm2, files_dir, lanes_left_queued):
+    create(client, [chat_line(str(i)) for i in range(5)])
+    assert get_redis().llen(smollm2.queue) == 3  # a lane per batch slot: 4 slots, one kept for interactive requests
+    claimed = [batch_line_claim(model=smollm2) for _ in range(4)]
+    assert [line is not None for line in claimed] == [True, True, True, False]
+
+
+def test_cancelling_stops_waiting_lines_at_once_and_cancels_running_ones(client, smollm2, files_dir,
+                                                                          lanes_left_queued):  # fmt: skip
+    batch_id = create(client, [chat_line(str(i)) for i in range(5)])["id"]
+    batch_line_run(line=batch_line_claim(model=smollm2))  # line 0 finishes
+    running = batch_line_claim(model=smollm2)  # line 1 is taken by a worker...
+    cancelling = client.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert cancelling["status"] == "cancelling" and cancelling["cancelling_at"]
+    assert get_redis().exists(TokenStream(running.request_id).cancel_key)
+    assert batch_line_claim(model=smollm2) is None  # ...and nothing more starts
+    batch_line_run(line=running)  # its request sees the flag before it starts generating
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "cancelled" and batch["cancelled_at"]
+    assert batch["request_counts"] == {"total": 5, "completed": 1, "failed": 0}
+    assert [line["custom_id"] for line in content(client, batch["output_file_id"])] == ["0"]
+    errors = content(client, batch["error_file_id"])
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(str(i), "batch_cancelled") for i in range(1, 5)]
+    assert client.post(f"/v1/batches/{batch_id}/cancel").json()["status"] == "cancelled"  # idempotent
+
+
+def test_a_finished_batch_cannot_be_cancelled(client, smollm2, files_dir):
+    batch_id = create(client, [chat_line("a")])["id"]
+    response = client.post(f"/v1/batches/{batch_id}/cancel")
+    assert response.status_code == 400 and "completed" in response.json()["error"]["message"]
+
+
+def test_the_reaper_requeues_a_dead_workers_lines_and_drops_their_late_results(client, smollm2, files_dir,
+                                                                               lanes_left_queued):  # fmt: skip
+    batch_id = create(client, [chat_line(str(i)) for i in range(3)])["id"]
+    lost = batch_line_claim(model=smollm2)
+    BatchLine.objects.filter(pk=lost.pk).update(worker="gone-host:1")  # as if another worker held it and died
+    batches_reap()
+    assert BatchLine.objects.get(pk=lost.pk).status == "pending"
+    # This lane runs the three lines, or fewer if another lane got to one first: each is recorded once either way.
+    assert 1 <= batch_lines_run(model_name=MODEL) <= 3
+    assert not BatchLine.objects.filter(batch_id=batch_id, status__in=["pending", "running"]).exists()
+    batch_line_run(line=lost)  # the dead worker's attempt reports after all: it no longer holds the line
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    output = content(client, batch["output_file_id"])
+    assert sorted(line["custom_id"] for line in output) == ["0", "1", "2"]
+    assert len({line["response"]["request_id"] for line in output}) == 3
+
+
+def test_the_reaper_restarts_lanes_for_a_model_whose_lanes_were_lost(client, smollm2, files_dir, lanes_left_queued):
+    create(client, [chat_line("a")])
+    get_redis().delete(smollm2.queue)  # the lanes' messages are gone (Redis restarted, say)
+    batches_reap()
+    assert get_redis().llen(smollm2.queue) == 3
+
+
+def test_an_overdue_batch_expires_keeping_what_finished(client, smollm2, files_dir, lanes_left_queued):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    batch_id = create(client, [chat_line(str(i)) for i in range(3)])["id"]
+    batch_line_run(line=batch_line_claim(model=smollm2))
+    Batch.objects.filter(pk=batch_id).update(expires_at=timezone.now() - timedelta(seconds=1))
+    batches_reap()
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert batch["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
+    errors = content(client, batch["error_file_id"])
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("1", "batch_expired"), ("2", "batch_expired")]
+
+
+def test_the_reaper_finalizes_a_batch_whose_finalizer_died(client, smollm2, files_dir, lanes_left_queued):
+    batch_id = create(client, [chat_line("a")])["id"]
+    line = batch_line_claim(model=smollm2)
+    Batch.objects.filter(pk=batch_id).update(finalizer="gone-host:1")  # it claimed the batch, then died
+    batch_line_run(line=line)
+    assert Batch.objects.get(pk=batch_id).status == "in_progress"
+    batches_reap()
+    assert retrieve(client, batch_id)["status"] == "completed"
+
+
+def test_a_running_batchs_input_file_cannot_be_deleted(client, smollm2, files_dir, lanes_left_queued):
+    batch = create(client, [chat_line("a")])
+    response = client.delete(f"/v1/files/{batch['input_file_id']}")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "file_id"
+
+
+def test_the_model_of_a_line_may_be_an_alias(client, smollm2, files_dir):
+    from models_app.models import ModelAlias
+
+    ModelAlias.objects.create(model=smollm2, name="gpt-4o-mini")
+    batch = retrieve(client, create(client, [chat_line("a", model="gpt-4o-mini")])["id"])
+    assert batch["request_counts"]["completed"] == 1 and batch["model"] == MODEL
+    assert HELLO  # the line asked what HELLO asks

@@ -1,0 +1,128 @@
+"""Operators' endpoints and production settings: /health, /ready, /metrics, check --deploy, SQLite under load."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+from django.db import connection
+
+from access.services import key_create
+from inference.metrics import worker_beat
+from inference.models import RequestLog
+from minerva_project.redis import start_embedded_redis
+from tests.conftest import HELLO, MODEL, ROOT
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_health_answers_without_a_key(client, settings):
+    settings.AUTH = "on"
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_ready_needs_a_worker_for_an_enabled_model(client, smollm2):
+    response = client.get("/ready")
+    assert response.status_code == 503 and response.json()["missing"] == ["worker: none alive for an enabled model"]
+    worker_beat([smollm2.queue])
+    assert client.get("/ready").json() == {"status": "ready"}
+
+
+def test_ready_turns_503_when_redis_is_stopped(client, smollm2, settings, tmp_path):
+    socket_path = tmp_path / "redis.sock"
+    process = start_embedded_redis(socket_path, stdout=subprocess.DEVNULL)
+    settings.REDIS_URL = f"unix://{socket_path}"
+    try:
+        worker_beat([smollm2.queue])
+        assert client.get("/ready").status_code == 200
+        process.terminate()
+        process.wait(timeout=10)
+        response = client.get("/ready")
+        assert response.status_code == 503 and response.json()["missing"][0].startswith("redis:")
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _sample(text: str, name: str, **labels) -> float:
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and match.group(1) == name and dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or "")) == labels:
+            return float(match.group(3))
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+def test_metrics_count_known_traffic(client, smollm2, settings):
+    settings.AUTH = "on"
+    _, staff = key_create(name="prometheus", staff=True)
+    _, plain = key_create(name="app")
+    usages = []
+    for _ in range(2):
+        response = client.post("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 4},
+                               content_type="application/json",
+                               headers={"Authorization": f"Bearer {plain}"})  # fmt: skip
+        usages.append(response.json()["usage"])
+    client.post("/v1/chat/completions", {"model": "nope", "messages": HELLO}, content_type="application/json",
+                headers={"Authorization": f"Bearer {plain}"})  # fmt: skip
+    worker_beat([smollm2.queue])
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {plain}"}).status_code == 401
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {staff}"}).content.decode()
+    chat = {"endpoint": "/v1/chat/completions"}
+    assert _sample(text, "minerva_requests_total", **chat, model=MODEL, status="200") == 2
+    assert _sample(text, "minerva_requests_total", **chat, model="nope", status="404") == 1
+    assert _sample(text, "minerva_tokens_total", model=MODEL, kind="prompt") == sum(u["prompt_tokens"] for u in usages)
+    completion = sum(u["completion_tokens"] for u in usages)
+    assert _sample(text, "minerva_tokens_total", model=MODEL, kind="completion") == completion
+    assert _sample(text, "minerva_ttft_seconds_count", model=MODEL) == 2
+    assert _sample(text, "minerva_queue_depth", model=MODEL) == 0
+    assert _sample(text, "minerva_busy_slots", model=MODEL) == 0
+    assert re.search(r"^minerva_workers 1\.0$", text, re.M)
+
+
+def test_many_writers_do_not_hit_database_is_locked(settings):
+    errors = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(25):
+                RequestLog.objects.create(request_id=f"w{n}-{i}", endpoint="/v1/models", status_code=200)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and RequestLog.objects.count() == 200
+
+
+def test_check_deploy_is_clean_with_the_documented_production_settings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
+    env |= {"MINERVA_DATA_DIR": str(tmp_path), "MINERVA_SECURE": "1", "MINERVA_ALLOWED_HOSTS": "llm.example.com"}
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    secret = (tmp_path / "secret_key").read_text()
+    assert len(secret) >= 50 and oct((tmp_path / "secret_key").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run([sys.executable, "-c", "from django.conf import settings; import django; "
+                            "django.setup(); print(settings.SECRET_KEY, settings.DEBUG)"], cwd=ROOT,
+                           env=env | {"DJANGO_SETTINGS_MODULE": "minerva_project.settings"}, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert again.stdout.split() == [secret.strip(), "False"]
+
+
+def test_a_served_minerva_is_ready_once_its_worker_beats(minerva_server, smollm2):  # smollm2: enabled in the DB
+    import time
+
+    import httpx2 as httpx
+
+    deadline = time.monotonic() + 60
+    while (response := httpx.get(f"http://127.0.0.1:{minerva_server.port}/ready", timeout=5)).status_code != 200:
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.5)
+    assert response.json() == {"status": "ready"}
