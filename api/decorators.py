@@ -131,7 +131,7 @@ def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     if isinstance(data.get("model"), str):
-        request.log_model = data["model"][:255].replace("\x00", "")
+        request.log_model = data["model"][:255]
     if b"\\ud" in raw.lower():
         try:
             json.dumps(data, ensure_ascii=False).encode()

@@ -4,6 +4,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 
+from minerva_project.fields import NulFreeCharField
+
 
 def _file_id() -> str:
     return f"file-{uuid.uuid4().hex[:24]}"
@@ -22,7 +24,7 @@ class File(models.Model):
         USER_DATA = "user_data"
 
     id = models.CharField(max_length=40, primary_key=True, default=_file_id, editable=False)
-    filename = models.CharField(max_length=255)
+    filename = NulFreeCharField(max_length=255)
     purpose = models.CharField(max_length=16, choices=Purpose.choices, db_index=True)
     bytes = models.BigIntegerField(default=0)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -103,7 +105,7 @@ class BatchLine(models.Model):
     index = models.PositiveIntegerField(help_text="Line number in the input file, from 1")
     offset = models.BigIntegerField(help_text="Byte offset of the line in the input file")
     custom_id = models.CharField(max_length=512)
-    model = models.CharField(max_length=255, blank=True)
+    model = NulFreeCharField(max_length=255, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     worker = models.CharField(max_length=255, blank=True, help_text="host:pid of the worker running it")
     request_id = models.CharField(max_length=64, blank=True, help_text="The RequestLog row of the current attempt")

@@ -102,7 +102,7 @@ def _add_lines(batch: Batch) -> tuple[list[dict], list[str]]:
             line = BatchLine(batch=batch, index=number, offset=offset, custom_id=request["custom_id"])
             try:
                 body = _parse(batch.endpoint, request["body"])
-                line.model = body.model[:255].replace("\x00", "")
+                line.model = body.model[:255]
                 if body.model not in known:
                     known[body.model] = _resolve(body.model)
                 if isinstance(known[body.model], OpenAIError):

@@ -37,6 +37,8 @@ class CreateBatchRequest(BaseModel):
     def _short_keys(cls, value):
         if value and any(len(key) > 64 for key in value):
             raise ValueError("keys are at most 64 characters")
+        if value and any("\x00" in text for pair in value.items() for text in pair):
+            raise ValueError("keys and values cannot contain NUL (U+0000)")
         return value
 
 
@@ -103,11 +105,15 @@ async def file(request: HttpRequest, file_id: str) -> HttpResponse:
 
 @openai_view(methods=("GET",))
 async def file_content(request: HttpRequest, file_id: str) -> HttpResponse:
-    found = await sync_to_async(file_get)(file_id)
-    handle = found.path.open("rb")  # opened now: a delete during the download does not cut it short
+    return file_download(await sync_to_async(file_get)(file_id))
+
+
+def file_download(file: File) -> StreamingHttpResponse:
+    """A file's bytes, streamed (the API's download and the admin's)."""
+    handle = file.path.open("rb")  # opened now: a delete during the download does not cut it short
     response = StreamingHttpResponse(_chunks(handle), content_type="application/octet-stream")
-    response["Content-Length"] = str(found.bytes)
-    response["Content-Disposition"] = f'attachment; filename="{found.id}.jsonl"'
+    response["Content-Length"] = str(file.bytes)
+    response["Content-Disposition"] = f'attachment; filename="{file.id}.jsonl"'
     return response
 
 

@@ -412,26 +412,14 @@ def _ms_since(log: RequestLog) -> float:
 
 
 def _params(body: GenerationRequest) -> dict:
-    """The request's parameters without its content (messages or prompt), safe for any database."""
-    params = body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True, by_alias=True)
-    return _strip_nul(params)
+    """The request's parameters without its content (messages or prompt)."""
+    return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True, by_alias=True)
 
 
 def _content(body: GenerationRequest):
     """The request's content (messages or prompt), stored only when MINERVA_LOG_CONTENT is on."""
     field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    return _strip_nul(body.model_dump(mode="json", include={field}, exclude_none=True, by_alias=True)[field])
-
-
-def _strip_nul(value):
-    # PostgreSQL's jsonb cannot hold U+0000.
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    if isinstance(value, dict):
-        return {k.replace("\x00", ""): _strip_nul(v) for k, v in value.items()}
-    return value
+    return body.model_dump(mode="json", include={field}, exclude_none=True, by_alias=True)[field]
 
 
 def request_logs_prune(*, days: int) -> int:

@@ -51,6 +51,7 @@ CASES = [
     ("GET on a POST endpoint", "get", CHAT, None, 405, "invalid_request_error", "method_not_allowed", None),
     ("DELETE on models", "delete", "/v1/models", None, 405, "invalid_request_error", "method_not_allowed", None),
     ("unknown /v1 path", "post", "/v1/nope", {}, 404, "invalid_request_error", "not_found", None),
+    ("NUL in the path", "options", "/v1/%00/x%F8", None, 404, "invalid_request_error", "not_found", None),
     ("trailing slash", "post", CHAT + "/", {"model": MODEL, "messages": HELLO},
      404, "invalid_request_error", "not_found", None),
     ("prompt over the context", "post", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": LONG}]},
@@ -141,6 +142,15 @@ async def test_an_internal_error_is_a_generic_500_and_the_worker_lives_on(async_
 async def test_unknown_fields_are_ignored(async_client, smollm2):
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 2, "some_future_field": {"a": 1}}
     assert (await send(async_client, "post", CHAT, body)).status_code == 200
+
+
+async def test_nul_characters_are_dropped_from_the_log_not_refused(async_client, smollm2, settings):
+    settings.LOG_CONTENT = True  # PostgreSQL's text and jsonb cannot hold U+0000; SQLite can: both must log the same
+    body = {"model": MODEL, "prompt": "a\u0000b", "max_tokens": 1, "stop": ["\u0000"], "user": "x\u0000y"}
+    response = await send(async_client, "post", "/v1/completions", body)
+    assert response.status_code == 200, response.content
+    row = await RequestLog.objects.aget(request_id=response["x-request-id"].removeprefix("req_"))
+    assert (row.prompt, row.request["stop"], row.request["user"]) == ("ab", [""], "xy")
 
 
 async def test_listing_models_is_logged_once(async_client, smollm2):

@@ -11,27 +11,12 @@ from batches.models import Batch, BatchLine
 from batches.services import batch_line_claim, batch_line_run, batch_lines_run, batches_reap
 from inference.models import RequestLog
 from inference.streams import TokenStream
-from minerva_project import celery_app
 from minerva_project.redis import get_redis
 from tests.batches.test_files import chat_line, jsonl
 from tests.conftest import HELLO, MODEL
 from tests.openapi import assert_schema
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def files_dir(settings, tmp_path):
-    settings.FILES_DIR = tmp_path
-    return tmp_path
-
-
-@pytest.fixture
-def lanes_left_queued():
-    """Lanes go to the model's real Redis queue, where no worker takes them: the test runs lines by hand."""
-    celery_app.conf.task_always_eager = False
-    yield
-    celery_app.conf.task_always_eager = True
 
 
 def create(client, lines, endpoint="/v1/chat/completions", **extra) -> dict:
@@ -122,6 +107,7 @@ def test_a_file_whose_lines_call_another_endpoint_fails_the_batch_naming_the_lin
         ({"input_file_id": "file-nope"}, "input_file_id"),
         ({"metadata": {"k": "v" * 513}}, "metadata.k"),
         ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "a\u0000b"}}, "metadata"),  # given back verbatim, so refused rather than altered
         ({"input_file_id": 5}, "input_file_id"),
     ],
 )
