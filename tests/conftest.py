@@ -117,9 +117,11 @@ class Server:
         return time.monotonic() - started
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def minerva_server(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real `manage.py serve` on a free port, sharing the test database."""
+    """A real `manage.py serve` on a free port, sharing the test database, for one test module. Not for the whole
+    run: its workers' reapers (on its own Redis) would take the lines that in-process batch tests claim or leave
+    waiting in the same database, and run or requeue them under those tests."""
     with django_db_blocker.unblock():
         models_sync()  # the worker's queues come from the registered models
     server = Server(tmp_path_factory.mktemp("serve"))
