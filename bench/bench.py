@@ -75,12 +75,21 @@ def start_llama_server(args, work: Path, slots: int) -> tuple[subprocess.Popen, 
     ]  # fmt: skip
     if args.threads:
         cmd += ["-t", str(args.threads)]
+    if _cpu_has_amx():
+        cmd += ["--no-repack"]  # as Minerva does there: llama.cpp's AMX weight kernels crash on multi-token batches
     process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_ready(f"http://127.0.0.1:{port}/health", process, log)
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-def start_minerva(args, work: Path, slots: int) -> tuple[subprocess.Popen, str, str]:
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     models = work / "models"
     models.mkdir()
@@ -95,6 +104,7 @@ def start_minerva(args, work: Path, slots: int) -> tuple[subprocess.Popen, str, 
         MINERVA_N_GPU_LAYERS=str(args.n_gpu_layers),
         MINERVA_MAX_QUEUE="0",
         MINERVA_LOG_LEVEL="WARNING",
+        **(extra_env or {}),
     )
     if args.threads:
         env["MINERVA_N_THREADS"] = str(args.threads)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run bench/bench.py on the lent GPU machine (no network there). Prepare the carry here first with
 # `bench/gpu.sh prepare` (a trimmed llama.cpp source, llama-cpp-python's Python files and Python 3.12 wheels
-# under build/gpu/, about 42 MiB), then on the device: `bench/gpu.sh build` and `bench/gpu.sh run [LEVELS]`.
+# under build/gpu/, about 42 MiB), then on the device: `bench/gpu.sh build` and `bench/gpu.sh run [LEVELS]`, or
+# `bench/gpu.sh batch [SLOTS]` for bench/batch_ttft.py (interactive TTFT while a batch runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=build/gpu
@@ -23,6 +24,7 @@ prepare)
     mkdir -p "$CARRY/py" && cp -r "$sdist/llama_cpp" "$CARRY/py/"
     grep -vE '^(#|$)|llama-cpp-python|psycopg' requirements/base.txt > "$CARRY/requirements.txt"
     echo "diskcache==5.6.3" >> "$CARRY/requirements.txt"
+    echo "httpx==0.28.1" >> "$CARRY/requirements.txt"  # the benches' client (httpx2 is the tests' pin)
     pip download -q --python-version 3.12 --implementation cp --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
@@ -49,8 +51,13 @@ run)
     /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
         --levels "${2:-1,4,16,64}" --n-batch 2048 --n-ctx 1024 --out "${OUT:-/tmp}/bench-gpu.json"
     ;;
+batch)
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --slots "${2:-16}" --n-batch 2048 --n-ctx 1024 --lines 500 --max-tokens 64 --out "${OUT:-/tmp}/batch-gpu.json"
+    ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]" >&2
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]" >&2
     exit 2
     ;;
 esac
