@@ -119,11 +119,15 @@ def test_the_cli_table_and_scan_are_human_readable(models_dir, capsys):
 async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_dir):
     from asgiref.sync import sync_to_async
 
+    from inference.services import model_cache
+
     await sync_to_async(models_scan)()
     await sync_to_async(write_gguf)(models_dir / "off.gguf")
     off = await sync_to_async(model_register)(name="off", path=models_dir / "off.gguf")
     off.enabled = False
     await off.asave()
+    # An earlier test's request may have left the model loaded in this process, whose heartbeat says so in Redis.
+    await sync_to_async(model_cache().unload)("smollm2-135m-instruct")
     data = (await async_client.get("/v1/models")).json()
     assert [m["id"] for m in data["data"]] == ["smollm2-135m-instruct"]
     entry = data["data"][0]
