@@ -5,23 +5,11 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from api.errors import OpenAIError
+from inference.admin import ReadOnlyAdmin
 
 from .models import Batch, File
 from .services import batch_cancel, batch_counts
 from .views import file_download
-
-
-class ReadOnly(admin.ModelAdmin):
-    """Rows that only the API and the `batch` command change."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 def _file_link(file_id: str | None):
@@ -32,7 +20,7 @@ def _file_link(file_id: str | None):
 
 
 @admin.register(Batch)
-class BatchAdmin(ReadOnly):
+class BatchAdmin(ReadOnlyAdmin):
     list_display = ["id", "status", "progress", "model", "endpoint", "created", "completed_at", "input",
                     "output", "errors_file"]  # fmt: skip
     list_filter = ["status", "endpoint", "model", ("created", admin.DateFieldListFilter)]
@@ -68,7 +56,7 @@ class BatchAdmin(ReadOnly):
 
 
 @admin.register(File)
-class FileAdmin(ReadOnly):
+class FileAdmin(ReadOnlyAdmin):
     list_display = ["id", "filename", "purpose", "bytes", "created", "download"]
     list_filter = ["purpose", ("created", admin.DateFieldListFilter)]
     search_fields = ["id", "filename"]

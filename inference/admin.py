@@ -11,8 +11,21 @@ CSV_FIELDS = ["created", "request_id", "endpoint", "method", "model", "api_key_p
               "finish_reason", "ttft_ms", "latency_ms", "error_type", "error_code"]  # fmt: skip
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that only the API, the workers and management commands change (the batches' admin uses it too)."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin):
+class RequestLogAdmin(ReadOnlyAdmin):
     list_display = ["created", "request_id", "endpoint", "model", "api_key_prefix", "stream", "status", "status_code",
                     "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "error_code"]  # fmt: skip
     list_filter = [
@@ -49,12 +62,3 @@ class RequestLogAdmin(admin.ModelAdmin):
         for row in queryset.values_list(*CSV_FIELDS):
             writer.writerow(row)
         return response
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
