@@ -24,7 +24,7 @@ class File(models.Model):
         USER_DATA = "user_data"
 
     id = models.CharField(max_length=40, primary_key=True, default=_file_id, editable=False)
-    filename = NulFreeCharField(max_length=255)
+    filename = models.CharField(max_length=255)  # Django drops non-printable characters from upload names
     purpose = models.CharField(max_length=16, choices=Purpose.choices, db_index=True)
     bytes = models.BigIntegerField(default=0)
     created = models.DateTimeField(auto_now_add=True, db_index=True)

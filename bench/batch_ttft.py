@@ -114,6 +114,8 @@ def on_llama_server(args, base: str, model: str) -> dict:
     time.sleep(2)  # as for Minerva: let the job fill the slots
     busy = probes(base, model, args.probes)
     runner.join()
+    if not tokens:
+        sys.exit("the job failed on llama-server (its error is printed above)")
     elapsed = time.monotonic() - started
     return {
         "idle_ttft": idle,

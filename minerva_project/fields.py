@@ -1,7 +1,7 @@
 """Columns for what clients send. PostgreSQL's text and jsonb cannot hold U+0000 (SQLite can): these drop it on the
 way in, for every write (save, update, bulk_create), so a request with a NUL in its path, model or parameters is
-logged the same on either database. Only columns where a dropped NUL loses nothing use them (the request log, model
-and file names); values a client gets back verbatim (a batch's custom_id and metadata) refuse NUL with a 400."""
+logged the same on either database. Only columns where a dropped NUL loses nothing use them (the request log, a batch
+line's model name); values a client gets back verbatim (a batch's custom_id and metadata) refuse NUL with a 400."""
 
 from django.db import models
 

@@ -125,3 +125,10 @@ async def test_every_files_request_is_logged_once(async_client, settings, tmp_pa
         RequestLog.objects.order_by("created").values_list("endpoint", "method", "status_code")
     )
     assert rows == [("/v1/files", "POST", 200), ("/v1/files/file-nope", "GET", 404)]
+
+
+async def test_an_upload_name_with_a_nul_is_kept_without_it(async_client, settings, tmp_path):
+    settings.FILES_DIR = tmp_path  # Django drops non-printable characters from upload names (PostgreSQL refuses NUL)
+    response = await upload(async_client, jsonl(chat_line("a")), name="a\x00b.jsonl")
+    assert response.status_code == 200, response.content
+    assert response.json()["filename"] == "ab.jsonl"
