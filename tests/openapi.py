@@ -1,4 +1,4 @@
-"""Validate response bodies against the official OpenAI OpenAPI spec (../shared/openai/openapi.yaml)."""
+"""Validate response bodies against the official OpenAI OpenAPI spec, kept in the repository (tests/data/openai/)."""
 
 import functools
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-SPEC = Path(os.environ.get("MINERVA_OPENAPI_SPEC", Path(__file__).resolve().parents[2] / "shared/openai/openapi.yaml"))
+SPEC = Path(os.environ.get("MINERVA_OPENAPI_SPEC", Path(__file__).resolve().parent / "data/openai/openapi.yaml"))
 
 
 @functools.cache
