@@ -201,7 +201,11 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)
-    reason = stream.cancelled()  # read even when every choice ended: an overflowing stream lost its `done`
+    try:  # read even when every choice ended: an overflowing stream lost its `done`
+        reason = stream.cancelled()
+    except RedisError:  # Redis went away just now: its reader fails as well; the row still ends
+        logger.warning("could not read the cancel flag of request %s", log.request_id, exc_info=True)
+        reason = None
     if reason == CANCEL_OVERFLOW:
         error = InvalidRequest(f"The answer passed this server's limit of {settings.STREAM_MAXLEN} events per "
                                "request (MINERVA_STREAM_MAXLEN); ask for fewer tokens or choices.", param="max_tokens",
