@@ -130,6 +130,41 @@ def _limited(message: str, limits: Limits) -> RateLimited:
     return exc
 
 
+# Admit a reservation only if it fits the key's minute (or the minute is empty: a request larger than the whole
+# limit still runs, alone); atomic, so concurrent admissions cannot all pass. -> {admitted, tokens in the window}
+_RESERVE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tokens, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if used > 0 and used + tokens > limit then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], tokens)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, used}
+"""
+
+
+def tokens_reserve(*, key: ApiKey, tokens: int) -> dict:
+    """Reserve a request's most possible tokens in its key's minute before it is queued; raise RateLimited
+    (with headers) if they do not fit the key's tpm. Return the reservation for tokens_settle."""
+    requests_key, tokens_key, reset = _window_keys(key.prefix)
+    redis = get_redis()
+    admitted, used = redis.eval(_RESERVE, 1, tokens_key, tokens, key.tpm, WINDOW_SECONDS * 2)
+    if not admitted:
+        limits = Limits(rpm=key.rpm, tpm=key.tpm, requests=int(redis.get(requests_key) or 0), tokens=used,
+                        reset=reset)  # fmt: skip
+        raise _limited(f"Rate limit reached: {key.tpm} tokens per minute (this request may use up to {tokens}; "
+                       f"{max(0, key.tpm - used)} are left in this minute).", limits)  # fmt: skip
+    return {"key": tokens_key, "tokens": tokens}
+
+
+def tokens_settle(*, reservation: dict, tokens: int) -> None:
+    """Replace a reservation by the tokens its request really used, in the minute it was admitted in."""
+    delta = tokens - reservation["tokens"]
+    if delta:
+        get_redis().pipeline().incrby(reservation["key"], delta).expire(
+            reservation["key"], WINDOW_SECONDS * 2
+        ).execute()
+
+
 def tokens_record(*, prefix: str, tokens: int) -> None:
     """Count a finished request's tokens against its key's minute (its tokens-per-minute limit)."""
     if prefix and tokens:

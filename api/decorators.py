@@ -61,7 +61,7 @@ def openai_view(*, methods: tuple[str, ...]):
                 logger.exception("unhandled error in %s (request %s)", request.path, request.request_id)
                 response = error_response(ServerError())
             for header, value in (limits.headers() if limits else {}).items():
-                response[header] = value
+                response.setdefault(header, value)  # a 429 from the token reservation carries newer counts
             response["x-request-id"] = f"req_{request.request_id}"
             response["X-Content-Type-Options"] = "nosniff"
             if not request.request_logged:

@@ -1,5 +1,6 @@
 """Running a generation request: record it, queue it on its model's worker, run it there, finish its log row."""
 
+import contextlib
 import datetime
 import json
 import logging
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from access.models import ApiKey
-from access.services import tokens_record
+from access.services import tokens_record, tokens_reserve, tokens_settle
 from api.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -43,7 +44,7 @@ from .engine import (
 )
 from .metrics import metrics_record
 from .models import RequestLog
-from .streams import RedisStepIO, TokenStream
+from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .worker import WORKER_ID
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
         raise ServiceUnavailable(
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
         )
+    reservation = None
+    if api_key is not None and api_key.tpm is not None:  # raises RateLimited (429) past the key's tokens per minute
+        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
     enqueue_failed: list[Exception] = []
 
     def enqueue() -> None:
@@ -77,24 +81,49 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
         except Exception as exc:  # Redis went away since the checks above
             enqueue_failed.append(exc)
 
-    with transaction.atomic():
-        log = RequestLog.objects.create(
-            request_id=request_id,
-            endpoint=endpoint,
-            model=model.name,
-            stream=bool(body.stream),
-            request=_params(body),
-            prompt=_content(body) if settings.LOG_CONTENT else None,
-            **(audit or {}),
-        )
-        # The body travels in the task message, not the row: the row keeps parameters, not content.
-        payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True)}
-        transaction.on_commit(enqueue)
-    if enqueue_failed:  # the caller logs the refusal, so this row must not stay
-        log.delete()
-        raise ServiceUnavailable("The request could not be queued (Redis is unavailable); try again.",
-                                 code="redis_unavailable") from enqueue_failed[0]  # fmt: skip
+    try:
+        with transaction.atomic():
+            log = RequestLog.objects.create(
+                request_id=request_id,
+                endpoint=endpoint,
+                model=model.name,
+                stream=bool(body.stream),
+                request=_params(body),
+                prompt=_content(body) if settings.LOG_CONTENT else None,
+                **(audit or {}),
+            )
+            # The body travels in the task message, not the row: the row keeps parameters, not content.
+            payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
+                       "reservation": reservation}  # fmt: skip
+            transaction.on_commit(enqueue)
+        if enqueue_failed:  # the caller logs the refusal, so this row must not stay
+            log.delete()
+            raise ServiceUnavailable("The request could not be queued (Redis is unavailable); try again.",
+                                     code="redis_unavailable") from enqueue_failed[0]  # fmt: skip
+    except Exception:
+        if reservation:  # never queued: give the budget back
+            with contextlib.suppress(RedisError):
+                tokens_settle(reservation=reservation, tokens=0)
+        raise
     return log
+
+
+PROMPT_BYTES_PER_TOKEN = 3  # English runs ~4 bytes a token, code ~3; fewer over-reserves, settled on completion
+
+
+def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
+    """The most tokens this request can count against its key: a prompt estimated from its content (the true
+    count is known only to the worker's tokenizer), capped at the context, plus n times max_tokens (without
+    max_tokens, the context the prompt leaves)."""
+    if isinstance(body, CompletionRequest) and body.prompt and isinstance(body.prompt[0], int):
+        prompt = len(body.prompt)  # token ids: exact
+    else:
+        content = json.dumps([_content(body), _params(body).get("tools")], ensure_ascii=False)
+        prompt = -(-len(content.encode()) // PROMPT_BYTES_PER_TOKEN)
+    prompt = min(prompt, n_ctx)
+    limit = body.token_limit()
+    completion = min(limit, n_ctx) if limit is not None else max(n_ctx - prompt, 1)
+    return prompt + (body.n or 1) * completion
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
@@ -126,7 +155,10 @@ def request_run(*, log_id: int, payload: dict) -> None:
         # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
         logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
         return
-    if stream.cancelled():  # the client left while the request waited in the queue
+    log.reservation = payload.get("reservation")  # its tokens-per-minute budget, settled in _finish
+    if reason := stream.cancelled():  # the client left (or its wait timed out) while it was in the queue
+        if reason == CANCEL_TIMEOUT:
+            return _fail(log, stream, timed_out(), [])
         _finish(log, RequestLog.Status.CANCELLED, status_code=499)
         return
     log.status = RequestLog.Status.RUNNING
@@ -169,6 +201,18 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)
+    try:  # read even when every choice ended: an overflowing stream lost its `done`
+        reason = stream.cancelled()
+    except RedisError:  # Redis went away just now: its reader fails as well; the row still ends
+        logger.warning("could not read the cancel flag of request %s", log.request_id, exc_info=True)
+        reason = None
+    if reason == CANCEL_OVERFLOW:
+        error = InvalidRequest(f"The answer passed this server's limit of {settings.STREAM_MAXLEN} events per "
+                               "request (MINERVA_STREAM_MAXLEN); ask for fewer tokens or choices.", param="max_tokens",
+                               code="stream_too_long")  # fmt: skip
+        return _fail(log, stream, error, sequences)
+    if reason == CANCEL_TIMEOUT and any(s.finish_reason == "cancelled" for s in sequences):
+        return _fail(log, stream, timed_out(), sequences)
     _count(log, sequences)
     if any(s.finish_reason == "cancelled" for s in sequences):
         _finish(log, RequestLog.Status.CANCELLED, status_code=499)
@@ -382,8 +426,14 @@ def _finish(log: RequestLog, status: str, *, status_code: int) -> None:
         logger.warning("could not read the completion of request %s for the log", log.request_id, exc_info=True)
     _retrying(log.save)
     try:  # counters are best effort: the row above is the record
-        tokens_record(prefix=log.api_key_prefix, tokens=log.prompt_tokens + log.completion_tokens)
+        used = log.prompt_tokens + log.completion_tokens
+        reservation = getattr(log, "reservation", None)
+        if reservation:  # admitted against the key's budget: the real count replaces the estimate
+            tokens_settle(reservation=reservation, tokens=used)
+        else:
+            tokens_record(prefix=log.api_key_prefix, tokens=used)
         metrics_record(log)
+        TokenStream(log.request_id).finished()  # after the save: a batch line reads the stream once its row is done
     except RedisError:
         logger.warning("could not count request %s in the metrics", log.request_id, exc_info=True)
 

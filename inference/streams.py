@@ -1,7 +1,9 @@
 """TokenStream: one Redis Stream per request. The worker appends events; the view reads them.
 
 Unlike pub/sub, a Stream keeps its events, so a view that starts reading late (or a test that reads after an
-eager task already ran) still sees everything from id 0. Keys expire MINERVA_STREAM_TTL after the last event."""
+eager task already ran) still sees everything from id 0. A live stream's keys expire MINERVA_STREAM_TTL after its
+last event; once its reader has read the end, or its worker has finished the request, FINISHED_TTL_SECONDS.
+Nothing is ever trimmed: a stream that would pass MINERVA_STREAM_MAXLEN events ends its request with an error."""
 
 import json
 import logging
@@ -17,6 +19,14 @@ from minerva_project.redis import get_async_redis, get_redis
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
+FINISHED_TTL_SECONDS = 60  # a finished stream's keys: long enough for the worker's log and a batch line to read it
+# Why a request was cancelled: the value of its cancel flag (the worker logs each differently).
+CANCEL_CLIENT, CANCEL_TIMEOUT, CANCEL_OVERFLOW = "client", "timeout", "overflow"
+
+
+def timed_out() -> Timeout:
+    """The error of a request whose reader heard nothing for MINERVA_REQUEST_TIMEOUT (its worker logs it too)."""
+    return Timeout(f"No answer from the model for {settings.REQUEST_TIMEOUT} s; the request was stopped.")
 
 
 class TokenStream:
@@ -30,13 +40,15 @@ class TokenStream:
     def publish(self, event: str, **data) -> None:
         """Append one event (`accepted`, `start`, `token`, `done` or `error`) and push the expiry forward."""
         pipe = get_redis().pipeline(transaction=False)
-        pipe.xadd(
-            self.key,
-            {"event": event, "data": json.dumps(data, ensure_ascii=False)},
-            maxlen=settings.STREAM_MAXLEN,
-            approximate=True,
-        )
+        pipe.xadd(self.key, {"event": event, "data": json.dumps(data, ensure_ascii=False)})
         pipe.expire(self.key, settings.STREAM_TTL)
+        pipe.execute()
+
+    def finished(self) -> None:
+        """The request is over: its keys need only outlive a reader that is still catching up."""
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.expire(self.key, FINISHED_TTL_SECONDS)
+        pipe.expire(self.cancel_key, FINISHED_TTL_SECONDS)
         pipe.execute()
 
     def text(self) -> list[str]:
@@ -48,47 +60,54 @@ class TokenStream:
                 texts.setdefault(data["index"], []).append(data["text"])
         return ["".join(texts[i]) for i in sorted(texts)]
 
-    def cancelled(self) -> bool:
-        """Whether the client went away (checked by the worker between tokens)."""
-        return bool(get_redis().exists(self.cancel_key))
+    def cancelled(self) -> str | None:
+        """Why the request was cancelled (CANCEL_CLIENT, CANCEL_TIMEOUT, CANCEL_OVERFLOW), or None."""
+        return get_redis().get(self.cancel_key)
 
     # -- view side (async) ---------------------------------------------------------------------------
 
-    async def cancel(self) -> None:
-        """Ask the worker to stop (or never start) this request."""
+    async def cancel(self, reason: str = CANCEL_CLIENT) -> None:
+        """Ask the worker to stop (or never start) this request. The first reason given stays (nx): a client
+        that leaves after its request timed out does not turn the timeout into a disconnect."""
         client = get_async_redis()
         try:
-            await client.set(self.cancel_key, "1", ex=settings.STREAM_TTL)
+            await client.set(self.cancel_key, reason, ex=settings.STREAM_TTL, nx=True)
         except RedisError:  # Redis is down: the worker's own publish fails too, and it stops
             logger.warning("could not cancel request %s", self.request_id, exc_info=True)
         finally:
             await client.aclose()
 
     async def read(self, *, choices: int = 1, ping_every: float | None = None) -> AsyncIterator[tuple[str, dict]]:
-        """Yield (event, data) from the first event on, until every choice is `done`, an `error`, or
-        MINERVA_REQUEST_TIMEOUT. With `ping_every`, a ("ping", {}) comes after that many quiet seconds.
+        """Yield (event, data) from the first event on, until every choice is `done` or an `error`. With
+        `ping_every`, a ("ping", {}) comes after that many quiet seconds.
+
+        MINERVA_REQUEST_TIMEOUT bounds silence, not length: no event for that long (in the queue, loading the
+        model, in prefill or generating text held back) cancels the request in its worker with reason
+        `timeout` and raises Timeout; a generation that keeps producing events runs as long as it needs. Only
+        an empty read counts as silence, so a consumer that is slow to take events is never timed out.
 
         The worker's `accepted` event names it; from then on, each quiet second checks that worker's heartbeat,
         so a worker that died mid-request is a `worker_lost` error within seconds, not a hang until the
         timeout. (The watchdog is separate from the pings, which only keep the client's connection alive.)"""
         from .worker import worker_key
 
-        deadline = time.monotonic() + settings.REQUEST_TIMEOUT
         client = get_async_redis()
         last_id = "0"
-        last_yield = time.monotonic()
+        last_event = last_yield = time.monotonic()
         worker = None
         try:
             while True:
-                if time.monotonic() > deadline:
-                    raise Timeout("The request timed out waiting for the model.")
                 reply = await client.xread({self.key: last_id}, block=READ_BLOCK_MS, count=256)
+                if not reply and time.monotonic() - last_event > settings.REQUEST_TIMEOUT:
+                    await self.cancel(CANCEL_TIMEOUT)
+                    raise timed_out()
                 if not reply and worker is not None and not await client.exists(worker_key(worker)):
                     raise WorkerLost()
                 if not reply and ping_every is not None and time.monotonic() - last_yield >= ping_every:
                     last_yield = time.monotonic()
                     yield "ping", {}
                 for _key, entries in reply or []:
+                    last_event = time.monotonic()
                     for entry_id, fields in entries:
                         last_id = entry_id
                         event, data = fields["event"], json.loads(fields["data"])
@@ -100,6 +119,7 @@ class TokenStream:
                         if event == "done":
                             choices -= 1
                         if event == "error" or choices == 0:
+                            await client.expire(self.key, FINISHED_TTL_SECONDS)  # read to its end
                             return
         except RedisError:
             raise ServiceUnavailable(
@@ -111,16 +131,40 @@ class TokenStream:
 
 class RedisStepIO:
     """The engine's StepIO: one pipeline per decode step publishes every sequence's events and checks every
-    running sequence's cancel flag, so a step costs one Redis round trip however many sequences it holds."""
+    running sequence's cancel flag, so a step costs one Redis round trip however many sequences it holds.
+
+    A stream is never trimmed (a trimmed stream would silently lose a long answer's beginning). Instead, a request
+    whose stream would pass MINERVA_STREAM_MAXLEN events is stopped: its further events are not published, its
+    cancel flag says `overflow`, and its worker ends it with an error event (room for it is kept)."""
+
+    RESERVED = 2  # the `accepted` and final `error` events, published by request_run, not counted here
+
+    def __init__(self):
+        self.published: dict[str, int] = {}  # events published per running request (only the IO thread counts)
+        self.overflowing: set[str] = set()
 
     def step(self, events: list, active: list) -> set:
+        live = {sequence.key for sequence in active} | {sequence.key for sequence, _, _ in events}
+        self.published = {key: count for key, count in self.published.items() if key in live}
+        self.overflowing &= live
         pipe = get_redis().pipeline(transaction=False)
         for sequence, event, data in events:
-            key = TokenStream(sequence.key).key
+            if sequence.key in self.overflowing:
+                continue
+            count = self.published.get(sequence.key, 0) + 1
+            stream = TokenStream(sequence.key)
+            if count > settings.STREAM_MAXLEN - self.RESERVED:
+                self.overflowing.add(sequence.key)
+                pipe.set(stream.cancel_key, CANCEL_OVERFLOW, ex=settings.STREAM_TTL, nx=True)
+                continue
+            self.published[sequence.key] = count
             fields = {"event": event, "data": json.dumps(data, ensure_ascii=False)}
-            pipe.xadd(key, fields, maxlen=settings.STREAM_MAXLEN, approximate=True)
-            pipe.expire(key, settings.STREAM_TTL)
-        for sequence in active:
+            pipe.xadd(stream.key, fields)
+            pipe.expire(stream.key, settings.STREAM_TTL)
+        checked = [sequence for sequence in active if sequence.key not in self.overflowing]
+        for sequence in checked:
             pipe.exists(TokenStream(sequence.key).cancel_key)
-        flags = pipe.execute()[2 * len(events) :]
-        return {sequence for sequence, flag in zip(active, flags, strict=True) if flag}
+        replies = pipe.execute()
+        flags = replies[len(replies) - len(checked) :]
+        cancelled = {sequence for sequence, flag in zip(checked, flags, strict=True) if flag}
+        return cancelled | {sequence for sequence in active if sequence.key in self.overflowing}

@@ -1,6 +1,7 @@
 """What a Celery worker process does besides running tasks: a heartbeat in Redis (views watch it to tell a dead
-worker from a slow one), a reaper for log rows whose worker died, recycling after N requests or past a memory
-bound, and a bounded drain when it is asked to stop. Wired to Celery's worker signals; inert elsewhere."""
+worker from a slow one), a reaper for log rows whose worker died (on a thread of its own), recycling after N
+requests or past a memory bound, and a bounded drain when it is asked to stop. Wired to Celery's worker signals;
+inert elsewhere."""
 
 import json
 import logging
@@ -46,23 +47,29 @@ def worker_alive(worker_id: str) -> bool:
 
 @worker_ready.connect
 def _start(**kwargs) -> None:
+    # Two threads: the reaper waits on the database (a 20 s busy timeout when SQLite is locked), and a heartbeat
+    # that waited with it would expire, making this live worker look dead to every view and batch reaper.
     threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=_reap, name="request-reaper", daemon=True).start()
 
 
 def _beat() -> None:
-    reaped = 0.0
+    """Refresh this worker's key every second; Redis only, never the database."""
     while not _stop.is_set():
         try:
             get_redis().set(worker_key(WORKER_ID), "1", ex=WORKER_TTL_SECONDS)
         except RedisError:  # Redis restarting: the views see us gone and say so; beat again once it is back
             logger.warning("heartbeat failed", exc_info=True)
-        if time.monotonic() - reaped >= REAP_EVERY_SECONDS:
-            reaped = time.monotonic()
-            try:
-                requests_reap()
-            except (DatabaseError, RedisError):
-                logger.warning("reaping lost requests failed", exc_info=True)
         _stop.wait(HEARTBEAT_SECONDS)
+
+
+def _reap() -> None:
+    while not _stop.is_set():
+        try:
+            requests_reap()
+        except (DatabaseError, RedisError):
+            logger.warning("reaping lost requests failed", exc_info=True)
+        _stop.wait(REAP_EVERY_SECONDS)
 
 
 def requests_reap() -> int:

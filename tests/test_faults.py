@@ -366,6 +366,71 @@ def test_while_the_database_is_away_requests_get_503_and_a_running_stream_is_log
     assert chat(live, max_tokens=2).status_code == 200
 
 
+# <|im_start|> forced at every step: SmolLM2 keeps generating, but a control token has no text, so the request
+# publishes nothing after `start` (what a long prefill or text held back for a stop string look like to a reader).
+SILENT = {**LONG, "logit_bias": {"1": 100}}
+
+
+def _warm(live: Server) -> None:
+    """Load the model first, so a short MINERVA_REQUEST_TIMEOUT never counts the load."""
+    wait_for(lambda: _ok(live), 120, "the model never answered")
+
+
+def test_a_request_silent_past_the_timeout_gets_504_and_its_worker_stops_generating(server):
+    live = server(REQUEST_TIMEOUT="3", PARALLEL="1")
+    _warm(live)
+    reply = chat(live, **{k: v for k, v in SILENT.items() if k not in ("model", "messages")})
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+    request_id = reply.headers["x-request-id"].removeprefix("req_")
+    row = wait_for(lambda: RequestLog.objects.filter(request_id=request_id).exclude(status="running").first(), 60,
+                   "the timed-out request's row was not finished")  # fmt: skip
+    assert (row.status, row.status_code, row.error_type, row.error_code) == ("failed", 504, "server_error", "timeout")
+    assert 0 < row.completion_tokens < LONG["max_tokens"], row.completion_tokens  # stopped, not run to the end
+    assert chat(live, max_tokens=4).status_code == 200  # its one slot is free again
+    assert len(rows(request_id)) == 1
+
+
+def test_a_generation_longer_than_the_timeout_that_keeps_streaming_is_not_cut_off(server):
+    live = server(REQUEST_TIMEOUT="2")
+    _warm(live)
+    started = time.monotonic()
+    reply = chat(live, max_tokens=1000, ignore_eos=True, temperature=0)
+    took = time.monotonic() - started
+    assert reply.status_code == 200, reply.text
+    assert (
+        reply.json()["choices"][0]["finish_reason"] == "length" and reply.json()["usage"]["completion_tokens"] == 1000
+    )
+    assert took > 2, "the generation was too quick to outlast the timeout; make it longer"
+
+
+def test_a_database_locked_past_the_heartbeat_ttl_does_not_make_a_live_worker_look_dead(server):
+    # The reaper waits the whole lock out on the database (20 s busy timeout); the heartbeat must not wait with it.
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        live = server()
+        locker = sqlite3.connect(db["NAME"], timeout=0, isolation_level=None)
+        take, give_back = (lambda: locker.execute("BEGIN EXCLUSIVE")), (lambda: locker.execute("COMMIT"))
+    else:
+        proxy = Proxy((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)))
+        live = server(DATABASE_URL=f"postgres://{db['USER']}:{db['PASSWORD']}@127.0.0.1:{proxy.port}/{db['NAME']}")
+        take, give_back = proxy.cut, proxy.open
+    redis = get_redis_for(live)
+    stream = Stream(live, {**LONG, "max_tokens": 600})
+    first_content(stream)
+    (worker,) = redis.keys("minerva:worker:*")
+    take()
+    try:
+        held = time.monotonic()
+        while time.monotonic() - held < 13:  # longer than the reaper's 10 s period, so one run waits on the lock
+            assert redis.exists(worker), "the heartbeat lapsed while the database was locked"
+            time.sleep(0.2)
+    finally:
+        give_back()
+    payloads = list(stream.frames())
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "length", payloads[-2]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_hundred_requests_keep_worker_memory_flat_and_recycling_keeps_serving(server, capsys):
