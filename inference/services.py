@@ -41,7 +41,7 @@ from .engine import (
     Sequence,
     parse_keep_alive,
 )
-from .metrics import metrics_record
+from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
 from .streams import RedisStepIO, TokenStream
 from .worker import WORKER_ID
@@ -98,9 +98,10 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
-                       error_type: str = "", error_code: str = "",
+                       error_type: str = "", error_code: str = "", route: str | None = None,
                        audit: dict | None = None) -> RequestLog:  # fmt: skip
-    """Log a request that never reached a worker (listing models, or refused before queueing)."""
+    """Log a request that never reached a worker (listing models, or refused before queueing). `route` is the
+    URL pattern it matched, the metrics' label; the row keeps the path (cut to the column's 255 characters)."""
     failed = status_code >= 400
     log = RequestLog.objects.create(
         request_id=request_id,
@@ -114,7 +115,7 @@ def request_log_record(*, request_id: str, endpoint: str, method: str, model: st
         finished=timezone.now(),
         **(audit or {}),
     )
-    metrics_record(log)
+    metrics_record(log, endpoint=route or log.endpoint, model=metrics_model_label(model))
     return log
 
 

@@ -71,7 +71,7 @@ def test_metrics_count_known_traffic(client, smollm2, settings):
     text = client.get("/metrics", headers={"Authorization": f"Bearer {staff}"}).content.decode()
     chat = {"endpoint": "/v1/chat/completions"}
     assert _sample(text, "minerva_requests_total", **chat, model=MODEL, status="200") == 2
-    assert _sample(text, "minerva_requests_total", **chat, model="nope", status="404") == 1
+    assert _sample(text, "minerva_requests_total", **chat, model="unknown", status="404") == 1  # not "nope"
     assert _sample(text, "minerva_tokens_total", model=MODEL, kind="prompt") == sum(u["prompt_tokens"] for u in usages)
     completion = sum(u["completion_tokens"] for u in usages)
     assert _sample(text, "minerva_tokens_total", model=MODEL, kind="completion") == completion
