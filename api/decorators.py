@@ -1,12 +1,16 @@
 """@openai_view: the one place an /v1 request gets its id, its method check, its error rendering and, when
 the view did not hand it to a worker, its request-log row."""
 
+import asyncio
 import functools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import re
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -21,6 +25,7 @@ from access.models import ApiKey
 from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check
 from inference.services import request_log_record
 
+from .bodies import json_check
 from .errors import (
     InvalidHost,
     InvalidRequest,
@@ -184,19 +189,36 @@ def _retry_count(raw: str) -> int:
     return int(raw) if raw.isdigit() and len(raw) < 6 else 0
 
 
-def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
-    """Validate the JSON body into `model`, turning every fault into a 400/413 that names the parameter."""
+NOT_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
+    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+INLINE_BODY_BYTES = 64 * 1024  # smaller bodies cannot hold enough values to stall the event loop
+_checker: ProcessPoolExecutor | None = None
+
+
+async def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
+    """Validate the JSON body into `model`, turning every fault into a 400/413 that names the parameter. A large
+    body is first parsed and counted in another process (api/bodies.py), so the event loop never spends more
+    than milliseconds on one: running streams keep flowing whatever arrives."""
+    global _checker
     try:
         raw = request.body
     except RequestDataTooBig:
         raise RequestTooLarge("The request body is too large.") from None
+    if len(raw) > INLINE_BODY_BYTES:
+        # Spawned, not forked (daphne runs threads; the check needs nothing of Django), and niced: it must not
+        # take the CPU from the worker's decoding.
+        if _checker is None:
+            _checker = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=os.nice, initargs=(10,))  # fmt: skip
+        verdict = await asyncio.wrap_future(_checker.submit(json_check, raw))
+        if verdict:
+            raise InvalidRequest(NOT_JSON if verdict == "invalid" else verdict)
     try:
         data = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-        ) from None
+        raise InvalidRequest(NOT_JSON) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     if isinstance(data.get("model"), str):
