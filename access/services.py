@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from api.errors import OpenAIError
 from minerva_project.redis import get_redis
 
 from .models import ApiKey
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-mnrv-"
 VISIBLE = len(KEY_PREFIX) + 8  # what is stored and shown: sk-mnrv-abcd1234
@@ -52,7 +55,8 @@ def key_revoke(*, key: ApiKey) -> None:
 
 
 def auth_required(host: str | None = None) -> bool:
-    """Whether requests need a key: MINERVA_AUTH on/off, else only when listening beyond loopback."""
+    """Whether requests need a key: MINERVA_AUTH on/off, else only when listening beyond loopback (MINERVA_HOST,
+    which `serve` sets to the address it binds, for every process it starts)."""
     if settings.AUTH in ("on", "off"):
         return settings.AUTH == "on"
     return auth_required_without_override(host or settings.HOST)
@@ -66,6 +70,22 @@ def auth_required_without_override(host: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: assume it is reachable from elsewhere
         return True
+
+
+FORWARDED_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+_proxy_warned = False
+
+
+def auth_proxy_warn(meta: dict) -> None:
+    """Say once per process that keys are optional while a reverse proxy forwards requests: a proxy on this
+    machine reaches daphne on loopback, so keys stay optional unless MINERVA_AUTH=on."""
+    global _proxy_warned
+    if not _proxy_warned and any(h in meta for h in FORWARDED_HEADERS) and not auth_required():
+        _proxy_warned = True
+        logger.warning(
+            "A request came through a proxy (it carries X-Forwarded-For, Forwarded or X-Real-IP) while API keys are "
+            "optional: anyone who can reach the proxy can use every model. Set MINERVA_AUTH=on behind a proxy."
+        )
 
 
 def key_authenticate(header: str) -> ApiKey | None:

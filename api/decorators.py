@@ -1,14 +1,20 @@
 """@openai_view: the one place an /v1 request gets its id, its method check, its error rendering and, when
 the view did not hand it to a worker, its request-log row."""
 
+import asyncio
 import functools
 import json
 import logging
 import math
+import multiprocessing
+import os
+import re
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 
 from asgiref.sync import sync_to_async
-from django.core.exceptions import RequestDataTooBig
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -19,7 +25,17 @@ from access.models import ApiKey
 from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check
 from inference.services import request_log_record
 
-from .errors import InvalidRequest, MethodNotAllowed, OpenAIError, RequestTooLarge, ServerError, ServiceUnavailable
+from .bodies import json_check
+from .errors import (
+    InvalidHost,
+    InvalidRequest,
+    MethodNotAllowed,
+    OpenAIError,
+    OriginNotAllowed,
+    RequestTooLarge,
+    ServerError,
+    ServiceUnavailable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +55,19 @@ def openai_view(*, methods: tuple[str, ...]):
                 "retry_count": _retry_count(request.headers.get("X-Stainless-Retry-Count", "")),
             }
             try:
-                # The key first: a caller without one learns nothing, not even which methods a path takes.
-                header = request.headers.get("Authorization", "")
-                if header or auth_required():
-                    request.api_key, limits = await sync_to_async(_access)(header)
-                request.audit["api_key_prefix"] = request.api_key.prefix if request.api_key else ""
-                if request.method not in methods:
-                    raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
-                response = await view(request, *args, **kwargs)
+                # A foreign Host or a web page's Origin before anything else; a CORS preflight ends here.
+                response = browser_check(request)
+                if response is None:
+                    # The key next: a caller without one learns nothing, not even which methods a path takes.
+                    header = request.headers.get("Authorization", "")
+                    if header or auth_required():
+                        request.api_key, limits = await sync_to_async(_access)(header)
+                    request.audit["api_key_prefix"] = request.api_key.prefix if request.api_key else ""
+                    if request.headers.get(BODY_REFUSED) == "too-large":  # daphne did not read it (daphne.py)
+                        raise RequestTooLarge("The request body is too large.")
+                    if request.method not in methods:
+                        raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+                    response = await view(request, *args, **kwargs)
             except OpenAIError as exc:
                 response = error_response(exc)
                 if isinstance(exc, MethodNotAllowed):
@@ -70,6 +91,7 @@ def openai_view(*, methods: tuple[str, ...]):
                     await sync_to_async(request_log_record)(
                         request_id=request.request_id,
                         endpoint=request.path,
+                        route=route_label(request),
                         method=request.method,
                         model=request.log_model,
                         status_code=response.status_code,
@@ -111,23 +133,92 @@ def error_response(exc: OpenAIError) -> JsonResponse:
     return response
 
 
+BODY_REFUSED = "X-Minerva-Body-Refused"  # set by minerva_project/daphne.py only
+PREFLIGHT_HEADERS = "Authorization, Content-Type, X-Stainless-Retry-Count"
+
+
+def browser_check(request: HttpRequest) -> HttpResponse | None:
+    """Refuse a Host that is not ours (a DNS-rebinding page) and a browser request from an origin that is not
+    allowed, whatever its method or Content-Type (a `text/plain` POST needs no preflight); answer the preflight
+    of an allowed one. None: carry on. Requests without an Origin (curl, SDKs) are not browsers' and go on."""
+    try:
+        request.get_host()
+    except DisallowedHost:
+        raise InvalidHost(
+            "The Host header names a host this server does not answer for (MINERVA_ALLOWED_HOSTS)."
+        ) from None
+    origin = request.headers.get("Origin")
+    if origin is None:
+        # A page's <img> or <script> sends no Origin, but browsers mark it; following a link is fine.
+        fetch = request.headers.get("Sec-Fetch-Site"), request.headers.get("Sec-Fetch-Mode")
+        if fetch[0] == "cross-site" and fetch[1] != "navigate":
+            raise OriginNotAllowed("Cross-site requests from browsers are not allowed.")
+        return None
+    if not origin_allowed(request, origin):
+        raise OriginNotAllowed(f"Requests from the origin {origin[:200]} are not allowed (MINERVA_CORS_ORIGINS).")
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response = HttpResponse(status=204)
+        response["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        response["Access-Control-Allow-Headers"] = requested[:2000] or PREFLIGHT_HEADERS  # the SDKs' x-stainless-*
+        response["Access-Control-Max-Age"] = "600"
+        return response
+    return None
+
+
+def origin_allowed(request: HttpRequest, origin: str) -> bool:
+    """The server's own origin (a page it serves), MINERVA_CORS_ORIGINS, and the origins the admin's forms may
+    be posted from behind a proxy (MINERVA_CSRF_TRUSTED_ORIGINS)."""
+    if origin in settings.CORS_ORIGINS or origin in settings.CSRF_TRUSTED_ORIGINS:
+        return True
+    return origin == f"{request.scheme}://{request.get_host()}"
+
+
+def route_label(request: HttpRequest) -> str:
+    """The URL pattern a request matched (`/v1/files/{file_id}`), or `unmatched`: a bounded metrics label,
+    where the raw path would let any caller add series without end."""
+    match = getattr(request, "resolver_match", None)
+    if match is None or match.url_name == "unmatched":
+        return "unmatched"
+    route = re.sub(r"\(\?P<(\w+)>(?:[^()]|\([^()]*\))*\)", r"{\1}", match.route)  # re_path groups
+    route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)  # path() converters
+    return "/" + route.replace("^", "").replace("$", "")
+
+
 def _retry_count(raw: str) -> int:
     return int(raw) if raw.isdigit() and len(raw) < 6 else 0
 
 
-def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
-    """Validate the JSON body into `model`, turning every fault into a 400/413 that names the parameter."""
+NOT_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
+    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+INLINE_BODY_BYTES = 64 * 1024  # smaller bodies cannot hold enough values to stall the event loop
+_checker: ProcessPoolExecutor | None = None
+
+
+async def parse_body(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
+    """Validate the JSON body into `model`, turning every fault into a 400/413 that names the parameter. A large
+    body is first parsed and counted in another process (api/bodies.py), so the event loop never spends more
+    than milliseconds on one: running streams keep flowing whatever arrives."""
+    global _checker
     try:
         raw = request.body
     except RequestDataTooBig:
         raise RequestTooLarge("The request body is too large.") from None
+    if len(raw) > INLINE_BODY_BYTES:
+        # Spawned, not forked (daphne runs threads; the check needs nothing of Django), and niced: it must not
+        # take the CPU from the worker's decoding.
+        if _checker is None:
+            _checker = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=os.nice, initargs=(10,))  # fmt: skip
+        verdict = await asyncio.wrap_future(_checker.submit(json_check, raw))
+        if verdict:
+            raise InvalidRequest(NOT_JSON if verdict == "invalid" else verdict)
     try:
         data = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-        ) from None
+        raise InvalidRequest(NOT_JSON) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     if isinstance(data.get("model"), str):

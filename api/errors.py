@@ -47,6 +47,14 @@ class MethodNotAllowed(OpenAIError):
     status, code = 405, "method_not_allowed"
 
 
+class InvalidHost(OpenAIError):
+    code = "invalid_host"
+
+
+class OriginNotAllowed(OpenAIError):
+    status, type, code = 403, "permission_error", "origin_not_allowed"
+
+
 class RequestTooLarge(OpenAIError):
     status, code = 413, "request_too_large"
 

@@ -45,10 +45,14 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="The role of the message's author."
     )
-    content: str | list[ContentPart] | None = Field(default=None, description="Text, or a list of parts.")
+    content: str | Annotated[list[ContentPart], Field(fail_fast=True)] | None = Field(
+        default=None, description="Text, or a list of parts."
+    )
     name: str | None = Field(default=None, description="An optional name for the participant.")
     tool_call_id: str | None = Field(default=None, description="The call this tool message answers.")
-    tool_calls: list[ToolCallIn] | None = Field(default=None, description="Calls an assistant message made.")
+    tool_calls: Annotated[list[ToolCallIn], Field(fail_fast=True)] | None = Field(
+        default=None, description="Calls an assistant message made."
+    )
     reasoning_content: str | None = Field(default=None, description="An assistant turn's thinking.")
     reasoning: str | None = Field(default=None, description="Same as reasoning_content (another server's name).")
 
@@ -70,6 +74,8 @@ class StreamOptions(_Request):
 KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+MAX_LOGIT_BIAS = 10_000
+# Lists stop at their first wrong item (fail_fast): 400,000 wrong items would be as many errors, seconds to build.
 
 
 class _SamplingRequest(_Request):
@@ -96,6 +102,13 @@ class _SamplingRequest(_Request):
     keep_alive: str | float | None = Field(
         default=None, description="How long the model stays loaded after this request: seconds or '5m'."
     )
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _not_too_many(cls, value):
+        if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:  # before each entry is checked (and reported)
+            raise ValueError(f"at most {MAX_LOGIT_BIAS:,} tokens may be biased")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -207,7 +220,7 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True, description="The conversation so far.")
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
@@ -236,7 +249,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] = Field(description="The prompt: a string or a list of token ids.")
+    prompt: str | Annotated[list[str], Field(fail_fast=True)] | Annotated[list[int], Field(fail_fast=True)] = Field(
+        description="The prompt: a string or a list of token ids."
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="Upper bound of generated tokens.")
     echo: bool | None = Field(default=False, description="Echo the prompt before the completion.")
     logprobs: int | None = Field(default=None, ge=0, le=5, description="Alternatives per token to report.")

@@ -80,7 +80,7 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
 
 @openai_view(methods=("POST",))
 async def chat_completions(request: HttpRequest) -> HttpResponse:
-    body = parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest)
     check_chat(body)
     generation = await _submit(request, body)
     if body.stream:
@@ -90,7 +90,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
 
 @openai_view(methods=("POST",))
 async def completions(request: HttpRequest) -> HttpResponse:
-    body = parse_body(request, CompletionRequest)
+    body = await parse_body(request, CompletionRequest)
     check_completion(body)
     generation = await _submit(request, body)
     if body.stream:

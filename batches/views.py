@@ -127,7 +127,7 @@ async def _chunks(handle):
 @openai_view(methods=("GET", "POST"))
 async def batches(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
-        body = parse_body(request, CreateBatchRequest)
+        body = await parse_body(request, CreateBatchRequest)
         return JsonResponse(await sync_to_async(_batch_create)(body))
     return JsonResponse(await sync_to_async(_batch_list)(request.GET))
 

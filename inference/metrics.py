@@ -18,20 +18,41 @@ WORKER_BEAT_SECONDS = 5
 WORKER_FRESH_SECONDS = 15
 
 
-def metrics_record(log: RequestLog) -> None:
-    """Count one finished request: its status, tokens and latencies."""
+UNKNOWN_MODEL = "unknown"  # the label of every model name that is not registered
+
+
+def metrics_record(log: RequestLog, *, endpoint: str | None = None, model: str | None = None) -> None:
+    """Count one finished request: its status, tokens and latencies. Labels are the route and a registered
+    model's name (`endpoint`, `model`, when the row's own could be anything a caller sent): every label value
+    is a series kept forever, so none may come from a caller unchecked."""
     from minerva_project.redis import get_redis
 
+    endpoint = endpoint or log.endpoint
+    model = log.model if model is None else model
     pipe = get_redis().pipeline(transaction=False)
-    pipe.hincrby(REQUESTS, f"{log.endpoint}|{log.model}|{log.status_code}", 1)
+    pipe.hincrby(REQUESTS, f"{endpoint}|{model}|{log.status_code}", 1)
     if log.prompt_tokens or log.completion_tokens:
-        pipe.hincrby(TOKENS, f"{log.model}|prompt", log.prompt_tokens)
-        pipe.hincrby(TOKENS, f"{log.model}|completion", log.completion_tokens)
+        pipe.hincrby(TOKENS, f"{model}|prompt", log.prompt_tokens)
+        pipe.hincrby(TOKENS, f"{model}|completion", log.completion_tokens)
     if log.ttft_ms is not None:
-        _observe(pipe, "ttft", log.model, log.ttft_ms / 1000)
+        _observe(pipe, "ttft", model, log.ttft_ms / 1000)
         if log.latency_ms is not None and log.completion_tokens > 1:
-            _observe(pipe, "itl", log.model, (log.latency_ms - log.ttft_ms) / 1000 / (log.completion_tokens - 1))
+            _observe(pipe, "itl", model, (log.latency_ms - log.ttft_ms) / 1000 / (log.completion_tokens - 1))
     pipe.execute()
+
+
+def metrics_model_label(name: str) -> str:
+    """A requested model name as a label: the registered model it names (aliases too), else `unknown`."""
+    from django.db.models import Q
+
+    from models_app.models import LanguageModel
+
+    if not name:
+        return ""
+    if "\x00" in name:  # PostgreSQL refuses NUL in text; no model is called that
+        return UNKNOWN_MODEL
+    found = LanguageModel.objects.filter(Q(name=name) | Q(aliases__name=name)).values_list("name", flat=True).first()
+    return found or UNKNOWN_MODEL
 
 
 def _observe(pipe, name: str, model: str, seconds: float) -> None:

@@ -42,7 +42,7 @@ from .engine import (
     Sequence,
     parse_keep_alive,
 )
-from .metrics import metrics_record
+from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .worker import WORKER_ID
@@ -127,9 +127,10 @@ def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
-                       error_type: str = "", error_code: str = "",
+                       error_type: str = "", error_code: str = "", route: str | None = None,
                        audit: dict | None = None) -> RequestLog:  # fmt: skip
-    """Log a request that never reached a worker (listing models, or refused before queueing)."""
+    """Log a request that never reached a worker (listing models, or refused before queueing). `route` is the
+    URL pattern it matched, the metrics' label; the row keeps the path (cut to the column's 255 characters)."""
     failed = status_code >= 400
     log = RequestLog.objects.create(
         request_id=request_id,
@@ -143,7 +144,7 @@ def request_log_record(*, request_id: str, endpoint: str, method: str, model: st
         finished=timezone.now(),
         **(audit or {}),
     )
-    metrics_record(log)
+    metrics_record(log, endpoint=route or log.endpoint, model=metrics_model_label(model))
     return log
 
 

@@ -1,7 +1,12 @@
+"""The project's own middleware: the browser gate (Host, Origin, CORS) and the fast path for /v1."""
+
 from asgiref.sync import markcoroutinefunction
 from django.conf import settings
-from django.http import HttpResponse
 from django.urls import resolve
+
+from access.services import auth_proxy_warn
+from api.decorators import browser_check, error_response
+from api.errors import OpenAIError
 
 
 class ApiFastPath:
@@ -17,13 +22,16 @@ class ApiFastPath:
 
     async def __call__(self, request):
         if request.path_info.startswith("/v1/"):
-            match = resolve(request.path_info)  # api/urls.py ends in a catch-all: this always resolves
+            match = request.resolver_match = resolve(request.path_info)  # api/urls.py ends in a catch-all
             return await match.func(request, *match.args, **match.kwargs)
         return await self.get_response(request)
 
 
 class Cors:
-    """Browsers may call the API only from MINERVA_CORS_ORIGINS (none by default); preflights answer here."""
+    """The browser gate for every path: a foreign Host is refused (DNS rebinding), and so is a request from a web
+    page whose origin is not allowed (MINERVA_CORS_ORIGINS, or the server's own); allowed origins get their
+    preflights answered and CORS headers. /v1 requests are checked by `@openai_view`, so a refusal is logged like
+    any other request; this middleware only adds their CORS headers."""
 
     sync_capable, async_capable = False, True
 
@@ -32,16 +40,16 @@ class Cors:
         markcoroutinefunction(self)
 
     async def __call__(self, request):
-        origin = request.headers.get("Origin")
-        allowed = origin is not None and origin in settings.CORS_ORIGINS
-        if allowed and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            response = HttpResponse(status=204)
-            response["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Stainless-Retry-Count"
-            response["Access-Control-Max-Age"] = "600"
-        else:
+        auth_proxy_warn(request.META)
+        if request.path_info.startswith("/v1/"):
             response = await self.get_response(request)
-        if allowed:
+        else:
+            try:
+                response = browser_check(request) or await self.get_response(request)
+            except OpenAIError as exc:
+                response = error_response(exc)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin in settings.CORS_ORIGINS:
             response["Access-Control-Allow-Origin"] = origin
             response["Access-Control-Expose-Headers"] = "x-request-id, Retry-After, x-ratelimit-remaining-requests"
             response["Vary"] = "Origin"

