@@ -251,8 +251,7 @@ def batch_lines_run(*, model_name: str) -> int:
     model = LanguageModel.objects.filter(name=model_name).first()
     ran = 0
     while model is not None and not stopping.is_set() and (line := batch_line_claim(model=model)) is not None:
-        batch_line_run(line=line)
-        ran += 1
+        ran += batch_line_run(line=line)
     return ran
 
 
@@ -288,9 +287,9 @@ def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
                 return BatchLine.objects.select_related("batch").get(pk=pk)
 
 
-def batch_line_run(*, line: BatchLine) -> None:
+def batch_line_run(*, line: BatchLine) -> bool:
     """Run one claimed line through its endpoint's generation path, as its batch's key, and record its result line;
-    a line whose key is past its rate limit goes back to wait for the key's next minute."""
+    a line whose key is past its rate limit goes back to wait for the key's next minute. Whether it ran."""
     batch = line.batch
     status, output = Line.FAILED, ""
     try:
@@ -329,6 +328,7 @@ def batch_line_run(*, line: BatchLine) -> None:
     BatchLine.objects.filter(pk=line.pk, status=Line.RUNNING, request_id=line.request_id).update(**fields)
     if not batch.lines.filter(status__in=[Line.PENDING, Line.RUNNING]).exists():
         batch_finalize(batch_id=batch.id)
+    return status != Line.PENDING
 
 
 def _owner_key(batch: Batch) -> ApiKey | None:
