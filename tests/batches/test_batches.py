@@ -234,3 +234,21 @@ def test_the_model_of_a_line_may_be_an_alias(client, smollm2, files_dir):
     batch = retrieve(client, create(client, [chat_line("a", model="gpt-4o-mini")])["id"])
     assert batch["request_counts"]["completed"] == 1 and batch["model"] == MODEL
     assert HELLO  # the line asked what HELLO asks
+
+
+def test_a_line_whose_worker_dies_under_it_twice_goes_to_the_error_file_as_worker_lost(client, smollm2, files_dir,
+                                                                                       lanes_left_queued):  # fmt: skip
+    batch_id = create(client, [chat_line("deadly"), chat_line("fine")])["id"]
+    for attempt in (1, 2):
+        line = batch_line_claim(model=smollm2)  # the oldest waiting line: the deadly one again after a requeue
+        assert (line.custom_id, line.attempts) == ("deadly", attempt)
+        BatchLine.objects.filter(pk=line.pk).update(worker=f"gone-host:{attempt}")  # its worker died running it
+        batches_reap()
+    assert BatchLine.objects.get(pk=line.pk).status == "failed"  # not requeued a third time
+    assert batch_lines_run(model_name=MODEL) == 1
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [line["custom_id"] for line in content(client, batch["output_file_id"])] == ["fine"]
+    (lost,) = content(client, batch["error_file_id"])
+    assert lost["custom_id"] == "deadly" and lost["response"]["status_code"] == 500
+    assert lost["response"]["body"]["error"]["code"] == "worker_lost"
