@@ -46,7 +46,7 @@ COMPLETION_WINDOW = timedelta(hours=24)
 # Errors that say the line never got a fair run (its worker stopped under it): it waits for another.
 RETRY_CODES = {"server_shutting_down", "worker_lost"}
 MAX_ERRORS = 100  # validation errors kept on a failed batch
-CHUNK_LINES = 1000  # lines written per transaction, so other writers (SQLite has one at a time) wait one chunk
+CHUNK_LINES = 500  # lines written per transaction, so other writers (SQLite has one at a time) wait one chunk
 # Set while a batch's lines are being written (refreshed per chunk): without it, a batch still `validating` was
 # left half-written by a process that died, and the reaper removes it.
 CREATING_KEY = "minerva:batch:creating:{}"
