@@ -21,10 +21,10 @@ def _file_link(file_id: str | None):
 
 @admin.register(Batch)
 class BatchAdmin(ReadOnlyAdmin):
-    list_display = ["id", "status", "progress", "model", "endpoint", "created", "completed_at", "input",
-                    "output", "errors_file"]  # fmt: skip
+    list_display = ["id", "status", "progress", "model", "endpoint", "api_key_prefix", "created", "completed_at",
+                    "input", "output", "errors_file"]  # fmt: skip
     list_filter = ["status", "endpoint", "model", ("created", admin.DateFieldListFilter)]
-    search_fields = ["id", "model"]
+    search_fields = ["id", "model", "api_key_prefix"]
     date_hierarchy = "created"
     actions = ["cancel"]
 
@@ -57,9 +57,9 @@ class BatchAdmin(ReadOnlyAdmin):
 
 @admin.register(File)
 class FileAdmin(ReadOnlyAdmin):
-    list_display = ["id", "filename", "purpose", "bytes", "created", "download"]
+    list_display = ["id", "filename", "purpose", "bytes", "api_key_prefix", "created", "download"]
     list_filter = ["purpose", ("created", admin.DateFieldListFilter)]
-    search_fields = ["id", "filename"]
+    search_fields = ["id", "filename", "api_key_prefix"]
 
     @admin.display(description="content")
     def download(self, file: File):

@@ -1,5 +1,5 @@
 """Files: uploads streamed to disk under FILES_DIR (never held in memory), described by File rows; a batch input
-file is checked line by line before it is kept."""
+file is checked line by line before it is kept. Files and batches belong to the API key that made them."""
 
 import json
 import os
@@ -14,6 +14,7 @@ from django.core.files.uploadhandler import FileUploadHandler
 from django.db import transaction
 from django.db.models import Q
 
+from access.models import ApiKey
 from api.errors import InvalidRequest, NotFound, RequestTooLarge
 
 from .models import Batch, File
@@ -63,32 +64,43 @@ class CappedUploadHandler(FileUploadHandler):
         return DiskUpload(self.paths[-1], self.file_name, file_size)
 
 
-def file_create(*, path: Path, filename: str, purpose: str) -> File:
-    """Keep the file at `path` (moved, not copied) as a new File; a batch input file must pass its checks."""
+def owned(queryset, *, api_key: ApiKey | None):
+    """The rows (File or Batch) a request with `api_key` may see: its key's own (without a key, those made without
+    one); a staff key sees every key's. Others' rows are not there at all: a 404, never a 403 that admits them."""
+    if api_key is not None and api_key.staff:
+        return queryset
+    return queryset.filter(api_key_prefix=api_key.prefix if api_key is not None else "")
+
+
+def file_create(*, path: Path, filename: str, purpose: str, api_key: ApiKey | None) -> File:
+    """Keep the file at `path` (moved, not copied) as a new File of `api_key`; a batch input file must pass its
+    checks."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}.", param="purpose")
     if purpose == File.Purpose.BATCH and not sum(1 for _ in batch_input_lines(path)):  # reads every line
         raise InvalidRequest("The file holds no requests.", param="file")
     with transaction.atomic():
-        file = File.objects.create(filename=filename[:255] or "upload", purpose=purpose, bytes=path.stat().st_size)
+        file = File.objects.create(filename=filename[:255] or "upload", purpose=purpose, bytes=path.stat().st_size,
+                                   api_key_prefix=api_key.prefix if api_key is not None else "")  # fmt: skip
         os.replace(path, file.path)  # if this fails the row goes too
     return file
 
 
 def file_import(*, source: Path, purpose: str) -> File:
-    """Copy a local file in (the `batch` command's upload)."""
+    """Copy a local file in (the `batch` command's upload; it belongs to no key)."""
     temp = _temp_path(".import-")
     try:
         with source.open("rb") as src, temp.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-        return file_create(path=temp, filename=source.name, purpose=purpose)
+        return file_create(path=temp, filename=source.name, purpose=purpose, api_key=None)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def file_get(file_id: str) -> File:
-    """The file with that id, or a 404."""
-    file = File.objects.filter(pk=file_id).first()
+def file_get(file_id: str, *, api_key: ApiKey | None, operator: bool = False) -> File:
+    """The file with that id if `api_key` may see it (an operator sees every file), or a 404."""
+    files = File.objects.all() if operator else owned(File.objects.all(), api_key=api_key)
+    file = files.filter(pk=file_id).first()
     if file is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return file

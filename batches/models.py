@@ -27,6 +27,9 @@ class File(models.Model):
     filename = models.CharField(max_length=255)  # Django drops non-printable characters from upload names
     purpose = models.CharField(max_length=16, choices=Purpose.choices, db_index=True)
     bytes = models.BigIntegerField(default=0)
+    # The owner: the key that uploaded it, or whose batch wrote it; empty for what was made without a key. A prefix,
+    # not a foreign key, so a deleted key's files stay its own (seen by staff only) instead of falling to "no key".
+    api_key_prefix = models.CharField("API key", max_length=16, blank=True, db_index=True)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
@@ -69,6 +72,8 @@ class Batch(models.Model):
     error_file = models.ForeignKey(File, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False,
                                    related_name="+")  # fmt: skip
     finalizer = models.CharField(max_length=255, blank=True, help_text="The worker writing the result files")
+    # The owner, as for File: its lines run under this key's model scope, rate limits and usage.
+    api_key_prefix = models.CharField("API key", max_length=16, blank=True, db_index=True)
     created = models.DateTimeField(auto_now_add=True, db_index=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     in_progress_at = models.DateTimeField(null=True, blank=True)
@@ -110,6 +115,7 @@ class BatchLine(models.Model):
     worker = models.CharField(max_length=255, blank=True, help_text="host:pid of the worker running it")
     request_id = models.CharField(max_length=64, blank=True, help_text="The RequestLog row of the current attempt")
     output = models.TextField(blank=True, help_text="The line for the output or error file, once it ran")
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="How many times a worker took it")
 
     class Meta:
         ordering = ["batch", "index"]

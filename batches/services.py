@@ -3,8 +3,11 @@ of the model's slots (the others stay free for interactive requests), through th
 endpoints; the finished lines become an output file and an error file.
 
 Lines wait in the database, not in Celery: a task on the model's queue (a "lane") claims one waiting line after
-another. Claims and results are conditional updates, so no line runs twice at once or records two results."""
+another. Claims and results are conditional updates, so no line runs twice at once or records two results.
 
+A batch belongs to the key that created it: its lines run under that key's model scope, rate limits and usage."""
+
+import contextlib
 import json
 import logging
 import threading
@@ -14,12 +17,15 @@ from datetime import timedelta
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from access.models import ApiKey
+from access.services import InvalidApiKey, RateLimited, rate_limit_check
 from api.decorators import validation_error
-from api.errors import InvalidRequest, NotFound, OpenAIError, ServerError
+from api.errors import InvalidRequest, ModelNotFound, NotFound, OpenAIError, ServerError, WorkerLost
 from api.protocol import ChatCompletionRequest, CompletionRequest
 from api.views import check_chat, check_completion, collect_answer
 from inference.models import RequestLog
@@ -29,7 +35,7 @@ from minerva_project.redis import get_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_parallel
 
-from .files import _temp_path, batch_input_lines
+from .files import _temp_path, batch_input_lines, owned
 from .models import Batch, BatchLine, File
 from .worker import WORKER_ID, stopping, worker_alive
 
@@ -40,6 +46,14 @@ COMPLETION_WINDOW = timedelta(hours=24)
 # Errors that say the line never got a fair run (its worker stopped under it): it waits for another.
 RETRY_CODES = {"server_shutting_down", "worker_lost"}
 MAX_ERRORS = 100  # validation errors kept on a failed batch
+CHUNK_LINES = 500  # lines written per transaction, so other writers (SQLite has one at a time) wait one chunk
+# Set while a batch's lines are being written (refreshed per chunk): without it, a batch still `validating` was
+# left half-written by a process that died, and the reaper removes it.
+CREATING_KEY = "minerva:batch:creating:{}"
+CREATING_TTL_SECONDS = 120
+# A key past its rate limit for this minute: lanes leave its lines waiting until the key expires with the minute.
+THROTTLED_KEY = "minerva:batch:throttled:{}"
+MAX_ATTEMPTS = 2  # a line whose worker died under it this many times goes to the error file as worker_lost
 
 Line = BatchLine.Status
 
@@ -50,48 +64,69 @@ def batch_slots(model: LanguageModel) -> int:
     return min(settings.BATCH_SLOTS or max(1, slots - 1), slots)
 
 
-def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None) -> Batch:
-    """Check every line of the input file, record one BatchLine each, and start the lines' models' lanes once
-    committed. Lines that cannot run (bad parameters, unknown model) are failed at once, with their error."""
+def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, metadata: dict | None,
+                 api_key: ApiKey | None) -> Batch:  # fmt: skip
+    """Check every line of the input file (one of `api_key`'s own files) and record one BatchLine each, in chunks
+    (the batch stays `validating`, so no worker takes its lines, until all exist); then start the lines' models'
+    lanes. Lines that cannot run (bad parameters, a model unknown or outside the key's scope) fail at once."""
     if endpoint == "/v1/embeddings":
         raise InvalidRequest("Minerva does not serve /v1/embeddings yet.", param="endpoint")
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
     if completion_window != "24h":
         raise InvalidRequest("completion_window must be 24h.", param="completion_window")
-    file = File.objects.filter(pk=input_file_id).first()
+    prefix = api_key.prefix if api_key is not None else ""
+    # The key's own file, even for a staff key (which sees every file): a batch runs its owner's prompts only.
+    file = File.objects.filter(pk=input_file_id, api_key_prefix=prefix).first()
     if file is None:
         raise InvalidRequest(f"No such File object: {input_file_id}", param="input_file_id")
     if file.purpose != File.Purpose.BATCH:
         raise InvalidRequest(f"File {file.id} was not uploaded with purpose batch.", param="input_file_id")
-    now = timezone.now()
-    with transaction.atomic():
-        batch = Batch.objects.create(
-            endpoint=endpoint, input_file=file, completion_window=completion_window, metadata=metadata,
-            expires_at=now + COMPLETION_WINDOW,
-        )  # fmt: skip
-        errors, models = _add_lines(batch)
-        if errors:
-            batch.lines.all().delete()
-            RequestLog.objects.filter(batch_id=batch.id).delete()
-            batch.status, batch.errors, batch.failed_at = Batch.Status.FAILED, errors, now
-        else:
-            batch.status, batch.in_progress_at = Batch.Status.IN_PROGRESS, now
-            batch.model = next(iter(models), "")
-        batch.save()
-        # robust: if Redis is away the batch still stands, and the reaper starts its lanes later
-        transaction.on_commit(lambda: batch_lanes_start(models=[] if errors else models), robust=True)
-    if not errors and not batch.lines.filter(status=Line.PENDING).exists():
+    batch = Batch.objects.create(
+        endpoint=endpoint, input_file=file, completion_window=completion_window, metadata=metadata,
+        expires_at=timezone.now() + COMPLETION_WINDOW, api_key_prefix=prefix,
+    )  # fmt: skip
+    try:
+        errors, models = _add_lines(batch, api_key)
+    except BaseException:
+        try:
+            _batch_discard(batch_id=batch.id, errors=[_interrupted("The batch could not be recorded.")])
+        except Exception:  # the database is away: the reaper removes it once CREATING_KEY expires
+            logger.warning("could not remove the half-created batch %s", batch.id, exc_info=True)
+        raise
+    if errors:
+        _batch_discard(batch_id=batch.id, errors=errors)
+    else:
+        with transaction.atomic():
+            started = Batch.objects.filter(pk=batch.pk, status=Batch.Status.VALIDATING).update(
+                status=Batch.Status.IN_PROGRESS, in_progress_at=timezone.now(), model=next(iter(models), "")
+            )
+            # robust: if Redis is away the batch still stands, and the reaper starts its lanes later
+            transaction.on_commit(lambda: batch_lanes_start(models=models if started else []), robust=True)
+    _creating_done(batch.id)
+    batch.refresh_from_db()
+    if batch.status == Batch.Status.IN_PROGRESS and not batch.lines.filter(status=Line.PENDING).exists():
         batch_finalize(batch_id=batch.id)  # every line failed its checks: nothing to wait for
         batch.refresh_from_db()
     return batch
 
 
-def _add_lines(batch: Batch) -> tuple[list[dict], list[str]]:
-    """Create the batch's lines from its input file (in chunks, never the whole file in memory); return the
-    validation errors that fail the batch, and the models its waiting lines need, in order of appearance."""
+def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[str]]:
+    """Create the batch's lines from its input file, CHUNK_LINES per transaction (never the whole file in memory
+    or in one transaction); return the validation errors that fail the batch (after the first, nothing more is
+    written), and the models its waiting lines need, in order of appearance."""
     errors, models, lines, refused = [], {}, [], []
     known: dict[str, str | OpenAIError] = {}  # the name a line gives -> the model's own name, or why it cannot run
+
+    def write() -> None:
+        with transaction.atomic():
+            BatchLine.objects.bulk_create(lines)
+            RequestLog.objects.bulk_create(refused)
+        lines.clear()
+        refused.clear()
+        _creating(batch.id)
+
+    _creating(batch.id)
     try:
         for number, offset, request in batch_input_lines(batch.input_file.path):
             if request["url"] != batch.endpoint:
@@ -99,12 +134,14 @@ def _add_lines(batch: Batch) -> tuple[list[dict], list[str]]:
                     message = f"The url {request['url']} differs from the batch's endpoint, {batch.endpoint}."
                     errors.append({"code": "mismatched_endpoint", "message": message, "param": "url", "line": number})
                 continue
+            if errors:  # the batch fails: read on only to name the other faulty lines
+                continue
             line = BatchLine(batch=batch, index=number, offset=offset, custom_id=request["custom_id"])
             try:
                 body = _parse(batch.endpoint, request["body"])
                 line.model = body.model[:255]
                 if body.model not in known:
-                    known[body.model] = _resolve(body.model)
+                    known[body.model] = _resolve(body.model, api_key)
                 if isinstance(known[body.model], OpenAIError):
                     raise known[body.model]
                 line.model = known[body.model]
@@ -114,22 +151,53 @@ def _add_lines(batch: Batch) -> tuple[list[dict], list[str]]:
                 line.status, line.output = Line.FAILED, _result(line, exc.status, exc.to_dict())
                 refused.append(_refused_log(batch, line, exc))
             lines.append(line)
-            if len(lines) >= 1000:
-                BatchLine.objects.bulk_create(lines)
-                RequestLog.objects.bulk_create(refused)
-                lines, refused = [], []
+            if len(lines) >= CHUNK_LINES:
+                write()
     except InvalidRequest as exc:  # the file changed since its upload's checks
         errors.append({"code": exc.code or "invalid_file", "message": exc.message, "param": "input_file_id"})
-    BatchLine.objects.bulk_create(lines)
-    RequestLog.objects.bulk_create(refused)
+    if not errors:
+        write()
     return errors, list(models)
 
 
-def _resolve(name: str) -> str | OpenAIError:
+def _batch_discard(*, batch_id: str, errors: list[dict]) -> None:
+    """Fail a batch that is still `validating` with `errors`, and remove what was written of it, in chunks (the
+    refused lines' log rows go too: the batch's creation is the one request logged)."""
+    Batch.objects.filter(pk=batch_id, status=Batch.Status.VALIDATING).update(
+        status=Batch.Status.FAILED, errors=errors, failed_at=timezone.now()
+    )
+    for rows in (BatchLine.objects.filter(batch_id=batch_id), RequestLog.objects.filter(batch_id=batch_id)):
+        while pks := list(rows.values_list("pk", flat=True)[:CHUNK_LINES]):
+            rows.model.objects.filter(pk__in=pks).delete()
+
+
+def _interrupted(message: str) -> dict:
+    return {"code": "batch_creation_interrupted", "message": f"{message} Create it again.", "param": None}
+
+
+def _creating(batch_id: str) -> None:
+    """Say that this process is still writing the batch's lines (see CREATING_KEY)."""
     try:
-        return model_get(name).name  # an alias becomes the model's own name
+        get_redis().set(CREATING_KEY.format(batch_id), "1", ex=CREATING_TTL_SECONDS)
+    except RedisError:  # the reaper may then take the batch for abandoned: batch_create sees that at its end
+        logger.warning("could not mark batch %s as being created", batch_id, exc_info=True)
+
+
+def _creating_done(batch_id: str) -> None:
+    with contextlib.suppress(RedisError):  # it expires
+        get_redis().delete(CREATING_KEY.format(batch_id))
+
+
+def _resolve(name: str, api_key: ApiKey | None) -> str | OpenAIError:
+    """The model's own name (an alias resolved), or why a line for it cannot run: unknown, or outside the key's
+    scope (the same model_not_found the key's interactive request would get)."""
+    try:
+        model = model_get(name).name
     except OpenAIError as exc:
         return exc
+    if api_key is not None and not api_key.allows(model):
+        return ModelNotFound(name)
+    return model
 
 
 def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest:
@@ -149,7 +217,7 @@ def _refused_log(batch: Batch, line: BatchLine, exc: OpenAIError) -> RequestLog:
     return RequestLog(
         request_id=line.request_id, endpoint=batch.endpoint, model=line.model, status=RequestLog.Status.FAILED,
         status_code=exc.status, error_type=exc.type, error_code=exc.code or "", batch_id=batch.id,
-        finished=timezone.now(),
+        api_key_prefix=batch.api_key_prefix, finished=timezone.now(),
     )  # fmt: skip
 
 
@@ -183,8 +251,7 @@ def batch_lines_run(*, model_name: str) -> int:
     model = LanguageModel.objects.filter(name=model_name).first()
     ran = 0
     while model is not None and not stopping.is_set() and (line := batch_line_claim(model=model)) is not None:
-        batch_line_run(line=line)
-        ran += 1
+        ran += batch_line_run(line=line)
     return ran
 
 
@@ -192,35 +259,60 @@ _claim_lock = threading.Lock()  # the slot count below is per worker, so only th
 
 
 def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
-    """Take the oldest waiting line for the model, unless this worker already runs `batch_slots` of them."""
+    """Take the oldest waiting line for the model of a batch in progress whose key is not past its rate limit,
+    unless this worker already runs `batch_slots` of the model's lines."""
     with _claim_lock:
         running = BatchLine.objects.filter(model=model.name, status=Line.RUNNING, worker=WORKER_ID).count()
         if running >= batch_slots(model):
             return None
+        # Not the lines of a batch still `validating` (some may be missing) or cancelling.
+        waiting = BatchLine.objects.filter(
+            model=model.name, status=Line.PENDING, batch__status=Batch.Status.IN_PROGRESS
+        )
+        throttled: set[str] = set()
         while True:
-            waiting = BatchLine.objects.filter(model=model.name, status=Line.PENDING)
-            pk = waiting.order_by("batch__created", "batch_id", "index").values_list("pk", flat=True).first()
-            if pk is None:
+            candidates = waiting.exclude(batch__api_key_prefix__in=throttled) if throttled else waiting
+            order = ("batch__created", "batch_id", "index")
+            row = candidates.order_by(*order).values_list("pk", "batch__api_key_prefix").first()
+            if row is None:
                 return None
+            pk, prefix = row
+            if prefix and get_redis().exists(THROTTLED_KEY.format(prefix)):
+                throttled.add(prefix)  # the next key's lines go first, this one's wait for its next minute
+                continue
             # Conditional: another worker may take the same line between the two queries.
-            if waiting.filter(pk=pk).update(status=Line.RUNNING, worker=WORKER_ID, request_id=uuid.uuid4().hex):
+            claimed = waiting.filter(pk=pk).update(status=Line.RUNNING, worker=WORKER_ID, request_id=uuid.uuid4().hex,
+                                                   attempts=F("attempts") + 1)  # fmt: skip
+            if claimed:
                 return BatchLine.objects.select_related("batch").get(pk=pk)
 
 
-def batch_line_run(*, line: BatchLine) -> None:
-    """Run one claimed line through its endpoint's generation path and record its result line."""
+def batch_line_run(*, line: BatchLine) -> bool:
+    """Run one claimed line through its endpoint's generation path, as its batch's key, and record its result line;
+    a line whose key is past its rate limit goes back to wait for the key's next minute. Whether it ran."""
     batch = line.batch
     status, output = Line.FAILED, ""
     try:
-        with batch.input_file.path.open("rb") as f:
-            f.seek(line.offset)
-            body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
-        try:
-            log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint, body=body, batch_id=batch.id)
-        except OpenAIError as exc:  # refused before a row was written (the model went away since)
+        try:  # refused before a request row was written: log it here, as the endpoint would have
+            api_key = _owner_key(batch)
+            if api_key is not None and not _admitted(api_key):
+                status = Line.PENDING
+            else:
+                with batch.input_file.path.open("rb") as f:
+                    f.seek(line.offset)
+                    body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
+                try:
+                    log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint, body=body,
+                                             batch_id=batch.id, api_key=api_key)  # fmt: skip
+                except RateLimited as exc:  # its tokens do not fit what is left of the key's minute
+                    _throttle(api_key, exc)
+                    status = Line.PENDING
+        except OpenAIError as exc:
             RequestLog.objects.bulk_create([_refused_log(batch, line, exc)])
             raise
-        if log.status == RequestLog.Status.CANCELLED:
+        if status == Line.PENDING:
+            pass
+        elif log.status == RequestLog.Status.CANCELLED:
             status = Line.CANCELLED
         else:  # the stream holds its `done` or `error` events by now
             output = _result(line, 200, async_to_sync(collect_answer)(line.request_id, body))
@@ -234,12 +326,41 @@ def batch_line_run(*, line: BatchLine) -> None:
         logger.exception("batch %s line %s failed", batch.id, line.index)
         output = _result(line, 500, ServerError().to_dict())
     fields = {"status": status, "output": output}
-    if status == Line.PENDING:
-        fields.update(worker="", request_id="")
+    if status == Line.PENDING:  # not run, or stopped by a shutdown: neither is a death of its worker
+        fields.update(worker="", request_id="", attempts=F("attempts") - 1)
     # Only the attempt that still holds the line records it: a reaped attempt's late result is dropped.
     BatchLine.objects.filter(pk=line.pk, status=Line.RUNNING, request_id=line.request_id).update(**fields)
     if not batch.lines.filter(status__in=[Line.PENDING, Line.RUNNING]).exists():
         batch_finalize(batch_id=batch.id)
+    return status != Line.PENDING
+
+
+def _owner_key(batch: Batch) -> ApiKey | None:
+    """The key a batch's lines run as (None for a batch made without one); its lines fail once it is gone."""
+    if not batch.api_key_prefix:
+        return None
+    key = ApiKey.objects.filter(prefix=batch.api_key_prefix).first()
+    if key is None or not key.active:
+        raise InvalidApiKey("The API key that created this batch was revoked, has expired or was deleted.")
+    return key
+
+
+def _admitted(api_key: ApiKey) -> bool:
+    """Count a line as one of the key's requests this minute, as its interactive requests are; past the key's rpm
+    or tpm, mark the key throttled until the minute ends (its lines wait, the batch is not refused). A line also
+    reserves its tokens in request_run_inline, as an interactive request does at admission."""
+    try:
+        rate_limit_check(key=api_key)
+    except RateLimited as exc:
+        _throttle(api_key, exc)
+        return False
+    return True
+
+
+def _throttle(api_key: ApiKey, exc: RateLimited) -> None:
+    """Hold the key's lines until its minute ends (the reaper restarts their lanes)."""
+    seconds = int(exc.headers.get("Retry-After", 1))
+    get_redis().set(THROTTLED_KEY.format(api_key.prefix), "1", ex=max(1, seconds))
 
 
 def batch_cancel(*, batch: Batch) -> Batch:
@@ -290,8 +411,8 @@ def batch_finalize(*, batch_id: str, taking_over: str = "") -> None:
                 else:
                     err.write((line.output or _not_run(line)) + "\n")
         with transaction.atomic():
-            batch.output_file = _keep(temps["output"], f"{batch.id}_output.jsonl")
-            batch.error_file = _keep(temps["error"], f"{batch.id}_error.jsonl")
+            batch.output_file = _keep(temps["output"], f"{batch.id}_output.jsonl", batch.api_key_prefix)
+            batch.error_file = _keep(temps["error"], f"{batch.id}_error.jsonl", batch.api_key_prefix)
             if batch.cancelling_at:
                 batch.status, batch.cancelled_at = Batch.Status.CANCELLED, now
             elif lines.filter(status=Line.EXPIRED).exists():
@@ -306,23 +427,38 @@ def batch_finalize(*, batch_id: str, taking_over: str = "") -> None:
             temp.unlink(missing_ok=True)
 
 
-def _keep(temp, filename: str) -> File | None:
+def _keep(temp, filename: str, api_key_prefix: str) -> File | None:
+    """A result file, which belongs to the batch's owner."""
     size = temp.stat().st_size
     if not size:
         return None
-    file = File.objects.create(filename=filename, purpose=File.Purpose.BATCH_OUTPUT, bytes=size)
+    file = File.objects.create(filename=filename, purpose=File.Purpose.BATCH_OUTPUT, bytes=size,
+                               api_key_prefix=api_key_prefix)  # fmt: skip
     temp.replace(file.path)
     return file
 
 
 def batches_reap() -> None:
-    """Run by every worker every few seconds: lines whose worker died wait again, overdue batches expire, batches
-    with nothing left to run are finalized, and models with waiting lines but no lane get new lanes."""
+    """Run by every worker every few seconds: lines whose worker died wait again (or, the second time, fail as
+    worker_lost), overdue batches expire, batches with nothing left to run are finalized, half-created batches
+    whose creator died are removed, and models with waiting lines but no lane get new lanes."""
     for worker in set(BatchLine.objects.filter(status=Line.RUNNING).values_list("worker", flat=True)):
         if not worker_alive(worker):
             lost = BatchLine.objects.filter(status=Line.RUNNING, worker=worker)
             logger.warning("requeueing %d batch line(s) of worker %s, which is gone", lost.count(), worker)
+            # A line that was running each time its worker died may be what kills it: no third try.
+            for line in lost.filter(attempts__gte=MAX_ATTEMPTS).only("pk", "custom_id", "request_id"):
+                logger.error("batch line %s failed: its worker died under it %d times", line.pk, MAX_ATTEMPTS)
+                output = _result(line, WorkerLost.status, _worker_lost().to_dict())
+                lost.filter(pk=line.pk, request_id=line.request_id).update(status=Line.FAILED, output=output)
             lost.update(status=Line.PENDING, worker="", request_id="")
+    abandoned = timezone.now() - timedelta(seconds=CREATING_TTL_SECONDS)
+    for batch_id in Batch.objects.filter(status=Batch.Status.VALIDATING, created__lt=abandoned).values_list(
+        "id", flat=True
+    ):
+        if not get_redis().exists(CREATING_KEY.format(batch_id)):
+            logger.warning("removing batch %s, whose creation was interrupted", batch_id)
+            _batch_discard(batch_id=batch_id, errors=[_interrupted("The server stopped while recording the batch.")])
     BatchLine.objects.filter(
         status=Line.PENDING, batch__status=Batch.Status.IN_PROGRESS, batch__expires_at__lt=timezone.now()
     ).update(status=Line.EXPIRED)
@@ -333,16 +469,24 @@ def batches_reap() -> None:
             continue
         if not BatchLine.objects.filter(batch_id=batch_id, status__in=[Line.PENDING, Line.RUNNING]).exists():
             batch_finalize(batch_id=batch_id, taking_over=finalizer)
-    waiting = set(BatchLine.objects.filter(status=Line.PENDING).values_list("model", flat=True))
+    pending = BatchLine.objects.filter(status=Line.PENDING, batch__status=Batch.Status.IN_PROGRESS)
+    waiting = set(pending.values_list("model", flat=True))
     running = set(BatchLine.objects.filter(status=Line.RUNNING).values_list("model", flat=True))
     for model in LanguageModel.objects.filter(name__in=waiting - running):
         if not get_redis().llen(model.queue):  # lanes already queued there will get to it
             batch_lanes_start(models=[model.name])
 
 
-def batch_get(batch_id: str) -> Batch:
-    """The batch with that id, or a 404."""
-    batch = Batch.objects.filter(pk=batch_id).first()
+def _worker_lost() -> WorkerLost:
+    error = WorkerLost()
+    error.message = f"The worker running this request stopped unexpectedly {MAX_ATTEMPTS} times; it is not retried."
+    return error
+
+
+def batch_get(batch_id: str, *, api_key: ApiKey | None, operator: bool = False) -> Batch:
+    """The batch with that id if `api_key` may see it (an operator sees every batch), or a 404."""
+    batches = Batch.objects.all() if operator else owned(Batch.objects.all(), api_key=api_key)
+    batch = batches.filter(pk=batch_id).first()
     if batch is None:
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     return batch

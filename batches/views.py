@@ -1,5 +1,6 @@
 """/v1/files and /v1/batches: thin async views over batches.files and batches.services (wired in
-minerva_project/urls.py before api.urls, whose catch-all would answer first)."""
+minerva_project/urls.py before api.urls, whose catch-all would answer first). Each sees only the rows of the
+request's key (batches.files.owned)."""
 
 import asyncio
 from typing import Annotated
@@ -10,10 +11,11 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.http.multipartparser import MultiPartParserError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from access.models import ApiKey
 from api.decorators import openai_view, parse_body
 from api.errors import InvalidRequest, RequestTooLarge
 
-from .files import CappedUploadHandler, file_create, file_delete, file_get, file_object, page
+from .files import CappedUploadHandler, file_create, file_delete, file_get, file_object, owned, page
 from .models import Batch, File
 from .services import batch_cancel, batch_create, batch_get, batch_object
 
@@ -46,7 +48,7 @@ class CreateBatchRequest(BaseModel):
 async def files(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         return JsonResponse(await sync_to_async(_upload)(request))
-    return JsonResponse(await sync_to_async(_file_list)(request.GET))
+    return JsonResponse(await sync_to_async(_file_list)(request.GET, request.api_key))
 
 
 def _upload(request: HttpRequest) -> dict:
@@ -64,14 +66,15 @@ def _upload(request: HttpRequest) -> dict:
             raise InvalidRequest("Missing required parameter: 'file'.", param="file")
         if not purpose:
             raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
-        return file_object(file_create(path=upload.path, filename=upload.name or "upload", purpose=purpose))
+        file = file_create(path=upload.path, filename=upload.name or "upload", purpose=purpose, api_key=request.api_key)
+        return file_object(file)
     finally:
         for path in handler.paths:  # whatever was not kept
             path.unlink(missing_ok=True)
 
 
-def _file_list(query) -> dict:
-    files = File.objects.all()
+def _file_list(query, api_key: ApiKey | None) -> dict:
+    files = owned(File.objects.all(), api_key=api_key)
     if query.get("purpose"):
         files = files.filter(purpose=query["purpose"])
     order = query.get("order", "desc")
@@ -96,7 +99,7 @@ def _listing(data: list[dict], has_more: bool) -> dict:
 
 @openai_view(methods=("GET", "DELETE"))
 async def file(request: HttpRequest, file_id: str) -> HttpResponse:
-    found = await sync_to_async(file_get)(file_id)
+    found = await sync_to_async(file_get)(file_id, api_key=request.api_key)
     if request.method == "DELETE":
         await sync_to_async(file_delete)(file=found)
         return JsonResponse({"id": file_id, "object": "file", "deleted": True})
@@ -105,7 +108,7 @@ async def file(request: HttpRequest, file_id: str) -> HttpResponse:
 
 @openai_view(methods=("GET",))
 async def file_content(request: HttpRequest, file_id: str) -> HttpResponse:
-    return file_download(await sync_to_async(file_get)(file_id))
+    return file_download(await sync_to_async(file_get)(file_id, api_key=request.api_key))
 
 
 def file_download(file: File) -> StreamingHttpResponse:
@@ -128,24 +131,28 @@ async def _chunks(handle):
 async def batches(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         body = await parse_body(request, CreateBatchRequest)
-        return JsonResponse(await sync_to_async(_batch_create)(body))
-    return JsonResponse(await sync_to_async(_batch_list)(request.GET))
+        return JsonResponse(await sync_to_async(_batch_create)(body, request.api_key))
+    return JsonResponse(await sync_to_async(_batch_list)(request.GET, request.api_key))
 
 
-def _batch_create(body: CreateBatchRequest) -> dict:
-    return batch_object(batch_create(**body.model_dump()))
+def _batch_create(body: CreateBatchRequest, api_key: ApiKey | None) -> dict:
+    return batch_object(batch_create(**body.model_dump(), api_key=api_key))
 
 
-def _batch_list(query) -> dict:
-    rows, has_more = page(Batch.objects.all(), after=query.get("after"), limit=_limit(query, 100, 20))
+def _batch_list(query, api_key: ApiKey | None) -> dict:
+    batches = owned(Batch.objects.all(), api_key=api_key)
+    rows, has_more = page(batches, after=query.get("after"), limit=_limit(query, 100, 20))
     return _listing([batch_object(b) for b in rows], has_more)
 
 
 @openai_view(methods=("GET",))
 async def batch(request: HttpRequest, batch_id: str) -> HttpResponse:
-    return JsonResponse(await sync_to_async(lambda: batch_object(batch_get(batch_id)))())
+    return JsonResponse(await sync_to_async(lambda: batch_object(batch_get(batch_id, api_key=request.api_key)))())
 
 
 @openai_view(methods=("POST",))
 async def cancel_batch(request: HttpRequest, batch_id: str) -> HttpResponse:
-    return JsonResponse(await sync_to_async(lambda: batch_object(batch_cancel(batch=batch_get(batch_id))))())
+    def cancel() -> dict:
+        return batch_object(batch_cancel(batch=batch_get(batch_id, api_key=request.api_key)))
+
+    return JsonResponse(await sync_to_async(cancel)())

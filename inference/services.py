@@ -222,15 +222,24 @@ def request_run(*, log_id: int, payload: dict) -> None:
         _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
-def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str) -> RequestLog:
-    """Record a batch line's request and run it on this thread (its batch task already holds a worker thread, so
-    it skips the queue and its limit); return the finished row. Its events are in its TokenStream."""
+def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str,
+                       api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
+    """Record a batch line's request (as its batch's key) and run it on this thread (its batch task already holds
+    a worker thread, so it skips the queue and its limit); return the finished row. Its events are in its
+    TokenStream."""
     model = model_get(body.model)  # raises ModelNotFound
+    if api_key is not None and not api_key.allows(model.name):
+        raise ModelNotFound(body.model)
+    reservation = None
+    if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
+        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
     log = RequestLog.objects.create(
-        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id
-    )
-    request_run(log_id=log.pk, payload={"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True,
-                                                                                      by_alias=True)})  # fmt: skip
+        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id,
+        api_key_prefix=api_key.prefix if api_key is not None else "",
+    )  # fmt: skip
+    payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
+               "reservation": reservation}  # fmt: skip
+    request_run(log_id=log.pk, payload=payload)
     log.refresh_from_db()
     return log
 

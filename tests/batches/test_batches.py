@@ -234,3 +234,59 @@ def test_the_model_of_a_line_may_be_an_alias(client, smollm2, files_dir):
     batch = retrieve(client, create(client, [chat_line("a", model="gpt-4o-mini")])["id"])
     assert batch["request_counts"]["completed"] == 1 and batch["model"] == MODEL
     assert HELLO  # the line asked what HELLO asks
+
+
+def test_a_line_whose_worker_dies_under_it_twice_goes_to_the_error_file_as_worker_lost(client, smollm2, files_dir,
+                                                                                       lanes_left_queued):  # fmt: skip
+    batch_id = create(client, [chat_line("deadly"), chat_line("fine")])["id"]
+    for attempt in (1, 2):
+        line = batch_line_claim(model=smollm2)  # the oldest waiting line: the deadly one again after a requeue
+        assert (line.custom_id, line.attempts) == ("deadly", attempt)
+        BatchLine.objects.filter(pk=line.pk).update(worker=f"gone-host:{attempt}")  # its worker died running it
+        batches_reap()
+    assert BatchLine.objects.get(pk=line.pk).status == "failed"  # not requeued a third time
+    assert batch_lines_run(model_name=MODEL) == 1
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [line["custom_id"] for line in content(client, batch["output_file_id"])] == ["fine"]
+    (lost,) = content(client, batch["error_file_id"])
+    assert lost["custom_id"] == "deadly" and lost["response"]["status_code"] == 500
+    assert lost["response"]["body"]["error"]["code"] == "worker_lost"
+
+
+def test_a_batch_that_fails_validation_after_some_chunks_were_written_leaves_nothing_behind(client, smollm2,
+                                                                                            files_dir):  # fmt: skip
+    lines = [chat_line(str(i), model="no-such-model" if i % 100 == 0 else MODEL) for i in range(1200)]
+    lines[1100]["url"] = "/v1/completions"  # found after two chunks (with refused lines and their log rows) exist
+    batch = retrieve(client, create(client, lines)["id"])
+    assert batch["status"] == "failed"
+    assert [(e["code"], e["line"]) for e in batch["errors"]["data"]] == [("mismatched_endpoint", 1101)]
+    assert not BatchLine.objects.exists() and not RequestLog.objects.filter(batch_id=batch["id"]).exists()
+
+
+def test_a_half_written_batch_is_never_run_and_the_reaper_removes_it_once_its_creator_is_gone(
+    client, smollm2, files_dir, lanes_left_queued
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from batches.services import CREATING_KEY, CREATING_TTL_SECONDS
+
+    batch_id = create(client, [chat_line(str(i)) for i in range(3)])["id"]
+    get_redis().delete(smollm2.queue)
+    # As if its creator died after writing these lines: still validating, and some lines may be missing.
+    Batch.objects.filter(pk=batch_id).update(status="validating", in_progress_at=None)
+    assert batch_line_claim(model=smollm2) is None
+    batches_reap()  # just created: its creator may still be writing
+    assert Batch.objects.get(pk=batch_id).status == "validating" and get_redis().llen(smollm2.queue) == 0
+    long_ago = timezone.now() - timedelta(seconds=CREATING_TTL_SECONDS + 1)
+    Batch.objects.filter(pk=batch_id).update(created=long_ago)
+    get_redis().set(CREATING_KEY.format(batch_id), "1")  # ...or writing still, slowly
+    batches_reap()
+    assert Batch.objects.get(pk=batch_id).status == "validating"
+    get_redis().delete(CREATING_KEY.format(batch_id))  # its creator stopped saying so
+    batches_reap()
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "batch_creation_interrupted"
+    assert not BatchLine.objects.filter(batch_id=batch_id).exists()
