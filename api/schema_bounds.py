@@ -116,7 +116,11 @@ def _walk(node, depth: int, totals: dict) -> None:
 
 
 def _count(keyword: str, value) -> None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_COUNT:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SchemaTooComplex(f"{keyword} must be a non-negative integer")
+    if value > MAX_COUNT:
         raise SchemaTooComplex(f"{keyword} {value} is over the limit of {MAX_COUNT}")
 
 

@@ -165,7 +165,7 @@ def _repetition(item_rule: str, min_items: int, max_items: int | None, separator
         parts.append(f"{item_rule}*")
     elif max_items > min_items:
         parts.append(_up_to(item_rule, max_items - min_items))
-    return f"({' '.join(parts)})" if len(parts) > 1 else parts[0]
+    return f"({' '.join(parts)})" if len(parts) > 1 else "".join(parts)
 
 
 def _exactly(item: str, n: int) -> str:

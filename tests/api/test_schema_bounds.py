@@ -51,11 +51,14 @@ TOO_BIG = {
     "enum": {"enum": list(range(1001))},
     "anyOf": {"anyOf": [{"const": i} for i in range(1001)]},
     "size": {"type": "string", "description": "d" * 100_001},
+    "negative maxItems": {"type": "array", "maxItems": -1},
+    "fractional minLength": {"type": "string", "minLength": 1.5},
 }  # fmt: skip
 MESSAGE = {"pattern {0,N}": "pattern repeats", "pattern {N}": "pattern repeats", "pattern groups": "pattern nests",
            "pattern length": "pattern is longer", "nesting": "nested deeper", "subschemas": "subschemas",
            "optional properties": "optional", "enum": "enum members", "anyOf": "anyOf",
-           "size": "larger than"}  # fmt: skip
+           "size": "larger than", "negative maxItems": "maxItems must be a non-negative integer",
+           "fractional minLength": "minLength must be a non-negative integer"}  # fmt: skip
 
 
 @pytest.mark.parametrize("keyword", list(TOO_BIG))
