@@ -95,7 +95,7 @@ def tool_grammar(body: ChatCompletionRequest, tool_format: str) -> tuple[str, li
         if _free(body):
             words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
             answer = {"anyOf": [answer, words]}
-        return json_schema_grammar(answer), []
+        return json_schema_grammar(answer, bounded=True), []
     if tool_format == "hermes":
         one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
         root = f'{one} ("\\n"? {one})*' if many else one
@@ -104,13 +104,14 @@ def tool_grammar(body: ChatCompletionRequest, tool_format: str) -> tuple[str, li
     else:  # llama3: one call per turn, as its template renders them
         root = "call"
     triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(_TRIGGER[tool_format])]
-    return json_schema_grammar(call, rule="call", root=root), triggers if _free(body) else []
+    return json_schema_grammar(call, rule="call", root=root, bounded=True), triggers if _free(body) else []
 
 
-def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None) -> str:
+def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None, bounded: bool = False) -> str:
     """GBNF for JSON following `schema` (llama-cpp-python's converter) as rule `rule`, plus `root ::= root`
     when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle, and
-    SchemaTooComplex (a ValueError) for a schema or grammar over the bounds of schema_bounds."""
+    SchemaTooComplex (a ValueError) for a schema or grammar over the bounds of schema_bounds. `bounded`: the
+    schema wraps the tools' schemas, which the request's validation bounded all together already."""
     from llama_cpp import llama_grammar  # here: the view imports this module without llama_cpp
     from llama_cpp.llama_grammar import SchemaConverter
 
@@ -119,7 +120,8 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
     # 2000 on was refused. Ours writes flat repetitions (see _repetition); the converter looks the function up as
     # a module global, so it is replaced there (the same function for every caller; assigning it is idempotent).
     llama_grammar._build_repetition = _repetition
-    schema_bounds_check(schema)
+    if not bounded:
+        schema_bounds_check(schema)
 
     class Converter(SchemaConverter):
         def _generate_constant_rule(self, value):
