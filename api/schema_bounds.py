@@ -20,6 +20,10 @@ MAX_ALTERNATIVES = 1_000  # enum members, and anyOf / oneOf / allOf / prefixItem
 MAX_NODES = 1_000  # subschemas in all (the converter takes about 0.1 to 0.2 ms for each)
 MAX_PATTERN_CHARS = 1_000
 MAX_PATTERN_GROUPS = 32  # nesting of ( ) in a pattern
+# A repeated group that can match nothing, `(a?){0,1000}`, makes llama.cpp's sampler follow every way of counting
+# the repetitions at each token: 1.1 s per token at 1000, 43 s for `((a?){0,64}){0,64}`, over 10 minutes at
+# 100000. Such repetitions (nested ones multiplied) are bounded; `a{0,100000}` or `(ab|c){0,100000}` are not.
+MAX_EMPTY_GROUP_REPEAT = 64
 
 MAX_GRAMMAR_CHARS = 1_000_000
 MAX_GRAMMAR_RULES = 20_000  # rules as written
@@ -147,6 +151,91 @@ def _pattern(pattern: str) -> None:
         for number in (low, high):
             if number and (len(number) > 6 or int(number) > MAX_COUNT):
                 raise SchemaTooComplex(f"pattern repeats {{{low},{high}}} times, over the limit of {MAX_COUNT}")
+    _Regex(pattern).check()
+
+
+class _Regex:
+    """Just enough of a regex parser to find repeated groups that can match the empty string."""
+
+    def __init__(self, pattern: str):
+        self.text, self.at = pattern, 0
+
+    def check(self) -> None:
+        try:
+            self._alternatives(1)
+            if self.at < len(self.text):
+                raise ValueError("unbalanced )")
+        except SchemaTooComplex:
+            raise
+        except (IndexError, ValueError):
+            raise SchemaTooComplex("pattern could not be read (unbalanced brackets or braces?)") from None
+
+    def _peek(self) -> str:
+        return self.text[self.at] if self.at < len(self.text) else ""
+
+    def _alternatives(self, repeat: int) -> bool:
+        """Parse up to a ')' or the end; whether it can match the empty string. `repeat`: how many times the
+        enclosing empty-matching groups may repeat it, multiplied."""
+        empty = self._sequence(repeat)
+        while self._peek() == "|":
+            self.at += 1
+            empty = self._sequence(repeat) or empty
+        return empty
+
+    def _sequence(self, repeat: int) -> bool:
+        empty = True
+        while self._peek() not in ("", "|", ")"):
+            empty = self._item(repeat) and empty
+        return empty
+
+    def _item(self, repeat: int) -> bool:
+        char, start = self._peek(), self.at
+        self.at += 1
+        group = char == "("
+        if group:
+            inner_start = self.at
+            inner_empty = self._alternatives(repeat)
+            if self._peek() != ")":
+                raise ValueError("unbalanced (")
+            self.at += 1
+        elif char == "[":
+            while self.text[self.at] != "]" or self.at == start + 1:
+                self.at += 2 if self.text[self.at] == "\\" else 1
+            self.at += 1
+            inner_empty = False
+        else:
+            self.at += 1 if char == "\\" else 0
+            inner_empty = char in "^$"
+        low, high = self._quantifier()
+        if group and inner_empty and high != 1:
+            times = repeat * (high if high is not None else MAX_COUNT)
+            if times > MAX_EMPTY_GROUP_REPEAT:
+                raise SchemaTooComplex(
+                    f"pattern repeats a group that can match nothing ({self.text[start : self.at][:40]}) more than "
+                    f"{MAX_EMPTY_GROUP_REPEAT} times (nested repetitions multiplied)"
+                )
+            if times > 1:  # the group's own empty-matching repetitions nest inside this one
+                self.at = inner_start
+                self._alternatives(times)
+                self.at += 1
+                self._quantifier()
+        return inner_empty or low == 0
+
+    def _quantifier(self) -> tuple[int, int | None]:
+        """The repetition after an item, (1, 1) when there is none."""
+        char = self._peek()
+        if char in ("*", "+", "?"):
+            self.at += 1
+            low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
+        elif char == "{" and (match := _QUANTIFIER.match(self.text, self.at)):
+            self.at = match.end()
+            low = int(match.group(1) or 0)
+            high = low if match.group(0).find(",") < 0 else (int(match.group(2)) if match.group(2) else None)
+        else:
+            return 1, 1
+        if self._peek() == "?":  # lazy: the same language
+            self.at += 1
+        return low, high
 
 
 def _gbnf_tokens(grammar: str):

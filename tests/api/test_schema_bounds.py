@@ -44,6 +44,9 @@ TOO_BIG = {
     "pattern {N}": {"type": "string", "pattern": f"^(ab){{{10**40}}}$"},
     "pattern groups": {"type": "string", "pattern": "^" + "(" * 33 + "a" + ")" * 33 + "$"},
     "pattern length": {"type": "string", "pattern": "^" + "a" * 1000 + "$"},
+    "pattern empty group": {"type": "string", "pattern": "^(a?){0,1000}$"},
+    "pattern nested empty groups": {"type": "string", "pattern": "^((a?){0,64}b?){0,64}$"},
+    "pattern unbalanced": {"type": "string", "pattern": "^(a|b$"},
     "nesting": {"type": "array", "items": {"type": "array", "items": {}}} | {"$defs": {"d": eval("[" * 70 + "]" * 70)}},
     "subschemas": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1001)},
                    "required": [f"p{i}" for i in range(1001)]},
@@ -55,7 +58,9 @@ TOO_BIG = {
     "fractional minLength": {"type": "string", "minLength": 1.5},
 }  # fmt: skip
 MESSAGE = {"pattern {0,N}": "pattern repeats", "pattern {N}": "pattern repeats", "pattern groups": "pattern nests",
-           "pattern length": "pattern is longer", "nesting": "nested deeper", "subschemas": "subschemas",
+           "pattern length": "pattern is longer", "pattern empty group": "can match nothing",
+           "pattern nested empty groups": "nested repetitions",
+           "pattern unbalanced": "could not be read", "nesting": "nested deeper", "subschemas": "subschemas",
            "optional properties": "optional", "enum": "enum members", "anyOf": "anyOf",
            "size": "larger than", "negative maxItems": "maxItems must be a non-negative integer",
            "fractional minLength": "minLength must be a non-negative integer"}  # fmt: skip
@@ -94,6 +99,7 @@ LARGEST = {
     "minItems": {"type": "array", "items": {"type": "string"}, "minItems": schema_bounds.MAX_COUNT},
     "pattern": {"type": "string", "pattern": f"^(ab|c){{0,{MAX}}}x{{3,{MAX}}}$"},
     "pattern groups": {"type": "string", "pattern": "^" + "(a{0,1000}" * 32 + ")" * 32 + "$"},
+    "pattern empty groups": {"type": "string", "pattern": "^((a?){0,8}b?){0,8}(x(c?){0,64}){0,100000}$"},
     "enum": {"enum": [f"value-{i}" for i in range(1000)]},
     "subschemas": {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 500} for i in range(999)},
                    "required": [f"p{i}" for i in range(999)]},
