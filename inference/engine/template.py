@@ -171,7 +171,9 @@ _FILTER_ESTIMATES = {
     "center": lambda value, width=80: max(_size(value, 10**12), _int(width)),
     "indent": _indented,
     "wordwrap": _wrapped,
-    "truncate": lambda s, length=255, killwords=False, end="...", leeway=None: _int(length) + _text_len(end),
+    "truncate": lambda s, length=255, killwords=False, end="...", leeway=None: (
+        min(_size(s, 10**12), _int(length)) + _text_len(end)
+    ),
     "replace": _replaced,
     "join": lambda value, d="", attribute=None: _joined(value, d),
     "format": lambda value, *args, **kwargs: _formatted(value, _PERCENT_FIELD, kwargs or args),

@@ -164,5 +164,6 @@ def test_bounded_operations_still_render_what_chat_templates_do():
         "{{ '%s:%d' % (m.role, loop.index) }}{{ '{}-{}'.format(m.role, 1) | center(12) }}{% endfor %}"
         "{{ messages | map(attribute='content') | join(', ') }}{{ messages | tojson(indent=2) | length > 0 }}"
         "{{ 'x'.ljust(3, '.') }}{{ ('a\\tb').expandtabs(2) }}{{ 'abc' | truncate(2, end='') }}"
+        "{{ 'abc' | truncate(100000000) }}{{ 'ab' | center(3) }}{{ '%5s' % 'ab' }}"
     )
-    assert render(source) == "<|user|>\n  Hellouser:1   user-1   HiTruex..a babc"
+    assert render(source) == "<|user|>\n  Hellouser:1   user-1   HiTruex..a babcabc ab   ab"
