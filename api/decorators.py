@@ -23,19 +23,19 @@ from redis.exceptions import RedisError
 
 from access.models import ApiKey
 from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check
-from inference.services import request_log_record
-
-from .bodies import json_check
-from .errors import (
+from core.errors import (
     InvalidHost,
     InvalidRequest,
     MethodNotAllowed,
-    OpenAIError,
+    MinervaError,
     OriginNotAllowed,
     RequestTooLarge,
     ServerError,
     ServiceUnavailable,
 )
+from inference.services import request_log_record
+
+from .bodies import json_check
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def openai_view(*, methods: tuple[str, ...]):
                     if request.method not in methods:
                         raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
                     response = await view(request, *args, **kwargs)
-            except OpenAIError as exc:
+            except MinervaError as exc:
                 response = error_response(exc)
                 if isinstance(exc, MethodNotAllowed):
                     response["Allow"] = ", ".join(methods)
@@ -121,7 +121,7 @@ def _access(header: str) -> tuple[ApiKey | None, Limits | None]:
     return key, rate_limit_check(key=key) if key is not None else None
 
 
-def error_response(exc: OpenAIError) -> JsonResponse:
+def error_response(exc: MinervaError) -> JsonResponse:
     response = JsonResponse(exc.to_dict(), status=exc.status)
     response.openai_error = exc
     if exc.status == 503:

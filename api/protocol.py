@@ -4,10 +4,12 @@ A leaf module: pydantic and the standard library only. Requests are strict (a st
 ignore unknown fields, which the view logs; responses follow the reference's field order."""
 
 import json
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from core import generation as neutral
+from core.generation import KEEP_ALIVE_RE
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -64,14 +66,21 @@ class ChatMessage(_Request):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
+    def to_neutral(self) -> neutral.Message:
+        return neutral.Message(
+            role="system" if self.role == "developer" else self.role,
+            content=self.text(),
+            tool_calls=[neutral.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                        for c in self.tool_calls or []],
+            tool_call_id=self.tool_call_id,
+            name=self.name,
+            reasoning=self.reasoning_content or self.reasoning,
+        )  # fmt: skip
+
 
 class StreamOptions(_Request):
     include_usage: bool = Field(default=False, description="Send a final chunk with usage and no choices.")
 
-
-# Ollama's keep_alive: seconds or a duration with one unit; negative = forever. (settings.py checks
-# MINERVA_KEEP_ALIVE with the same pattern: settings cannot import app modules.)
-KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 MAX_LOGIT_BIAS = 10_000
@@ -139,10 +148,18 @@ class _SamplingRequest(_Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-
-# The request fields a model's `default_params` may preset.
-SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repeat_penalty", "max_tokens", "seed", "stop"}  # fmt: skip
+    def _sampling(self) -> dict:
+        """The neutral request's sampling fields, as this request gives them."""
+        return {
+            "model": self.model, "n": self.n or 1, "stream": bool(self.stream), "max_tokens": self.token_limit(),
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repeat_penalty": self.repeat_penalty, "seed": self.seed,
+            "stop": self.stop_list() if self.stop is not None else None,
+            "logit_bias": {int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            "ignore_eos": bool(self.ignore_eos), "logprobs": self.logprobs_top(), "keep_alive": self.keep_alive,
+            "user": self.user,
+        }  # fmt: skip
 
 
 class JSONSchemaFormat(_Request):
@@ -247,6 +264,25 @@ class ChatCompletionRequest(_SamplingRequest):
         """The requested bound on completion tokens, if any."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def to_generation(self) -> neutral.GenerationRequest:
+        """The neutral request the worker runs."""
+        choice = self.tool_choice
+        schema = None
+        if self.response_format is not None and self.response_format.type != "text":
+            given = self.response_format.json_schema.schema_ if self.response_format.json_schema else None
+            schema = given or {"type": "object"}  # json_object, or a json_schema without a schema: any object
+        return neutral.GenerationRequest(
+            **self._sampling(),
+            messages=[m.to_neutral() for m in self.messages],
+            tools=[neutral.Tool(**t.function.model_dump(include={"name", "description", "parameters"}))
+                   for t in self.tools or []],
+            tool_choice="named" if isinstance(choice, NamedToolChoice) else (choice or "auto"),
+            tool_name=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            json_schema=schema,
+            reasoning_effort=self.reasoning_effort,
+        )  # fmt: skip
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | Annotated[list[str], Field(fail_fast=True)] | Annotated[list[int], Field(fail_fast=True)] = Field(
@@ -260,6 +296,12 @@ class CompletionRequest(_SamplingRequest):
     def token_limit(self) -> int | None:
         """The requested bound on completion tokens, if any."""
         return self.max_tokens
+
+    def to_generation(self) -> neutral.GenerationRequest:
+        """The neutral request the worker runs: one prompt, text or token ids."""
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) \
+            else self.prompt  # fmt: skip
+        return neutral.GenerationRequest(**self._sampling(), prompt=prompt)
 
     def logprobs_top(self) -> int | None:
         """How many alternatives to report per token, or None when logprobs are off."""

@@ -25,13 +25,13 @@ from redis.exceptions import RedisError
 from access.models import ApiKey
 from access.services import InvalidApiKey, RateLimited, rate_limit_check
 from api.decorators import validation_error
-from api.errors import InvalidRequest, ModelNotFound, NotFound, OpenAIError, ServerError, WorkerLost
 from api.protocol import ChatCompletionRequest, CompletionRequest
 from api.views import check_chat, check_completion, collect_answer
+from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
+from core.redis import get_redis
 from inference.models import RequestLog
 from inference.services import request_run_inline
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_parallel
 
@@ -116,7 +116,7 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
     or in one transaction); return the validation errors that fail the batch (after the first, nothing more is
     written), and the models its waiting lines need, in order of appearance."""
     errors, models, lines, refused = [], {}, [], []
-    known: dict[str, str | OpenAIError] = {}  # the name a line gives -> the model's own name, or why it cannot run
+    known: dict[str, str | MinervaError] = {}  # the name a line gives -> the model's own name, or why it cannot run
 
     def write() -> None:
         with transaction.atomic():
@@ -142,11 +142,11 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
                 line.model = body.model[:255]
                 if body.model not in known:
                     known[body.model] = _resolve(body.model, api_key)
-                if isinstance(known[body.model], OpenAIError):
+                if isinstance(known[body.model], MinervaError):
                     raise known[body.model]
                 line.model = known[body.model]
                 models.setdefault(line.model, None)
-            except OpenAIError as exc:
+            except MinervaError as exc:
                 line.request_id = uuid.uuid4().hex
                 line.status, line.output = Line.FAILED, _result(line, exc.status, exc.to_dict())
                 refused.append(_refused_log(batch, line, exc))
@@ -188,12 +188,12 @@ def _creating_done(batch_id: str) -> None:
         get_redis().delete(CREATING_KEY.format(batch_id))
 
 
-def _resolve(name: str, api_key: ApiKey | None) -> str | OpenAIError:
+def _resolve(name: str, api_key: ApiKey | None) -> str | MinervaError:
     """The model's own name (an alias resolved), or why a line for it cannot run: unknown, or outside the key's
     scope (the same model_not_found the key's interactive request would get)."""
     try:
         model = model_get(name).name
-    except OpenAIError as exc:
+    except MinervaError as exc:
         return exc
     if api_key is not None and not api_key.allows(model):
         return ModelNotFound(name)
@@ -212,7 +212,7 @@ def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionReque
     return request
 
 
-def _refused_log(batch: Batch, line: BatchLine, exc: OpenAIError) -> RequestLog:
+def _refused_log(batch: Batch, line: BatchLine, exc: MinervaError) -> RequestLog:
     """The request-history row of a line refused before it reached a model."""
     return RequestLog(
         request_id=line.request_id, endpoint=batch.endpoint, model=line.model, status=RequestLog.Status.FAILED,
@@ -302,12 +302,12 @@ def batch_line_run(*, line: BatchLine) -> bool:
                     f.seek(line.offset)
                     body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
                 try:
-                    log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint, body=body,
-                                             batch_id=batch.id, api_key=api_key)  # fmt: skip
+                    log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint,
+                                             body=body.to_generation(), batch_id=batch.id, api_key=api_key)  # fmt: skip
                 except RateLimited as exc:  # its tokens do not fit what is left of the key's minute
                     _throttle(api_key, exc)
                     status = Line.PENDING
-        except OpenAIError as exc:
+        except MinervaError as exc:
             RequestLog.objects.bulk_create([_refused_log(batch, line, exc)])
             raise
         if status == Line.PENDING:
@@ -317,7 +317,7 @@ def batch_line_run(*, line: BatchLine) -> bool:
         else:  # the stream holds its `done` or `error` events by now
             output = _result(line, 200, async_to_sync(collect_answer)(line.request_id, body))
             status = Line.COMPLETED
-    except OpenAIError as exc:
+    except MinervaError as exc:
         if exc.code in RETRY_CODES:
             status = Line.PENDING
         else:

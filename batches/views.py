@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from access.models import ApiKey
 from api.decorators import openai_view, parse_body
-from api.errors import InvalidRequest, RequestTooLarge
+from core.errors import InvalidRequest, RequestTooLarge
 
 from .files import CappedUploadHandler, file_create, file_delete, file_get, file_object, owned, page
 from .models import Batch, File

@@ -17,17 +17,16 @@ from redis.exceptions import RedisError
 
 from access.models import ApiKey
 from access.services import tokens_record, tokens_reserve, tokens_settle
-from api.errors import (
+from core.errors import (
     ContextLengthExceeded,
     InvalidRequest,
+    MinervaError,
     ModelNotFound,
-    OpenAIError,
     ServerError,
     ServiceUnavailable,
 )
-from api.protocol import SAMPLING_DEFAULTS, ChatCompletionRequest, CompletionRequest
-from api.tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction, tools_active
-from minerva_project.redis import get_redis
+from core.generation import GenerationRequest, with_defaults
+from core.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
 from models_app.selectors import LOADED_KEY, model_get, model_n_ctx, model_parallel
@@ -45,11 +44,11 @@ from .engine import (
 from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
+from .tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction
 from .worker import WORKER_ID
 
 logger = logging.getLogger(__name__)
 
-GenerationRequest = ChatCompletionRequest | CompletionRequest
 DRAINING_KEY = "minerva:draining:{}"  # set by `serve` (per instance) while it stops: new requests are refused
 DB_RETRY_SECONDS = 120  # how long a worker keeps trying to write a finished request's row while the DB is away
 shutting_down = False  # set in a worker whose drain ran out: unfinished requests say why they end
@@ -57,7 +56,8 @@ shutting_down = False  # set in a worker whose drain ran out: unfinished request
 
 def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None = None,
                    audit: dict | None = None) -> RequestLog:  # fmt: skip
-    """Record the request and queue it on its model's queue once the row is committed."""
+    """Record the request and queue it on its model's queue once the row is committed. `body` is the neutral
+    request a surface built (`to_generation()`); the worker runs exactly that."""
     from .tasks import run_request as run_request_task
 
     model = model_get(body.model)  # raises ModelNotFound
@@ -93,8 +93,7 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
                 **(audit or {}),
             )
             # The body travels in the task message, not the row: the row keeps parameters, not content.
-            payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
-                       "reservation": reservation}  # fmt: skip
+            payload = {"generation": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
             transaction.on_commit(enqueue)
         if enqueue_failed:  # the caller logs the refusal, so this row must not stay
             log.delete()
@@ -115,15 +114,15 @@ def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
     """The most tokens this request can count against its key: a prompt estimated from its content (the true
     count is known only to the worker's tokenizer), capped at the context, plus n times max_tokens (without
     max_tokens, the context the prompt leaves)."""
-    if isinstance(body, CompletionRequest) and body.prompt and isinstance(body.prompt[0], int):
+    if isinstance(body.prompt, list):
         prompt = len(body.prompt)  # token ids: exact
     else:
         content = json.dumps([_content(body), _params(body).get("tools")], ensure_ascii=False)
         prompt = -(-len(content.encode()) // PROMPT_BYTES_PER_TOKEN)
     prompt = min(prompt, n_ctx)
-    limit = body.token_limit()
+    limit = body.max_tokens
     completion = min(limit, n_ctx) if limit is not None else max(n_ctx - prompt, 1)
-    return prompt + (body.n or 1) * completion
+    return prompt + body.n * completion
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
@@ -166,19 +165,18 @@ def request_run(*, log_id: int, payload: dict) -> None:
     _retrying(lambda: log.save(update_fields=["status"]))
     stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
 
-    is_chat = payload["endpoint"].endswith("/chat/completions")
-    param = "messages" if is_chat else "prompt"
+    body = GenerationRequest.model_validate(payload["generation"])
+    param = "messages" if body.is_chat else "prompt"
     sequences: list[Sequence] = []
     try:
         model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
-        body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
         keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
         with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
-            tool_format = _tool_format(model, engine) if is_chat and tools_active(body) else None
+            tool_format = _tool_format(model, engine) if body.is_chat and body.tools_active() else None
             prompt = _prompt(engine, body, tool_format)
             sampling = _sampling(body, model.default_params, tool_format)
             info = {"tool_format": tool_format} if tool_format else None
-            sequences = engine.submit_many(log.request_id, prompt, sampling, body.n or 1, info=info)
+            sequences = engine.submit_many(log.request_id, prompt, sampling, body.n, info=info)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()
             for sequence in sequences:
@@ -189,7 +187,7 @@ def request_run(*, log_id: int, payload: dict) -> None:
         return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
     except ModelUnavailable as exc:
         return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequences)
-    except OpenAIError as exc:
+    except MinervaError as exc:
         return _fail(log, stream, exc, sequences)
     except Exception:
         logger.exception("generation failed for request %s", log.request_id)
@@ -237,8 +235,7 @@ def request_run_inline(*, request_id: str, endpoint: str, body: GenerationReques
         request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id,
         api_key_prefix=api_key.prefix if api_key is not None else "",
     )  # fmt: skip
-    payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
-               "reservation": reservation}  # fmt: skip
+    payload = {"generation": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
     request_run(log_id=log.pk, payload=payload)
     log.refresh_from_db()
     return log
@@ -292,41 +289,38 @@ def _tool_format(model: LanguageModel, engine) -> str:
 
 
 def _prompt(engine, body: GenerationRequest, tool_format: str | None) -> list[int]:
-    if isinstance(body, ChatCompletionRequest):
+    if body.is_chat:
         template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
         if tool_format not in (None, "generic"):
             template_vars["tools"] = offered_tools(body)
         return engine.chat_prompt(_template_messages(body, tool_format), **template_vars)
     if isinstance(body.prompt, str):
         return engine.text_prompt(body.prompt)
-    if body.prompt and isinstance(body.prompt[0], str):
-        return engine.text_prompt(body.prompt[0])
-    return list(body.prompt)
+    return list(body.prompt or [])
 
 
-def _template_messages(body: ChatCompletionRequest, tool_format: str | None = None) -> list[dict]:
+def _template_messages(body: GenerationRequest, tool_format: str | None = None) -> list[dict]:
     """Messages as chat templates expect them: plain-text content, and one system message at the front
-    (`developer` is a system message; several are merged, since Qwen-style templates reject any other).
-    Earlier tool calls go back in the request's tool format: as the template's own `tool_calls` (arguments as
-    objects, which is what templates' `tojson` expects), or for the generic format as the JSON answer."""
-    system = [m.text() for m in body.messages if m.role in ("system", "developer")]
+    (several are merged, since Qwen-style templates reject any other). Earlier tool calls go back in the request's
+    tool format: as the template's own `tool_calls` (arguments as objects, which is what templates' `tojson`
+    expects), or for the generic format as the JSON answer."""
+    system = [m.content for m in body.messages if m.role == "system"]
     if tool_format == "generic":
         system.append(tool_instruction(body))
     rest = []
     for m in body.messages:
-        if m.role in ("system", "developer"):
+        if m.role == "system":
             continue
-        message = {"role": m.role, "content": m.text()}
+        message = {"role": m.role, "content": m.content}
         if m.tool_calls and tool_format in (None, "generic"):
             message["content"] = _tool_calls_as_answer(m.tool_calls)
         elif m.tool_calls:
             message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name,
-                                                              "arguments": _arguments(c.function.arguments)}}
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
                 for c in m.tool_calls
-            ]  # fmt: skip
-        if m.reasoning_content or m.reasoning:
-            message["reasoning_content"] = m.reasoning_content or m.reasoning
+            ]
+        if m.reasoning:
+            message["reasoning_content"] = m.reasoning
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
@@ -344,22 +338,20 @@ def _arguments(text: str):
 
 def _tool_calls_as_answer(calls) -> str:
     """An earlier assistant turn's tool calls, written the way the generic format asks the model to answer."""
-    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
-                                      for c in calls]}, ensure_ascii=False)  # fmt: skip
+    return json.dumps({"tool_calls": [{"name": c.name, "arguments": _arguments(c.arguments)} for c in calls]},
+                      ensure_ascii=False)  # fmt: skip
 
 
 def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None) -> SamplingParams:
     """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
-    missing = {k: v for k, v in model_defaults.items() if k in SAMPLING_DEFAULTS and getattr(body, k) is None}
-    if missing:
-        try:
-            body = type(body).model_validate({**body.model_dump(exclude_none=True), **missing})
-        except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
-            logger.warning("ignoring invalid default_params %s", missing)
+    try:
+        body = with_defaults(body, model_defaults)
+    except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
+        logger.warning("ignoring invalid default_params %s", model_defaults)
     defaults = SamplingParams()
     grammar, triggers = _grammar(body, tool_format)
     return SamplingParams(
-        max_tokens=body.token_limit(),
+        max_tokens=body.max_tokens,
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
         top_p=body.top_p if body.top_p is not None else defaults.top_p,
         top_k=body.top_k if body.top_k is not None else defaults.top_k,
@@ -367,29 +359,25 @@ def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | 
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repeat_penalty=body.repeat_penalty if body.repeat_penalty is not None else defaults.repeat_penalty,
+        repeat_last_n=body.repeat_last_n if body.repeat_last_n is not None else defaults.repeat_last_n,
         seed=body.seed,
-        stop=body.stop_list(),
-        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
-        ignore_eos=bool(body.ignore_eos),
-        logprobs=body.logprobs_top(),
+        stop=list(body.stop or []),
+        logit_bias=dict(body.logit_bias),
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
         grammar=grammar,
         grammar_triggers=triggers,
     )
 
 
 def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | None, list[str]]:
-    """A GBNF grammar (and its lazy triggers) for the request's tools, or for `response_format`: any JSON
-    object, or JSON following the given schema."""
-    response_format = getattr(body, "response_format", None)
+    """A GBNF grammar (and its lazy triggers) for the request's tools, or for its JSON schema."""
     try:
         if tool_format is not None:
             return tool_grammar(body, tool_format)
-        if response_format is None or response_format.type == "text":
+        if body.json_schema is None:
             return None, []
-        schema = response_format.json_schema.schema_ if response_format.json_schema else None
-        if response_format.type == "json_object" or not schema:
-            schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
-        return json_schema_grammar(schema), []
+        return json_schema_grammar(body.json_schema), []
     except ValueError as exc:
         param = "tools" if tool_format is not None else "response_format"
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
@@ -413,7 +401,7 @@ def request_worker_lost(*, request_id: str, status_code: int) -> int:
     )  # fmt: skip
 
 
-def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequences: list[Sequence]) -> None:
+def _fail(log: RequestLog, stream: TokenStream, exc: MinervaError, sequences: list[Sequence]) -> None:
     try:
         stream.publish("error", **exc.to_dict()["error"], status=exc.status)
     except RedisError:  # Redis is away: the view's read fails too and tells the client; the row still ends
@@ -472,14 +460,14 @@ def _ms_since(log: RequestLog) -> float:
 
 
 def _params(body: GenerationRequest) -> dict:
-    """The request's parameters without its content (messages or prompt)."""
-    return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True, by_alias=True)
+    """The request's parameters without its content (messages or prompt), as given."""
+    return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_defaults=True)
 
 
 def _content(body: GenerationRequest):
     """The request's content (messages or prompt), stored only when MINERVA_LOG_CONTENT is on."""
-    field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    return body.model_dump(mode="json", include={field}, exclude_none=True, by_alias=True)[field]
+    field = "messages" if body.is_chat else "prompt"
+    return body.model_dump(mode="json", include={field}, exclude_defaults=True)[field]
 
 
 def request_logs_prune(*, days: int) -> int:

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from api.errors import ServiceUnavailable, Timeout, WorkerLost
-from minerva_project.redis import get_async_redis, get_redis
+from core.errors import ServiceUnavailable, Timeout, WorkerLost
+from core.redis import get_async_redis, get_redis
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from django.db import DatabaseError
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from minerva_project.redis import get_redis
+from core.redis import get_redis
 
 from .models import RequestLog
 

@@ -6,7 +6,7 @@ from django.urls import resolve
 
 from access.services import auth_proxy_warn
 from api.decorators import browser_check, error_response
-from api.errors import OpenAIError
+from core.errors import MinervaError
 
 
 class ApiFastPath:
@@ -46,7 +46,7 @@ class Cors:
         else:
             try:
                 response = browser_check(request) or await self.get_response(request)
-            except OpenAIError as exc:
+            except MinervaError as exc:
                 response = error_response(exc)
         origin = request.headers.get("Origin")
         if origin is not None and origin in settings.CORS_ORIGINS:

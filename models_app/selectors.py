@@ -5,7 +5,7 @@ import logging
 from django.conf import settings
 from django.db.models import Count, Max, Q
 
-from api.errors import ModelNotFound
+from core.errors import ModelNotFound
 
 from .models import LanguageModel
 
@@ -63,7 +63,7 @@ def model_loaded_names() -> set[str]:
 
     from redis.exceptions import RedisError
 
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     names: set[str] = set()
     try:

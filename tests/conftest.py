@@ -15,8 +15,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from core.redis import get_redis, start_embedded_redis
 from minerva_project import celery_app
-from minerva_project.redis import get_redis, start_embedded_redis
 from models_app.services import models_sync
 
 ROOT = Path(__file__).resolve().parent.parent

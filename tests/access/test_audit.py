@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from access.models import ApiKey
 from access.services import key_create
+from core.redis import get_redis
 from inference.models import RequestLog
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -8,9 +8,9 @@ import pytest
 
 from access.services import key_create
 from api.protocol import ChatCompletionRequest, CompletionRequest
+from core.redis import get_redis
 from inference.models import RequestLog
 from inference.services import request_token_budget
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 from tests.test_faults import get_redis_for, wait_for
 
@@ -34,7 +34,7 @@ def test_concurrent_requests_that_together_pass_a_keys_tpm_are_refused_at_admiss
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 120, "ignore_eos": True, "temperature": 0}
     # Each reserves its prompt estimate plus 120 tokens, more than half of 200: only one fits, before and after
     # it settles (ignore_eos: it really uses about as much as it reserved).
-    assert request_token_budget(body=ChatCompletionRequest(**body), n_ctx=4096) > 100
+    assert request_token_budget(body=ChatCompletionRequest(**body).to_generation(), n_ctx=4096) > 100
     replies: list[httpx.Response] = []
     start = threading.Barrier(6)
 
@@ -71,10 +71,19 @@ def test_after_completion_a_keys_minute_holds_the_tokens_used_not_the_reservatio
 
 
 def test_a_request_without_max_tokens_reserves_the_models_context(smollm2):
-    assert request_token_budget(body=ChatCompletionRequest(model=MODEL, messages=HELLO), n_ctx=4096) == 4096
-    two = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=10, n=2)
+    assert (
+        request_token_budget(body=ChatCompletionRequest(model=MODEL, messages=HELLO).to_generation(), n_ctx=4096)
+        == 4096
+    )
+    two = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=10, n=2).to_generation()
     assert request_token_budget(body=two, n_ctx=4096) == request_token_budget(body=two.model_copy(update={"n": 1}),
                                                                                n_ctx=4096) + 10  # fmt: skip
-    assert request_token_budget(body=CompletionRequest(model=MODEL, prompt=[1, 2, 3], max_tokens=4), n_ctx=4096) == 7
+    assert (
+        request_token_budget(
+            body=CompletionRequest(model=MODEL, prompt=[1, 2, 3], max_tokens=4).to_generation(), n_ctx=4096
+        )
+        == 7
+    )
     huge = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x" * 100_000}], max_tokens=1)
+    huge = huge.to_generation()
     assert request_token_budget(body=huge, n_ctx=4096) == 4097  # the prompt cannot pass the context

@@ -180,7 +180,7 @@ async def test_a_model_that_does_not_fit_the_memory_budget_is_503_and_others_kee
 
 
 async def test_a_full_queue_is_503_with_retry_after(async_client, smollm2, settings):
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     settings.MAX_QUEUE = 2
     get_redis().rpush(smollm2.queue, "a", "b")

@@ -9,9 +9,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from batches.models import Batch, BatchLine
 from batches.services import batch_line_claim, batch_line_run, batch_lines_run, batches_reap
+from core.redis import get_redis
 from inference.models import RequestLog
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from tests.batches.test_files import chat_line, jsonl
 from tests.conftest import HELLO, MODEL
 from tests.openapi import assert_schema

@@ -3,10 +3,10 @@
 import pytest
 
 from api.protocol import ChatCompletionRequest
+from core.redis import get_redis
 from inference.models import RequestLog
 from inference.services import request_run
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from api.errors import ModelNotFound
+from core.errors import ModelNotFound
 from models_app.bundled import default_model_path
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_n_ctx
