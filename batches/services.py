@@ -15,6 +15,7 @@ import uuid
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, F, Q, Sum
@@ -29,17 +30,19 @@ from api.protocol import ChatCompletionRequest, CompletionRequest
 from api.views import check_chat, check_completion, collect_answer
 from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
 from core.redis import get_redis
+from inference.heartbeat import WORKER_ID, worker_alive
 from inference.models import RequestLog
-from inference.services import request_run_inline
+from inference.run import request_run_inline
 from inference.streams import TokenStream
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_parallel
 
 from .files import _temp_path, batch_input_lines, owned
 from .models import Batch, BatchLine, File
-from .worker import WORKER_ID, stopping, worker_alive
 
 logger = logging.getLogger(__name__)
+
+stopping = threading.Event()  # set by worker.py when the worker starts its shutdown: lanes take no new lines
 
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 COMPLETION_WINDOW = timedelta(hours=24)
@@ -239,11 +242,10 @@ def _not_run(line: BatchLine) -> str:
 
 def batch_lanes_start(*, models: list[str]) -> None:
     """Queue one lane per batch slot on each model's queue (a lane finding its worker's slots taken just ends)."""
-    from .tasks import run_batch_lines as run_batch_lines_task
-
+    lane = current_app.tasks["minerva.run_batch_lines"]  # by name: tasks.py imports this module
     for model in LanguageModel.objects.filter(name__in=models):
         for _ in range(batch_slots(model)):
-            run_batch_lines_task.apply_async(args=[model.name], queue=model.queue)
+            lane.apply_async(args=[model.name], queue=model.queue)
 
 
 def batch_lines_run(*, model_name: str) -> int:

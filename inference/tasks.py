@@ -1,7 +1,7 @@
 from celery import shared_task
 
 from . import worker  # noqa: F401  (connects the worker process's signals: heartbeat, reaper, recycling, drain)
-from .services import request_run
+from .run import request_run
 
 
 @shared_task(name="minerva.run_request", ignore_result=True)

@@ -33,10 +33,10 @@ def redis_server(tmp_path_factory):
     celery_app.conf.task_always_eager = True  # in-process tests run the task inline; the stream replays
     celery_app.conf.broker_url = f"redis+socket://{socket_path}"  # for tests that queue without a worker
     yield socket_path
-    from inference import services
+    from inference import run
 
-    if services._cache is not None:  # stop its reaper before Redis goes, or its heartbeat logs errors
-        services._cache.close()
+    if run._cache is not None:  # stop its reaper before Redis goes, or its heartbeat logs errors
+        run._cache.close()
     process.terminate()
     process.wait(timeout=10)
 

@@ -8,7 +8,7 @@ import pytest
 
 from api.protocol import ChatCompletionRequest
 from inference.engine.template import ChatTemplate
-from inference.services import _template_messages, _tool_format
+from inference.run import _template_messages, _tool_format
 from inference.tools import offered_tools
 from tests.api.test_chat_completions import post, sse_events
 from tests.conftest import MODEL

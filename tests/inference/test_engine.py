@@ -227,7 +227,7 @@ def test_control_tokens_spelled_in_user_content_are_tokenized_as_text(model):
 
 def test_several_system_messages_are_merged_at_the_front():
     from api.protocol import ChatCompletionRequest
-    from inference.services import _template_messages
+    from inference.run import _template_messages
 
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
         {"role": "system", "content": "A"}, {"role": "user", "content": "u"},

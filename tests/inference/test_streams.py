@@ -8,7 +8,7 @@ from api.views import collect_answer
 from core.errors import MinervaError
 from core.redis import get_redis
 from inference.models import RequestLog
-from inference.services import request_run
+from inference.run import request_run
 from inference.streams import FINISHED_TTL_SECONDS, TokenStream
 from tests.conftest import HELLO, MODEL
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 def run(request_id: str, **params) -> tuple[RequestLog, ChatCompletionRequest]:
     body = ChatCompletionRequest(model=MODEL, messages=HELLO, temperature=0, **params)
     log = RequestLog.objects.create(request_id=request_id, endpoint="/v1/chat/completions", model=MODEL)
-    payload = {"endpoint": "/v1/chat/completions", "body": body.model_dump(mode="json", exclude_none=True)}
+    payload = {"generation": body.to_generation().model_dump(mode="json")}
     request_run(log_id=log.pk, payload=payload)
     log.refresh_from_db()
     return log, body

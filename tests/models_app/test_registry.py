@@ -119,7 +119,7 @@ def test_the_cli_table_and_scan_are_human_readable(models_dir, capsys):
 async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_dir):
     from asgiref.sync import sync_to_async
 
-    from inference.services import model_cache
+    from inference.run import model_cache
 
     await sync_to_async(models_scan)()
     await sync_to_async(write_gguf)(models_dir / "off.gguf")
