@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core import generation as neutral
 from core.generation import KEEP_ALIVE_RE
+from inference.schema_bounds import schema_bounds_check
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -168,6 +169,12 @@ class JSONSchemaFormat(_Request):
     schema_: dict = Field(default_factory=dict, alias="schema", description="The JSON Schema the output follows.")
     strict: bool | None = None
 
+    @field_validator("schema_")
+    @classmethod
+    def _schema_bounded(cls, value: dict) -> dict:
+        schema_bounds_check(value)
+        return value
+
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
@@ -216,6 +223,7 @@ class FunctionDefinition(_Request):
     @field_validator("parameters")
     @classmethod
     def _schema_supported(cls, value: dict | None) -> dict | None:
+        schema_bounds_check(value or {})
         unsupported = _unsupported_schema_keywords(value or {})
         if unsupported:
             raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
@@ -248,6 +256,19 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128, description="Functions the model may call.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Alternatives per token (logprobs).")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_bounded(cls, value: list[Tool] | None) -> list[Tool] | None:
+        # Each tool's schema is bounded on its own (FunctionDefinition); one grammar holds them all, so the bounds
+        # on counts hold for all of them together too.
+        totals: dict = {}
+        try:
+            for tool in value or []:
+                schema_bounds_check(tool.function.parameters or {}, totals)
+        except ValueError as exc:
+            raise ValueError(f"all tools together: {exc}") from None
+        return value
 
     @field_validator("top_logprobs")
     @classmethod

@@ -17,10 +17,13 @@ lazy: the answer is free text, streamed as it comes, until the model starts a ca
 hold the answer from its first token."""
 
 import json
+import math
 import re
 import uuid
 
 from core.generation import GenerationRequest
+
+from .schema_bounds import grammar_bounds_check, schema_bounds_check
 
 TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral")
 
@@ -85,7 +88,7 @@ def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[s
         if body.tool_call_optional():
             words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
             answer = {"anyOf": [answer, words]}
-        return json_schema_grammar(answer), []
+        return json_schema_grammar(answer, bounded=True), []
     if tool_format == "hermes":
         one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
         root = f'{one} ("\\n"? {one})*' if many else one
@@ -94,13 +97,26 @@ def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[s
     else:  # llama3: one call per turn, as its template renders them
         root = "call"
     triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(_TRIGGER[tool_format])]
-    return json_schema_grammar(call, rule="call", root=root), triggers if body.tool_call_optional() else []
+    return json_schema_grammar(
+        call, rule="call", root=root, bounded=True
+    ), triggers if body.tool_call_optional() else []
 
 
-def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None) -> str:
+def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None, bounded: bool = False) -> str:
     """GBNF for JSON following `schema` (llama-cpp-python's converter) as rule `rule`, plus `root ::= root`
-    when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle."""
-    from llama_cpp.llama_grammar import SchemaConverter  # here: the view imports this module without llama_cpp
+    when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle, and
+    SchemaTooComplex (a ValueError) for a schema or grammar over the bounds of schema_bounds. `bounded`: the
+    schema wraps the tools' schemas, which the request's validation bounded all together already."""
+    from llama_cpp import llama_grammar  # here: the view imports this module without llama_cpp
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    # The stock converter writes x{0,n} as n nested optional groups, "(x (x (x ...)?)?)?": llama.cpp's parser
+    # recurses once per group, so maxLength 20000 overflowed the worker's stack (SIGSEGV) and anything from about
+    # 2000 on was refused. Ours writes flat repetitions (see _repetition); the converter looks the function up as
+    # a module global, so it is replaced there (the same function for every caller; assigning it is idempotent).
+    llama_grammar._build_repetition = _repetition
+    if not bounded:
+        schema_bounds_check(schema)
 
     class Converter(SchemaConverter):
         def _generate_constant_rule(self, value):
@@ -116,7 +132,59 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
     except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
         raise ValueError(str(exc) or type(exc).__name__) from None
     grammar = converter.format_grammar()
-    return grammar if root is None else f"root ::= {root}\n{grammar}"
+    grammar = grammar if root is None else f"root ::= {root}\n{grammar}"
+    grammar_bounds_check(grammar)
+    return grammar
+
+
+# Repetitions up to this many optional items are llama.cpp's own x{0,n} (it writes n small rules); longer ones are
+# split into blocks of about sqrt(n), so no repetition costs more than a few hundred rules. llama.cpp refuses a
+# count over 2000 (and silently drops a maximum over 2000), which the blocks also keep under.
+_NATIVE_REPETITION = 64
+
+
+def _repetition(item_rule: str, min_items: int, max_items: int | None, separator_rule: str | None = None,
+                item_rule_is_literal: bool = False) -> str:  # fmt: skip
+    """GBNF for `item_rule` repeated min_items..max_items times (None: no maximum), with `separator_rule` between
+    items: exact for any count, and never nested deeper than two groups. A stand-in for the converter's
+    `_build_repetition`, with its signature (its item is one symbol: a rule name, "literal" or (group))."""
+    if max_items == 0:
+        return ""
+    if separator_rule:  # a, b, c: the first item, then (separator item) one fewer times
+        rest = _repetition(f"({separator_rule} {item_rule})", max(min_items - 1, 0),
+                           None if max_items is None else max_items - 1)  # fmt: skip
+        both = f"{item_rule} {rest}".strip()
+        return f"({both})?" if min_items == 0 else f"({both})"
+    parts = []
+    if min_items > 0:
+        parts.append(_exactly(item_rule, min_items))
+    if max_items is None:
+        parts.append(f"{item_rule}*")
+    elif max_items > min_items:
+        parts.append(_up_to(item_rule, max_items - min_items))
+    return f"({' '.join(parts)})" if len(parts) > 1 else "".join(parts)
+
+
+def _exactly(item: str, n: int) -> str:
+    if n == 1:
+        return item
+    if n <= _NATIVE_REPETITION:
+        return f"{item}{{{n}}}"
+    block, (blocks, rest) = math.isqrt(n), divmod(n, math.isqrt(n))
+    return f"({item}{{{block}}}){{{blocks}}}" + (f" {item}{{{rest}}}" if rest else "")
+
+
+def _up_to(item: str, n: int) -> str:
+    if n == 1:
+        return f"{item}?"
+    if n <= _NATIVE_REPETITION:
+        return f"{item}{{0,{n}}}"
+    # n = q * b + r items at most: fewer than q whole blocks and then fewer than b items, or q whole blocks and
+    # then at most r items. Exact, and a sampler follows at most four ways through it at any point.
+    block, (blocks, rest) = math.isqrt(n), divmod(n, math.isqrt(n))
+    whole = f"({item}{{{block}}})"
+    fewer = f"{whole}{{0,{blocks - 1}}} {item}{{0,{block - 1}}}"
+    return f"({fewer} | {whole}{{{blocks}}}" + (f" {item}{{0,{rest}}})" if rest else ")")
 
 
 def parse_tool_calls(tool_format: str, text: str) -> tuple[str | None, list[dict]]:

@@ -178,8 +178,15 @@ async def test_images_and_audio_are_refused_saying_what_the_model_lacks(async_cl
 
 @pytest.mark.parametrize(
     "template",
-    ["{{ 'a' * 10**9 }}", "{{ raise_exception.__globals__ }}", "{% for i in range(10**9) %}{% endfor %}"],
-    ids=["huge string", "globals", "huge loop"],
+    [
+        "{{ 'a' * 10**9 }}",
+        "{{ raise_exception.__globals__ }}",
+        "{% for i in range(10**9) %}{% endfor %}",
+        "{% set s = 'x' * 1000000 %}{{ s" + " ~ s" * 99 + " }}",
+        "{{ 'x' | center(100000000) }}",
+        "{{ '{:>100000000}'.format('x') }}",
+    ],
+    ids=["huge string", "globals", "huge loop", "~", "|center", "str.format"],
 )
 async def test_a_hostile_chat_template_is_a_400_and_the_worker_keeps_serving(async_client, smollm2, template):
     smollm2.chat_template_override = template

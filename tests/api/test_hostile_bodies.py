@@ -1,11 +1,14 @@
 """Hostile requests against a real `manage.py serve`: schemathesis fuzzes our operations of the official OpenAI
 spec, hypothesis puts wrong types, huge numbers, deep nesting, lone surrogates, NUL and huge strings anywhere in
-a body, and unknown paths and methods. Whatever comes in: never a 5xx, every error in OpenAI's shape, and the
-server still answers a normal request afterwards."""
+a body, JSON schemas with huge bounds, deep nesting and big enums (as response_format and as tool parameters),
+and unknown paths and methods. Whatever comes in: never a 5xx, every error in OpenAI's shape, and the server
+still answers a normal request afterwards, from the same worker process (a schema once crashed it: issue 12)."""
 
+import collections
 import functools
 import json
 import os
+import sys
 
 import httpx2 as httpx
 import pytest
@@ -16,6 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from inference.schema_bounds import MAX_COUNT
 from tests.conftest import HELLO, MODEL
 from tests.openapi import SPEC, assert_schema
 
@@ -220,3 +224,180 @@ def test_unknown_paths_and_methods_get_an_openai_error(server):
 
         fuzz()
     assert_healthy(server)
+
+
+# -- JSON schemas: the bounds that once crashed the worker (issue 12) ----------------------------------------
+
+ISSUE_12_SCHEMA = {"type": "string", "maxLength": 100000}
+
+
+def worker(server):
+    return server.child("celery")
+
+
+def assert_no_worker_died(server, pid: int) -> None:
+    assert worker(server).pid == pid, "the worker was restarted"
+    log = server.log.read_text(errors="replace")
+    assert "exited with code" not in log, log[-3000:]
+
+
+def schema_body(schema, *, as_tool: bool = False, max_tokens: int = 16) -> dict:
+    if as_tool:
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        return {**CHAT, "tools": [tool], "tool_choice": "required", "max_tokens": max_tokens}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return {**CHAT, "response_format": response_format, "max_tokens": max_tokens}
+
+
+def test_the_issues_200_byte_schema_is_served_and_the_worker_survives(server):
+    pid = worker(server).pid
+    response = httpx.post(f"{server.base_url}/chat/completions", json=schema_body(ISSUE_12_SCHEMA), timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    content = choice["message"]["content"]
+    assert content.startswith('"')  # the grammar holds the answer to a JSON string
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(content), str)
+    assert_healthy(server)
+    assert_no_worker_died(server, pid)
+
+
+@pytest.mark.parametrize("as_tool", [False, True], ids=["response_format", "tool parameters"])
+def test_a_schema_over_the_bounds_is_a_400_naming_the_keyword_and_the_worker_serves_on(server, as_tool):
+    pid = worker(server).pid
+    schema = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 10 * MAX_COUNT}}}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=schema_body(schema, as_tool=as_tool),
+                          timeout=120)  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == ("tools[0].function.parameters" if as_tool else "response_format.json_schema.schema")
+    assert "maxLength" in error["message"]
+    response = httpx.post(f"{server.base_url}/chat/completions", json=schema_body(ISSUE_12_SCHEMA, as_tool=as_tool),
+                          timeout=120)  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert_no_worker_died(server, pid)
+
+
+def _nest(depth: int, inner: dict, kind: str) -> dict:
+    for _ in range(depth):
+        inner = {"type": "array", "items": inner} if kind == "array" else {"type": "object", "properties": {"a": inner}}
+    return inner
+
+
+counts = st.one_of(
+    st.integers(0, 70),
+    st.integers(0, 5000),
+    st.integers(0, 2 * MAX_COUNT),
+    st.sampled_from([MAX_COUNT, MAX_COUNT + 1, 2000, 2001, 10**9, 2**63, -1, 0]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
+
+
+def _string(low, high):
+    return (
+        {"type": "string"} | ({} if low is None else {"minLength": low}) | ({} if high is None else {"maxLength": high})
+    )
+
+
+def _pattern(atom, low, high):
+    return {"type": "string", "pattern": f"^{atom}{{{low},{high}}}$"}
+
+
+schema_leaves = st.one_of(
+    st.builds(_string, st.none() | counts, st.none() | counts),
+    st.builds(_pattern, st.sampled_from(["a", "(ab|c)", "[0-9]", "(a?)", "((x)y)", "\\d", "."]), counts, counts),
+    st.integers(0, 3000).map(lambda n: {"enum": [f"value-{i}" for i in range(n)]}),
+    st.lists(scalars, min_size=1, max_size=5).map(lambda values: {"enum": values}),
+    st.sampled_from([{"type": "integer"}, {"type": "boolean"}, {"type": "number"}, {"type": "null"}, {}]),
+    st.builds(lambda depth, kind: _nest(depth, {"type": "string"}, kind), st.integers(1, 200),
+              st.sampled_from(["array", "object"])),
+    st.integers(0, 1500).map(lambda n: {"type": "object",
+                                        "properties": {f"p{i}": {"type": "string"} for i in range(n)}}),
+    st.integers(1, 40).map(lambda depth: {"type": "string", "pattern": "^" + "(a" * depth + ")" * depth + "$"}),
+)  # fmt: skip
+
+
+def _array(items, low, high):
+    return {"type": "array", "items": items} | ({} if low is None else {"minItems": low}) | (
+        {} if high is None else {"maxItems": high})  # fmt: skip
+
+
+def _object(properties, required):
+    return {"type": "object", "properties": properties, "required": [k for k in properties if required]}
+
+
+json_schemas = st.recursive(
+    schema_leaves,
+    lambda children: st.one_of(
+        st.builds(_array, children, st.none() | counts, st.none() | counts),
+        st.builds(_object, st.dictionaries(st.text(min_size=1, max_size=6), children, max_size=5), st.booleans()),
+        st.lists(children, min_size=1, max_size=4).map(lambda branches: {"anyOf": branches}),
+    ),
+    max_leaves=6,
+)
+
+
+def send_schema(client: httpx.Client, schema, as_tool: bool) -> httpx.Response:
+    return client.post("chat/completions", json=schema_body(schema, as_tool=as_tool, max_tokens=2))
+
+
+def test_fuzzed_json_schemas_never_get_a_5xx_nor_kill_the_worker(server):
+    pid = worker(server).pid
+    with httpx.Client(base_url=f"{server.base_url}/", timeout=120) as client:
+
+        @FUZZ
+        @given(schema=json_schemas, as_tool=st.booleans())
+        def fuzz(schema, as_tool):
+            note(f"schema ({'tool' if as_tool else 'response_format'}): {json.dumps(schema)[:500]}")
+            assert_openai_answer(send_schema(client, schema, as_tool))
+
+        fuzz()
+    assert_healthy(server)
+    assert_no_worker_died(server, pid)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**CHAT, "messages": [{"role": "user", "content": "Hi"}] * 20_000},
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}] * 20_000}]},
+        schema_body(_nest(30, {"type": "string", "maxLength": 3000}, "object"), max_tokens=2),
+        schema_body({"type": "object", "description": "d" * 3_000_000}, max_tokens=2),
+        schema_body({"anyOf": [{"enum": list(range(999))}] + [{"type": "string"}] * 200_000}, max_tokens=2),
+    ],
+    ids=["20k messages", "20k content parts", "30 nested objects", "3 MB schema", "200k anyOf branches"],
+)
+def test_large_and_deep_bodies_get_an_answer_and_never_a_5xx(server, body):
+    pid = worker(server).pid
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
+    assert_openai_answer(response)
+    assert_healthy(server)
+    assert_no_worker_died(server, pid)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_worker_survives_a_thousand_fuzzed_schemas(server):
+    """The measurement of issue 12: 1,000 generated schemas (half as response_format, half as tool parameters);
+    prints how they were answered. MINERVA_FUZZ_SCHEMAS changes the count."""
+    total = int(os.environ.get("MINERVA_FUZZ_SCHEMAS", 1000))
+    pid = worker(server).pid
+    outcomes: collections.Counter = collections.Counter()
+    with httpx.Client(base_url=f"{server.base_url}/", timeout=120) as client:
+
+        @settings(max_examples=total, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(schema=json_schemas, as_tool=st.booleans())
+        def fuzz(schema, as_tool):
+            response = send_schema(client, schema, as_tool)
+            outcomes[response.status_code] += 1
+            assert_openai_answer(response)
+
+        fuzz()
+    sent = sum(outcomes.values())
+    print(f"\nfuzzed schemas: {sent} sent, outcomes {dict(sorted(outcomes.items()))}, worker pid {pid} "
+          f"-> {worker(server).pid}", file=sys.stderr)  # fmt: skip
+    assert sent >= total * 0.9  # hypothesis may stop a little early when it has seen every small case
+    assert_healthy(server)
+    assert_no_worker_died(server, pid)

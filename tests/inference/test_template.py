@@ -83,7 +83,7 @@ def test_templates_cannot_build_huge_values(source):
     ids=["nested ranges", "nested strings", "recursion"],
 )
 def test_runaway_templates_stop_at_the_deadline_with_a_typed_error(source):
-    with pytest.raises(ChatTemplateError, match=r"longer than|failed"):
+    with pytest.raises(ChatTemplateError, match=r"longer than|failed|in all"):
         render(source)
 
 
@@ -102,3 +102,68 @@ def test_a_template_keeps_working_after_a_refused_render():
     with pytest.raises(ChatTemplateError):
         template.render([{"role": "user", "content": "boom"}])
     assert template.render(HI) == "ok"
+
+
+BIG = "{% set s = 'x' * 1000000 %}"  # a legal value: a million characters
+HUNDRED = "[" + "s, " * 100 + "]"  # a list of a hundred of them: cheap, as it holds one string
+# Each builds about 100 million characters from a template of a few hundred bytes, with one operation.
+BUILDERS = {
+    "~": BIG + "{{ s" + " ~ s" * 99 + " }}",
+    "+": BIG + "{{ s" + " + s" * 99 + " }}",
+    "*": "{{ 'x' * 100000000 }}",
+    "* of a list": BIG + "{{ [s] * 100 }}",
+    "%": "{{ '%100000000s' % 'x' }}",
+    "% with * width": "{{ '%*s' % (100000000, 'x') }}",
+    "|center": "{{ 'x' | center(100000000) }}",
+    "|indent": "{{ ('\\n' * 1000000) | indent(100) }}",
+    "|format": "{{ '%100000000s' | format('x') }}",
+    "|join": BIG + "{{ " + HUNDRED + " | join }}",
+    "|replace": "{{ ('x' * 10000) | replace('x', 'y' * 10000) }}",
+    "|wordwrap": "{{ ('x' * 1000000) | wordwrap(1, wrapstring='y' * 100) }}",
+    "|list": BIG + "{{ (s ~ s ~ s ~ s) | list }}",
+    "|string": BIG + "{{ " + HUNDRED + " | string }}",
+    "|pprint": BIG + "{{ " + HUNDRED + " | pprint }}",
+    "|tojson": BIG + "{{ " + HUNDRED + " | tojson }}",
+    "|tojson indent": "{{ [[[[[[[1]]]]]]] | tojson(indent=10000000) }}",
+    "|escape": "{{ ('<' * 3999999) | e }}",
+    "|map |join": BIG + "{{ range(100) | map('replace', '', s) | join }}",
+    "str.format": "{{ '{:>100000000}'.format('x') }}",
+    "str.format of one value many times": BIG + "{{ '" + "{0}" * 100 + "'.format(s) }}",
+    "str.format_map": BIG + "{{ '" + "{a}" * 100 + "'.format_map({'a': s}) }}",
+    "str.join": BIG + "{{ ''.join(" + HUNDRED + ") }}",
+    "str.ljust": "{{ 'x'.ljust(100000000) }}",
+    "str.rjust": "{{ 'x'.rjust(100000000) }}",
+    "str.center": "{{ 'x'.center(100000000) }}",
+    "str.zfill": "{{ '1'.zfill(100000000) }}",
+    "str.expandtabs": "{{ ('\\t' * 1000000).expandtabs(100) }}",
+    "str.replace": "{{ ('x' * 10000).replace('x', 'y' * 10000) }}",
+    "str.translate": "{{ ('x' * 10000).translate({120: 'y' * 10000}) }}",
+    "output of a list": BIG + "{{ " + HUNDRED + " }}",
+    "range": "{{ range(100000000) | list }}",
+    "int *": "{% set ns = namespace(n=2 ** 4000) %}{% for i in range(20) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+    "macro output": "{% macro f() %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endmacro %}{{ f() }}",
+}
+
+
+@pytest.mark.parametrize("source", list(BUILDERS.values()), ids=list(BUILDERS))
+def test_no_operation_builds_a_hundred_million_characters_from_a_small_template(source):
+    tracemalloc.start()  # from compiling on: Jinja computes constant expressions when it compiles
+    try:
+        with pytest.raises(ChatTemplateError, match=r"exceed|too large|range") as refused:
+            ChatTemplate(source).render(HI)  # the real limits: 4 million characters, 2 seconds
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "longer than" not in str(refused.value)  # refused for its size, not stopped at the deadline
+    assert peak < 64_000_000
+
+
+def test_bounded_operations_still_render_what_chat_templates_do():
+    source = (
+        "{% for m in messages %}{{ ('<|' ~ m.role ~ '|>\\n' + m.content | trim) | indent(2) | replace('Hi', 'Hello') }}"
+        "{{ '%s:%d' % (m.role, loop.index) }}{{ '{}-{}'.format(m.role, 1) | center(12) }}{% endfor %}"
+        "{{ messages | map(attribute='content') | join(', ') }}{{ messages | tojson(indent=2) | length > 0 }}"
+        "{{ 'x'.ljust(3, '.') }}{{ ('a\\tb').expandtabs(2) }}{{ 'abc' | truncate(2, end='') }}"
+        "{{ 'abc' | truncate(100000000) }}{{ 'ab' | center(3) }}{{ '%5s' % 'ab' }}"
+    )
+    assert render(source) == "<|user|>\n  Hellouser:1   user-1   HiTruex..a babcabc ab   ab"
