@@ -122,6 +122,17 @@ class ModelCache:
         with self._lock:
             return self._unload(name, "asked to")
 
+    def release(self, name: str) -> bool:
+        """Unload a model as soon as no request uses it (now, if none does); False if it was not loaded."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return False
+            if entry.pins:
+                entry.keep_alive = 0.0  # the reaper unloads it once its last request ends
+                return True
+            return self._unload(name, "asked to (keep_alive 0)")
+
     def close(self) -> None:
         self._stop.set()
         with self._lock:
