@@ -184,11 +184,11 @@ class _GenerationRequest(_Request):
             logger.info("ignoring num_ctx=%s: the registry sets a model's context", options.num_ctx)
         schema = {"type": "object"} if self.format == "json" else self.format or None
         think = self.think
-        return neutral.GenerationRequest(
-            model=self.model, stream=self.stream, keep_alive=self.keep_alive, json_schema=schema,
-            reasoning_effort="none" if think is False else think if isinstance(think, str) else None,
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None, **options.sampling(), **fields,
-        )  # fmt: skip
+        return neutral.GenerationRequest(**{
+            "model": self.model, "stream": self.stream, "keep_alive": self.keep_alive, "json_schema": schema,
+            "reasoning_effort": "none" if think is False else think if isinstance(think, str) else None,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None, **options.sampling(), **fields,
+        })  # fmt: skip
 
 
 class ChatRequest(_GenerationRequest):

@@ -93,10 +93,14 @@ class ModelCache:
                 )  # fmt: skip
             except (ValueError, OSError) as exc:
                 raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
-            entry = self._entries[spec.name] = _Entry(spec, model, self.default_keep_alive)
+            entry = self._entries[spec.name] = _Entry(
+                spec, model, self.default_keep_alive if keep_alive is None else keep_alive
+            )
+            entry.model.last_used = time.monotonic()
             self._changed()
-        if keep_alive is not None:
+        elif keep_alive is not None and keep_alive != entry.keep_alive:
             entry.keep_alive = keep_alive
+            self._changed()  # readers of on_change (Ollama's /api/ps) show the new expiry now, not at the next beat
         entry.model.last_used = time.monotonic()
         return entry
 
