@@ -38,6 +38,7 @@ class ModelNotFound(MinervaError):
 
     def __init__(self, model: str):
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        self.model = model
 
 
 class NotFound(MinervaError):
@@ -46,6 +47,16 @@ class NotFound(MinervaError):
 
 class MethodNotAllowed(MinervaError):
     status, code = 405, "method_not_allowed"
+
+
+class PermissionDenied(MinervaError):
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
+class NotImplementedHere(MinervaError):
+    """A valid request for something this server does not do (e.g. Ollama's /api/pull)."""
+
+    status, code = 501, "not_implemented"
 
 
 class InvalidHost(MinervaError):

@@ -76,6 +76,7 @@ class GenerationRequest(_Neutral):
     # reasoning and the model's lifetime
     reasoning_effort: str | None = None
     keep_alive: str | float | None = None
+    load_only: bool = False  # generate nothing: load the model (with keep_alive 0: unload it), Ollama's empty request
     user: str | None = None  # the client's end user, for the request log only
 
     @property

@@ -76,6 +76,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
     try:
         model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
         keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
+        if body.load_only:
+            return _load_only(log, stream, model, keep_alive)
         with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
             tool_format = _tool_format(model, engine) if body.is_chat and body.tools_active() else None
             prompt = _prompt(engine, body, tool_format)
@@ -286,6 +288,20 @@ def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | No
     except ValueError as exc:
         param = "tools" if tool_format is not None else "response_format"
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
+
+
+def _load_only(log: RequestLog, stream: TokenStream, model: LanguageModel, keep_alive: float | None) -> None:
+    """Load the model and generate nothing; keep_alive 0 unloads it instead (once its running requests end). Its
+    one `done` event says which, as its finish reason: "load" or "unload"."""
+    if keep_alive == 0:
+        model_cache().release(model.name)
+        reason = "unload"
+    else:
+        with model_cache().use(_spec(model), keep_alive=keep_alive):
+            reason = "load"
+    stream.publish("done", index=0, finish_reason=reason, prompt_tokens=0, cached_tokens=0, completion_tokens=0)
+    log.finish_reason = reason
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
 def _count(log: RequestLog, sequences: list[Sequence]) -> None:

@@ -97,6 +97,28 @@ def models_set_enabled(*, names: list[str], enabled: bool) -> int:
     return LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
 
 
+def model_alias_create(*, model: LanguageModel, name: str) -> ModelAlias:
+    """Give `model` another name (an existing alias of that name moves to it); RegistryError if `name` is not a
+    valid model name or is a model's own name."""
+    if not NAME_RE.match(name):
+        raise RegistryError(f"{name!r} is not a valid model name (letters, digits and ._:/@+-, at most 255)")
+    if LanguageModel.objects.filter(name=name).exists():
+        raise RegistryError(f"a model is already called {name!r}")
+    alias, _ = ModelAlias.objects.update_or_create(name=name, defaults={"model": model})
+    LanguageModel.objects.filter(pk=model.pk).update(updated=timezone.now())  # listings are cached per version
+    return alias
+
+
+def model_alias_delete(*, name: str) -> bool:
+    """Remove the alias called `name`; False if there is none."""
+    alias = ModelAlias.objects.filter(name=name).select_related("model").first()
+    if alias is None:
+        return False
+    alias.delete()
+    LanguageModel.objects.filter(pk=alias.model.pk).update(updated=timezone.now())
+    return True
+
+
 def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
     """Register the bundled default model and every model under MINERVA_MODELS_DIR: new files are added,
     changed ones (size or mtime) re-read, vanished ones marked unavailable. Rows are never deleted here."""

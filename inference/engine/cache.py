@@ -93,10 +93,14 @@ class ModelCache:
                 )  # fmt: skip
             except (ValueError, OSError) as exc:
                 raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
-            entry = self._entries[spec.name] = _Entry(spec, model, self.default_keep_alive)
+            entry = self._entries[spec.name] = _Entry(
+                spec, model, self.default_keep_alive if keep_alive is None else keep_alive
+            )
+            entry.model.last_used = time.monotonic()
             self._changed()
-        if keep_alive is not None:
+        elif keep_alive is not None and keep_alive != entry.keep_alive:
             entry.keep_alive = keep_alive
+            self._changed()  # readers of on_change (Ollama's /api/ps) show the new expiry now, not at the next beat
         entry.model.last_used = time.monotonic()
         return entry
 
@@ -121,6 +125,17 @@ class ModelCache:
         """Unload a model now (its running requests fail); False if it was not loaded."""
         with self._lock:
             return self._unload(name, "asked to")
+
+    def release(self, name: str) -> bool:
+        """Unload a model as soon as no request uses it (now, if none does); False if it was not loaded."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return False
+            if entry.pins:
+                entry.keep_alive = 0.0  # the reaper unloads it once its last request ends
+                return True
+            return self._unload(name, "asked to (keep_alive 0)")
 
     def close(self) -> None:
         self._stop.set()
