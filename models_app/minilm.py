@@ -99,8 +99,10 @@ def minilm_gguf(path: str | os.PathLike, *, ftype: str = "f16") -> Path:
         gguf_name = _tensor_name(name)
         if gguf_name is None:
             continue
-        # Like the converter: 1-D tensors (norms, biases) stay F32; matrices may be F16.
-        tensor = tensor.astype(np.float16 if half and tensor.ndim == 2 else np.float32)
+        # Like the converter: 1-D tensors (norms, biases) and the position and token-type tables stay F32
+        # (llama.cpp adds the token-type row to F32 activations, and its CPU add refuses an F16 operand).
+        keep = tensor.ndim < 2 or gguf_name.startswith(("position_embd.", "token_types."))
+        tensor = tensor.astype(np.float32 if keep or not half else np.float16)
         writer.add_tensor(gguf_name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
