@@ -6,9 +6,11 @@ mean pooling (a causal LM such as SmolLM2); vectors are L2-normalised. Pooling h
 llama.cpp, so the context is built with n_ubatch = n_batch = n_ctx: a batch is always one micro-batch, and an
 input never spans two (which would pool only its last part, and which non-causal models refuse outright).
 
-Flash attention is off by default: llama.cpp's CPU flash attention rounds through F16 once a batch passes ~64
-tokens, so an input's vector would depend (cosine ~0.9995) on what else shared its batch. Without it a vector is
-the same alone or batched, at the price of an attention buffer of n_head x n_ctx² floats."""
+Flash attention is on (as in llama-server): without it llama.cpp scores every token of a batch against every
+other (n_head x n_ctx² floats, masked per sequence), which on the CPU made a 1024-token batch of MiniLM inputs 5x
+slower than embedding them one by one. Its price: the CPU kernel rounds through F16 once a batch passes ~64
+tokens, so a vector moves slightly with what shares its batch (MiniLM ~1e-4 per component, SmolLM2 cosine
+0.9995); `flash_attn=False` gives vectors identical alone or batched (to 1e-7)."""
 
 import collections
 import ctypes
@@ -34,12 +36,13 @@ ENCODER_ARCHITECTURES = {"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", 
                          "jina-bert-v3", "eurobert"}  # fmt: skip
 
 
-def embedding_context_bytes(summary: dict, n_ctx: int, n_seq_max: int = 64, *, flash_attn: bool = False) -> int:
+def embedding_context_bytes(summary: dict, n_ctx: int, n_seq_max: int = 64, *, flash_attn: bool = True) -> int:
     """Memory an embedding context of `n_ctx` tokens per batch needs beside the weights, from a GGUF summary
     (models_app.metadata): a KV cache (decoders only), the compute buffer (activations, the attention scores
     without flash attention, and for a decoder the logits llama.cpp computes for every token) and the output
-    buffer. Checked against llama.cpp 0.3.36's own report on the CPU without flash attention (MiniLM-L6: 19 MiB
-    at 512 tokens, 228 MiB at 2048; SmolLM2-135M: 114 and 460 MiB): this errs high, by 1 to 8 %."""
+    buffer. Checked against llama.cpp 0.3.36's own report on the CPU (with flash attention: MiniLM-L6 7.7 MiB at
+    512 tokens, 31 MiB at 2048; SmolLM2-135M 114 and 449 MiB; without: MiniLM-L6 19 and 228 MiB, SmolLM2 114 and
+    460 MiB): this errs high, by 4 to 12 %."""
     embd = summary.get("embedding_length") or 0
     layers = summary.get("block_count") or 0
     vocab = summary.get("vocab_size") or 0
@@ -84,7 +87,7 @@ class EmbeddingRequest:
 
 class EmbeddingModel:
     def __init__(self, path: str, *, n_ctx: int = 1024, n_seq_max: int = 64, n_gpu_layers: int = 0,
-                 n_threads: int | None = None, flash_attn: bool = False):  # fmt: skip
+                 n_threads: int | None = None, flash_attn: bool = True):  # fmt: skip
         """Load the model and one embedding context: `n_ctx` is the token budget of one batch (and the most
         tokens one input may have, capped by the model's training context); `n_seq_max` the most inputs in it."""
         self.path = path

@@ -91,9 +91,10 @@ def test_minilm_scores_close_sentences_higher_than_unrelated_ones(minilm):
     assert similarity[4, 5] < 0.3
 
 
-# SmolLM2's Q4_1 matrices go through kernels whose rounding depends on where a row falls in the batch: an input
-# then moves by up to ~1e-3 in one component (cosine > 0.99999); MiniLM's F16 ones agree to 1e-7.
-@pytest.mark.parametrize(("name", "tolerance"), [("minilm", 1e-4), ("smol", 2e-3)])
+# With flash attention (the default) llama.cpp's CPU kernel rounds through F16 in a batch of more than ~64
+# tokens, so vectors move slightly with their batch: MiniLM ~1e-4 per component, SmolLM2 (whose Q4_1 kernels
+# also round by a row's place in the batch) up to ~1e-2, cosine > 0.999 either way.
+@pytest.mark.parametrize(("name", "tolerance"), [("minilm", 1e-3), ("smol", 2e-2)])
 def test_many_inputs_in_one_call_give_the_vectors_each_gives_alone(name, tolerance, request):
     model = request.getfixturevalue(name)
     tokens = [model.tokenize(s) for s in SENTENCES * 3]  # 18 inputs: more than n_seq_max, so two batches
@@ -102,7 +103,18 @@ def test_many_inputs_in_one_call_give_the_vectors_each_gives_alone(name, toleran
     assert model.stats["batches"] - batches == 2
     alone = np.array([model.embed([t])[0] for t in tokens])
     assert np.abs(together - alone).max() < tolerance
-    assert (together * alone).sum(axis=1).min() > 0.99999
+    assert (together * alone).sum(axis=1).min() > 0.999
+
+
+def test_without_flash_attention_a_vector_does_not_depend_on_its_batch(minilm_path):
+    model = EmbeddingModel(str(minilm_path), n_ctx=512, n_seq_max=16, flash_attn=False)
+    try:
+        tokens = [model.tokenize(s) for s in SENTENCES * 3]
+        together = np.array(model.embed(tokens))
+        alone = np.array([model.embed([t])[0] for t in tokens])
+        assert np.abs(together - alone).max() < 1e-4
+    finally:
+        model.close()
 
 
 def test_callers_waiting_together_share_one_decode(minilm):
@@ -114,7 +126,7 @@ def test_callers_waiting_together_share_one_decode(minilm):
         assert request.wait(60) and request.error is None
     assert minilm.stats["batches"] - batches == 1
     alone = minilm.embed(tokens)
-    assert np.abs(np.array([r.vectors[0] for r in requests]) - np.array(alone)).max() < 1e-4
+    assert np.abs(np.array([r.vectors[0] for r in requests]) - np.array(alone)).max() < 1e-3
 
 
 def test_eight_concurrent_callers_each_get_their_own_vectors(minilm):
@@ -136,7 +148,7 @@ def test_eight_concurrent_callers_each_get_their_own_vectors(minilm):
     assert sorted(results) == list(range(len(texts)))
     for k, vectors in results.items():
         assert len(vectors) == 5
-        assert np.abs(np.array(vectors) - np.array(expected[k])).max() < 1e-4
+        assert np.abs(np.array(vectors) - np.array(expected[k])).max() < 1e-3
 
 
 def test_an_over_long_input_is_a_context_overflow_unless_truncation_is_asked_for(minilm):
@@ -147,7 +159,7 @@ def test_an_over_long_input_is_a_context_overflow_unless_truncation_is_asked_for
     assert (overflow.value.prompt_tokens, overflow.value.n_ctx) == (len(long), 512)
     assert "input 1" in str(overflow.value)
     (truncated,) = minilm.embed([long], truncate=True)
-    assert np.abs(np.array(truncated) - np.array(minilm.embed([long[:512]])[0])).max() < 1e-4
+    assert np.abs(np.array(truncated) - np.array(minilm.embed([long[:512]])[0])).max() < 1e-3
 
 
 def test_token_ids_are_embedded_as_given_and_bad_ones_refused(minilm):
@@ -174,7 +186,7 @@ def test_smollm2_mean_pooled_vectors_are_normalised_and_deterministic(smol):
 def test_the_cache_loads_an_embedding_context_apart_from_the_generating_one(minilm_path):
     summary = read_gguf_metadata(minilm_path).summary()
     context = embedding_context_bytes(summary, 512, 16)
-    assert 19 << 20 < context < 22 << 20  # llama.cpp reports 19.4 MiB of buffers for this context
+    assert 7 << 20 < context < 9 << 20  # llama.cpp reports 7.7 MiB of buffers for this context
     spec = ModelSpec(name="minilm", path=str(minilm_path), n_ctx=512, n_parallel=16, embedding=True,
                      estimated_bytes=summary["file_size"] + context)  # fmt: skip
     smol_summary = read_gguf_metadata(default_model_path()).summary()
