@@ -24,16 +24,14 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
+from models_app.metadata import ENCODER_ARCHITECTURES  # run without a KV cache
+
 from .llama import ContextOverflow, EngineError, PromptError, _cpu_has_amx
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = {llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean", llama_cpp.LLAMA_POOLING_TYPE_CLS: "cls",
             llama_cpp.LLAMA_POOLING_TYPE_LAST: "last"}  # fmt: skip
-
-# Architectures llama.cpp runs without a KV cache (encoder-only: the whole input is one micro-batch).
-ENCODER_ARCHITECTURES = {"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
-                         "jina-bert-v3", "eurobert"}  # fmt: skip
 
 
 def embedding_context_bytes(summary: dict, n_ctx: int, n_seq_max: int = 64, *, flash_attn: bool = True) -> int:
