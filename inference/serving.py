@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from access.models import ApiKey
-from core.errors import MinervaError, WorkerLost
+from core.errors import MinervaError, ServerError, WorkerLost
 from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 
 from .reasoning import ReasoningSplitter
@@ -263,4 +263,4 @@ async def tokenize_answer(*, request_id: str, endpoint: str, body: TokenizeReque
     except asyncio.CancelledError:
         await stream.cancel()
         raise
-    raise MinervaError("The tokenizer gave no answer.")  # a stream always ends in done or error
+    raise ServerError()  # unreachable: a stream ends in `done` or `error`, or read() raises
