@@ -88,6 +88,16 @@ def test_dimensions_truncate_and_renormalise_and_more_than_the_model_has_is_a_40
     assert response.json()["error"]["param"] == "dimensions" and "384" in response.json()["error"]["message"]
 
 
+def test_many_inputs_come_back_in_order_across_several_stream_events(client):
+    texts = [f"item number {i} of the list" for i in range(400)]  # 384 x 400 floats: three events
+    result = client.embeddings.create(model=MINILM, input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == list(range(400))
+    for i in (0, 170, 171, 399):
+        alone = client.embeddings.create(model=MINILM, input=texts[i], encoding_format="float").data[0].embedding
+        assert cosine(alone, result.data[i].embedding) > 0.999
+        assert cosine(alone, result.data[(i + 1) % 400].embedding) < 0.999
+
+
 def test_an_over_long_input_is_a_400_naming_it_unless_truncation_is_asked_for(minerva_server):
     inputs = ["short", "word " * 600]
     response = post(minerva_server, {"model": MINILM, "input": inputs})
