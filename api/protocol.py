@@ -329,6 +329,78 @@ class CompletionRequest(_SamplingRequest):
         return self.logprobs
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+EmbeddingInput = str | Annotated[list[str], Field(fail_fast=True)] | TokenIds | Annotated[list[TokenIds], Field(
+    fail_fast=True)]  # fmt: skip
+
+
+class CreateEmbeddingRequest(_Request):
+    model: str = Field(min_length=1, description="Any model: an embedding model, or a generating one (mean-pooled).")
+    input: EmbeddingInput = Field(description="A text, a list of texts, token ids, or a list of token-id lists.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: lists of numbers; base64: little-endian float32, base64-encoded."
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="Keep the first this many, normalised again.")
+    user: str | None = None
+    # Minerva extensions (llama-server's and Ollama's names)
+    truncate: bool = Field(default=False, description="Cut inputs longer than the model's context (else a 400).")
+    keep_alive: str | float | None = Field(
+        default=None, description="How long the model stays loaded after this request: seconds or '5m'."
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not inputs:
+            raise ValueError("must not be empty")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs may be embedded in one request")
+        for i, item in enumerate(inputs):
+            if len(item) == 0:
+                raise ValueError(f"input {i} is empty" if len(inputs) > 1 else "must not be empty")
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
+            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
+        return value
+
+    def to_embedding(self) -> neutral.EmbeddingRequest:
+        """The neutral request the worker runs: a list of inputs, each text or token ids."""
+        single = isinstance(self.input, str) or isinstance(self.input[0], int)
+        return neutral.EmbeddingRequest(
+            model=self.model, inputs=[self.input] if single else self.input, truncate=self.truncate,
+            dimensions=self.dimensions, keep_alive=self.keep_alive, user=self.user,
+        )  # fmt: skip
+
+
+class TokenizeRequest(_Request):
+    """llama-server's /tokenize, or with `messages` (a chat/completions body) a count of that chat's prompt."""
+
+    model: str = Field(min_length=1)
+    content: str | None = Field(default=None, description="The text to tokenize.")
+    add_special: bool = Field(default=False, description="Add the model's BOS (or [CLS] ... [SEP]) tokens.")
+    parse_special: bool = Field(default=True, description="Special tokens' text becomes those tokens.")
+    with_pieces: bool = Field(default=False, description="Return {id, piece} for each token.")
+    messages: list | None = Field(default=None, description="Count the prompt tokens of this chat instead.")
+
+    def to_tokenize(self) -> neutral.TokenizeRequest:
+        return neutral.TokenizeRequest(model=self.model, content=self.content, add_special=self.add_special,
+                                       parse_special=self.parse_special, with_pieces=self.with_pieces)  # fmt: skip
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: TokenIds = Field(max_length=1_000_000, description="Token ids to turn back into text.")
+
+    def to_tokenize(self) -> neutral.TokenizeRequest:
+        return neutral.TokenizeRequest(model=self.model, tokens=self.tokens)
+
+
 # -------------------------------------------------------------------------------------------- responses
 
 
@@ -451,6 +523,24 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelMeta(BaseModel):

@@ -1,13 +1,24 @@
 """The OpenAI surface: thin async views. Each validates its wire format, hands the neutral request to
 inference.serving, and renders the neutral deltas it gets back as OpenAI objects (JSON or SSE)."""
 
+import base64
 from collections.abc import AsyncIterator
 
+import numpy as np
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from core.errors import InvalidRequest, ModelNotFound, NotFound
-from inference.serving import Answer, Generation, generation_replay, generation_start
+from inference.serving import (
+    Answer,
+    Embeddings,
+    Generation,
+    embedding_replay,
+    embedding_start,
+    generation_replay,
+    generation_start,
+    tokenize_answer,
+)
 from models_app.selectors import model_get, model_list, model_loaded_names, model_n_ctx, model_registry_version
 
 from .decorators import openai_view, parse_body
@@ -24,10 +35,16 @@ from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CreateEmbeddingRequest,
+    CreateEmbeddingResponse,
+    DetokenizeRequest,
+    Embedding,
+    EmbeddingUsage,
     Model,
     ModelMeta,
     OtherPart,
     PromptTokensDetails,
+    TokenizeRequest,
     ToolCall,
     Usage,
 )
@@ -89,6 +106,65 @@ async def completions(request: HttpRequest) -> HttpResponse:
     if body.stream:
         return sse_response(generation.stream, _completion_chunks(generation, body))
     return JsonResponse(completion(await generation.collect(), generation, body))
+
+
+@openai_view(methods=("POST",))
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    body = await parse_body(request, CreateEmbeddingRequest)
+    embedding = await embedding_start(request_id=request.request_id, endpoint=request.path, body=body.to_embedding(),
+                                      api_key=request.api_key, audit=request.audit,
+                                      on_queued=lambda: _logged(request))  # fmt: skip
+    return JsonResponse(embedding_response(await embedding.collect(), body))
+
+
+async def collect_embeddings(request_id: str, body: CreateEmbeddingRequest) -> dict:
+    """The JSON body a finished embedding request would have returned, from its stream (a batch line's)."""
+    return embedding_response(await embedding_replay(request_id).collect(), body)
+
+
+def embedding_response(result: Embeddings, body: CreateEmbeddingRequest) -> dict:
+    def encoded(vector: bytes) -> list[float] | str:
+        if body.encoding_format == "base64":  # OpenAI's: the float32 bytes, little-endian
+            return base64.b64encode(vector).decode()
+        return np.frombuffer(vector, "<f4").tolist()
+
+    return CreateEmbeddingResponse(
+        data=[Embedding(index=i, embedding=encoded(v)) for i, v in enumerate(result.vectors)],
+        model=body.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    ).model_dump()
+
+
+@openai_view(methods=("POST",))
+async def tokenize(request: HttpRequest) -> HttpResponse:
+    """llama-server's /tokenize; with `messages` instead of `content`, the chat's prompt token count."""
+    body = await parse_body(request, TokenizeRequest)
+    if body.messages is not None:
+        chat = await parse_body(request, ChatCompletionRequest)
+        check_chat(chat)
+        neutral = body.to_tokenize().model_copy(update={"chat": chat.to_generation()})
+    elif body.content is None:
+        raise InvalidRequest("Give `content` to tokenize, or `messages` to count.", param="content")
+    else:
+        neutral = body.to_tokenize()
+    return JsonResponse(await _tokenizer(request, neutral))
+
+
+@openai_view(methods=("POST",))
+async def detokenize(request: HttpRequest) -> HttpResponse:
+    """llama-server's /detokenize."""
+    body = await parse_body(request, DetokenizeRequest)
+    return JsonResponse(await _tokenizer(request, body.to_tokenize()))
+
+
+async def _tokenizer(request: HttpRequest, body) -> dict:
+    return await tokenize_answer(request_id=request.request_id, endpoint=request.path, body=body,
+                                 api_key=request.api_key, audit=request.audit,
+                                 on_queued=lambda: _logged(request))  # fmt: skip
+
+
+def _logged(request: HttpRequest) -> None:
+    request.request_logged = True  # from here on the worker owns the log row
 
 
 def check_chat(body: ChatCompletionRequest) -> None:

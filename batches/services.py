@@ -26,13 +26,13 @@ from redis.exceptions import RedisError
 from access.models import ApiKey
 from access.services import InvalidApiKey, RateLimited, rate_limit_check
 from api.decorators import validation_error
-from api.protocol import ChatCompletionRequest, CompletionRequest
-from api.views import check_chat, check_completion, collect_answer
+from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddingRequest
+from api.views import check_chat, check_completion, collect_answer, collect_embeddings
 from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
 from core.redis import get_redis
 from inference.heartbeat import WORKER_ID, worker_alive
 from inference.models import RequestLog
-from inference.run import request_run_inline
+from inference.run import embedding_run_inline, request_run_inline
 from inference.streams import TokenStream
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_parallel
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 stopping = threading.Event()  # set by worker.py when the worker starts its shutdown: lanes take no new lines
 
-ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+             "/v1/embeddings": CreateEmbeddingRequest}  # fmt: skip
 COMPLETION_WINDOW = timedelta(hours=24)
 # Errors that say the line never got a fair run (its worker stopped under it): it waits for another.
 RETRY_CODES = {"server_shutting_down", "worker_lost"}
@@ -72,8 +73,6 @@ def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, m
     """Check every line of the input file (one of `api_key`'s own files) and record one BatchLine each, in chunks
     (the batch stays `validating`, so no worker takes its lines, until all exist); then start the lines' models'
     lanes. Lines that cannot run (bad parameters, a model unknown or outside the key's scope) fail at once."""
-    if endpoint == "/v1/embeddings":
-        raise InvalidRequest("Minerva does not serve /v1/embeddings yet.", param="endpoint")
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
     if completion_window != "24h":
@@ -203,7 +202,7 @@ def _resolve(name: str, api_key: ApiKey | None) -> str | MinervaError:
     return model
 
 
-def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest:
+def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest | CreateEmbeddingRequest:
     """The line's body as its endpoint would take it (same schema, same checks); never streamed."""
     try:
         request = ENDPOINTS[endpoint].model_validate({**body, "stream": False})
@@ -211,7 +210,10 @@ def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionReque
         raise validation_error(exc) from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.") from None
-    (check_chat if isinstance(request, ChatCompletionRequest) else check_completion)(request)
+    if isinstance(request, ChatCompletionRequest):
+        check_chat(request)
+    elif isinstance(request, CompletionRequest):
+        check_completion(request)
     return request
 
 
@@ -303,9 +305,13 @@ def batch_line_run(*, line: BatchLine) -> bool:
                 with batch.input_file.path.open("rb") as f:
                     f.seek(line.offset)
                     body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
+                embedding = isinstance(body, CreateEmbeddingRequest)
+                # On this thread; an embedding line's inputs share the engine's batches with any other request's.
+                run, neutral = ((embedding_run_inline, body.to_embedding()) if embedding
+                                else (request_run_inline, body.to_generation()))  # fmt: skip
                 try:
-                    log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint,
-                                             body=body.to_generation(), batch_id=batch.id, api_key=api_key)  # fmt: skip
+                    log = run(request_id=line.request_id, endpoint=batch.endpoint, body=neutral, batch_id=batch.id,
+                              api_key=api_key)  # fmt: skip
                 except RateLimited as exc:  # its tokens do not fit what is left of the key's minute
                     _throttle(api_key, exc)
                     status = Line.PENDING
@@ -317,7 +323,8 @@ def batch_line_run(*, line: BatchLine) -> bool:
         elif log.status == RequestLog.Status.CANCELLED:
             status = Line.CANCELLED
         else:  # the stream holds its `done` or `error` events by now
-            output = _result(line, 200, async_to_sync(collect_answer)(line.request_id, body))
+            collect = collect_embeddings if embedding else collect_answer
+            output = _result(line, 200, async_to_sync(collect)(line.request_id, body))
             status = Line.COMPLETED
     except MinervaError as exc:
         if exc.code in RETRY_CODES:

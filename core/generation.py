@@ -117,3 +117,29 @@ def default_params_check(params: dict) -> None:
 
 def _stop_list(value) -> list[str]:
     return [value] if isinstance(value, str) else value
+
+
+class EmbeddingRequest(_Neutral):
+    """Vectors for one or more inputs, each text or token ids: what every surface's embeddings endpoint builds
+    (`to_embedding()`) and the worker runs. `truncate` cuts an input longer than the model's context instead of
+    refusing it; `dimensions` keeps the first that many components and normalises again."""
+
+    model: str
+    inputs: list[str] | list[list[int]] = Field(min_length=1)
+    truncate: bool = False
+    dimensions: int | None = Field(default=None, ge=1)
+    keep_alive: str | float | None = None
+    user: str | None = None  # the client's end user, for the request log only
+
+
+class TokenizeRequest(_Neutral):
+    """One use of a model's tokenizer, run by its worker: tokenize `content`, detokenize `tokens`, or count the
+    prompt tokens of the chat request `chat` (its template applied exactly as a generation would)."""
+
+    model: str
+    content: str | None = None
+    add_special: bool = False  # BOS (and a BERT model's [CLS] ... [SEP]) around the content
+    parse_special: bool = True  # special tokens' text in the content becomes those tokens (llama-server's default)
+    with_pieces: bool = False
+    tokens: list[int] | None = None
+    chat: GenerationRequest | None = None

@@ -1,11 +1,15 @@
 """The worker side of a generation: run a queued request on its model's scheduler and finish its log row."""
 
+import base64
+import ctypes
 import json
 import logging
 import os
 import threading
 import time
 
+import llama_cpp
+import numpy as np
 from django import db
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
@@ -19,15 +23,14 @@ from core.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     MinervaError,
-    ModelNotFound,
     ServerError,
     ServiceUnavailable,
 )
-from core.generation import GenerationRequest, with_defaults
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, with_defaults
 from core.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import LOADED_KEY, model_get, model_n_ctx, model_parallel
+from models_app.selectors import LOADED_KEY, model_generates, model_n_ctx, model_parallel
 
 from .engine import (
     ContextOverflow,
@@ -37,12 +40,13 @@ from .engine import (
     PromptError,
     SamplingParams,
     Sequence,
+    embedding_context_bytes,
     parse_keep_alive,
 )
 from .heartbeat import WORKER_ID
 from .metrics import metrics_record
 from .models import RequestLog
-from .services import _params, request_token_budget
+from .services import _params, embedding_token_budget, request_model, request_token_budget
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction
 
@@ -54,21 +58,10 @@ shutting_down = False  # set in a worker whose drain ran out: unfinished request
 
 def request_run(*, log_id: int, payload: dict) -> None:
     """Generate for one queued request: hand it to its model's scheduler and wait until it finishes."""
-    log = _retrying(lambda: RequestLog.objects.get(pk=log_id))
-    stream = TokenStream(log.request_id)
-    if log.status != RequestLog.Status.QUEUED:
-        # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
-        logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
+    claimed = _claim(log_id, payload)
+    if claimed is None:
         return
-    log.reservation = payload.get("reservation")  # its tokens-per-minute budget, settled in _finish
-    if reason := stream.cancelled():  # the client left (or its wait timed out) while it was in the queue
-        if reason == CANCEL_TIMEOUT:
-            return _fail(log, stream, timed_out(), [])
-        _finish(log, RequestLog.Status.CANCELLED, status_code=499)
-        return
-    log.status = RequestLog.Status.RUNNING
-    _retrying(lambda: log.save(update_fields=["status"]))
-    stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
+    log, stream = claimed
 
     body = GenerationRequest.model_validate(payload["generation"])
     param = "messages" if body.is_chat else "prompt"
@@ -127,14 +120,167 @@ def request_run(*, log_id: int, payload: dict) -> None:
         _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
+def _claim(log_id: int, payload: dict) -> tuple[RequestLog, TokenStream] | None:
+    """Take a queued request's row and mark it running (None: it must not run, and its row is already ended)."""
+    log = _retrying(lambda: RequestLog.objects.get(pk=log_id))
+    stream = TokenStream(log.request_id)
+    if log.status != RequestLog.Status.QUEUED:
+        # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
+        logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
+        return None
+    log.reservation = payload.get("reservation")  # its tokens-per-minute budget, settled in _finish
+    if reason := stream.cancelled():  # the client left (or its wait timed out) while it was in the queue
+        if reason == CANCEL_TIMEOUT:
+            _fail(log, stream, timed_out(), [])
+        else:
+            _finish(log, RequestLog.Status.CANCELLED, status_code=499)
+        return None
+    log.status = RequestLog.Status.RUNNING
+    _retrying(lambda: log.save(update_fields=["status"]))
+    stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
+    return log, stream
+
+
+MAX_EMBEDDING_TOKENS = 300_000  # all inputs of one request together, as OpenAI limits them
+EMBEDDING_EVENT_FLOATS = 1 << 16  # components per stream event (256 KiB as float32): a few events per request
+
+
+def embedding_run(*, log_id: int, payload: dict) -> None:
+    """Embed one queued request's inputs on its model's embedding context, where they share llama.cpp batches
+    with every other request's; publish the vectors (float32, little-endian, base64) in a few `embedding`
+    events, then `done` with the token count."""
+    claimed = _claim(log_id, payload)
+    if claimed is None:
+        return
+    log, stream = claimed
+    body = EmbeddingRequest.model_validate(payload["embedding"])
+    try:
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
+        with model_cache().use(_spec(model, embedding=True), keep_alive=keep_alive) as engine:
+            inputs = [engine.tokenize(i) if isinstance(i, str) else i for i in body.inputs]
+            log.prompt_tokens = total = sum(min(len(t), engine.n_ctx) if body.truncate else len(t) for t in inputs)
+            if total > MAX_EMBEDDING_TOKENS:
+                raise InvalidRequest(f"The inputs have {total} tokens together; at most {MAX_EMBEDDING_TOKENS} "
+                                     "may be embedded in one request.", param="input")  # fmt: skip
+            if body.dimensions is not None and body.dimensions > engine.n_embd:
+                raise InvalidRequest(f"dimensions is {body.dimensions}, but the model {model.name} has "
+                                     f"{engine.n_embd}.", param="dimensions")  # fmt: skip
+            if not db.connection.in_atomic_block:  # the batch may wait behind others: free the connection
+                db.connection.close()
+            vectors = np.asarray(engine.embed(inputs, truncate=body.truncate), dtype=np.float64)
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param="input"), [])
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param="input"), [])
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), [])
+    except MinervaError as exc:
+        return _fail(log, stream, exc, [])
+    except Exception:
+        logger.exception("embedding failed for request %s", log.request_id)
+        return _fail(log, stream, ServerError(), [])
+    if body.dimensions is not None:  # Matryoshka-style: the first components, normalised again
+        vectors = vectors[:, : body.dimensions]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.where(norms > 0, norms, 1)
+    # Few events, whatever the count (MINERVA_STREAM_MAXLEN counts events): as many vectors each as fit.
+    per_event = max(1, EMBEDDING_EVENT_FLOATS // vectors.shape[1], -(-len(vectors) // (settings.STREAM_MAXLEN - 3)))
+    for start in range(0, len(vectors), per_event):
+        chunk = vectors[start : start + per_event].astype("<f4")
+        stream.publish("embedding", index=start, dimensions=chunk.shape[1],
+                       data=base64.b64encode(chunk.tobytes()).decode())  # fmt: skip
+    stream.publish("done", index=0, prompt_tokens=log.prompt_tokens, finish_reason="stop", completion_tokens=0)
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def embedding_run_inline(*, request_id: str, endpoint: str, body: EmbeddingRequest, batch_id: str,
+                         api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
+    """A batch line's embedding request, recorded and run on this thread like request_run_inline's generation."""
+    model = request_model(name=body.model, api_key=api_key)
+    reservation = None
+    if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
+        reservation = tokens_reserve(key=api_key, tokens=embedding_token_budget(body=body, n_ctx=model_n_ctx(model)))
+    log = RequestLog.objects.create(
+        request_id=request_id, endpoint=endpoint, model=model.name, batch_id=batch_id,
+        request=body.model_dump(mode="json", exclude={"inputs"}, exclude_defaults=True) | {"inputs": len(body.inputs)},
+        api_key_prefix=api_key.prefix if api_key is not None else "",
+    )  # fmt: skip
+    payload = {"embedding": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
+    embedding_run(log_id=log.pk, payload=payload)
+    log.refresh_from_db()
+    return log
+
+
+def tokenize_run(*, log_id: int, payload: dict) -> None:
+    """Tokenize, detokenize or count a chat prompt with the model's own tokenizer and template; publish the
+    answer as the `done` event. A generating model's context serves it (loaded for chat anyway); an embedding
+    model's its embedding context."""
+    claimed = _claim(log_id, payload)
+    if claimed is None:
+        return
+    log, stream = claimed
+    body = TokenizeRequest.model_validate(payload["tokenize"])
+    try:
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        spec = _spec(model) if model_generates(model) else _spec(model, embedding=True)
+        with model_cache().use(spec) as engine:
+            answer = _tokenize(engine, model, body)
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param="messages"), [])
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param="messages"), [])
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), [])
+    except MinervaError as exc:
+        return _fail(log, stream, exc, [])
+    except Exception:
+        logger.exception("tokenizing failed for request %s", log.request_id)
+        return _fail(log, stream, ServerError(), [])
+    stream.publish("done", index=0, finish_reason="stop", prompt_tokens=0, completion_tokens=0, **answer)
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
+    llama = engine.model  # llama-cpp-python's LlamaModel, of a generating or an embedding context alike
+    if body.chat is not None:
+        tool_format = _tool_format(model, engine) if body.chat.tools_active() else None
+        return {"count": len(_prompt(engine, body.chat, tool_format))}
+    if body.content is not None:
+        tokens = llama.tokenize(body.content.encode(), add_bos=body.add_special, special=body.parse_special)
+        if not body.with_pieces:
+            return {"tokens": tokens}
+        pieces = []
+        for token in tokens:
+            piece = _piece(engine, token)
+            try:  # llama-server's shape: the text, or the bytes when a token is part of a UTF-8 character
+                pieces.append({"id": token, "piece": piece.decode()})
+            except UnicodeDecodeError:
+                pieces.append({"id": token, "piece": list(piece)})
+        return {"tokens": pieces}
+    tokens = body.tokens or []
+    bad = next((t for t in tokens if not 0 <= t < engine.n_vocab), None)
+    if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
+        raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
+    return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
+
+
+def _piece(engine, token: int) -> bytes:
+    """The bytes of one token, special tokens as their text."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(engine.vocab, token, buf, 64, 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(engine.vocab, token, buf, -n, 0, True)
+    return buf.raw[:n]
+
+
 def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str,
                        api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
     """Record a batch line's request (as its batch's key) and run it on this thread (its batch task already holds
     a worker thread, so it skips the queue and its limit); return the finished row. Its events are in its
     TokenStream."""
-    model = model_get(body.model)  # raises ModelNotFound
-    if api_key is not None and not api_key.allows(model.name):
-        raise ModelNotFound(body.model)
+    model = request_model(name=body.model, api_key=api_key, generates=True)
     reservation = None
     if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
         reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
@@ -171,8 +317,18 @@ def _report_loaded(loaded: list[dict]) -> None:
     get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded}))
 
 
-def _spec(model: LanguageModel) -> ModelSpec:
+def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
+    """How a worker loads the model: to generate, or (`embedding`) to embed, in a context of its own whose batch
+    holds MINERVA_EMBEDDING_BATCH inputs and n_ctx tokens (the most one input may have)."""
     n_ctx, n_parallel = model_n_ctx(model), model_parallel(model)
+    if embedding:
+        n_seq = settings.EMBEDDING_BATCH
+        return ModelSpec(
+            name=model.name, path=model.path, n_ctx=n_ctx, n_parallel=n_seq, embedding=True,
+            n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
+            n_threads=settings.N_THREADS or None,
+            estimated_bytes=model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq),
+        )  # fmt: skip
     return ModelSpec(
         name=model.name,
         path=model.path,

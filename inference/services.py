@@ -15,12 +15,14 @@ from redis.exceptions import RedisError
 from access.models import ApiKey
 from access.services import tokens_reserve, tokens_settle
 from core.errors import (
+    InvalidRequest,
     ModelNotFound,
     ServiceUnavailable,
 )
-from core.generation import GenerationRequest
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 from core.redis import get_redis
-from models_app.selectors import model_get, model_n_ctx
+from models_app.models import LanguageModel
+from models_app.selectors import model_generates, model_get, model_n_ctx
 
 from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
@@ -34,9 +36,59 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
                    audit: dict | None = None) -> RequestLog:  # fmt: skip
     """Record the request and queue it on its model's queue once the row is committed. `body` is the neutral
     request a surface built (`to_generation()`); the worker runs exactly that."""
-    model = model_get(body.model)  # raises ModelNotFound
+    model = request_model(name=body.model, api_key=api_key, generates=True)
+    budget = request_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
+    return _queue(task="minerva.run_request", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"generation": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
+                  row={"stream": bool(body.stream), "request": _params(body),
+                       "prompt": _content(body) if settings.LOG_CONTENT else None},
+                  api_key=api_key, audit=audit)  # fmt: skip
+
+
+def embedding_create(*, request_id: str, endpoint: str, body: EmbeddingRequest, api_key: ApiKey | None = None,
+                     audit: dict | None = None) -> RequestLog:  # fmt: skip
+    """Record an embedding request and queue it on its model's queue, like a generation (same row, limits and
+    reservation: its budget is its inputs' tokens); its worker embeds it alongside every other waiting input."""
+    model = request_model(name=body.model, api_key=api_key)
+    budget = embedding_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
+    params = body.model_dump(mode="json", exclude={"inputs"}, exclude_defaults=True) | {"inputs": len(body.inputs)}
+    return _queue(task="minerva.run_embedding", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"embedding": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
+                  row={"request": params, "prompt": body.inputs if settings.LOG_CONTENT else None},
+                  api_key=api_key, audit=audit)  # fmt: skip
+
+
+def tokenize_create(*, request_id: str, endpoint: str, body: TokenizeRequest, api_key: ApiKey | None = None,
+                    audit: dict | None = None) -> RequestLog:  # fmt: skip
+    """Record a use of a model's tokenizer (tokenize, detokenize, count a chat prompt) and queue it on the model's
+    queue: the tokenizer and the chat template live in its worker, never in the web process."""
+    model = request_model(name=body.model, api_key=api_key, generates=body.chat is not None)
+    op = "count" if body.chat is not None else "tokenize" if body.content is not None else "detokenize"
+    return _queue(task="minerva.run_tokenize", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"tokenize": body.model_dump(mode="json", exclude_defaults=True)}, budget=None,
+                  row={"request": {"op": op}}, api_key=api_key, audit=audit)  # fmt: skip
+
+
+def request_model(*, name: str, api_key: ApiKey | None, generates: bool = False) -> LanguageModel:
+    """The served model a request names, if its key may use it; with `generates`, one that can generate text."""
+    model = model_get(name)  # raises ModelNotFound
     if api_key is not None and not api_key.allows(model.name):
-        raise ModelNotFound(body.model)
+        raise ModelNotFound(name)
+    if generates and not model_generates(model):
+        raise InvalidRequest(f"The model {model.name} is an embedding model: it does not support chat or text "
+                             "generation. Use it with /v1/embeddings.", param="model")  # fmt: skip
+    return model
+
+
+def _metered(api_key: ApiKey | None) -> bool:
+    """Whether the key has a tokens-per-minute limit, so a request must reserve its tokens."""
+    return api_key is not None and api_key.tpm is not None
+
+
+def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, payload: dict, budget: int | None,
+           row: dict, api_key: ApiKey | None, audit: dict | None) -> RequestLog:  # fmt: skip
+    """Refuse while draining or when the model's queue is full, reserve the key's tokens (`budget`, for a metered
+    key), write the row, and queue `task` with (row id, payload) once the row is committed."""
     redis = get_redis()
     if settings.INSTANCE_ID and redis.exists(DRAINING_KEY.format(settings.INSTANCE_ID)):
         raise ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
@@ -45,29 +97,22 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
         )
     reservation = None
-    if api_key is not None and api_key.tpm is not None:  # raises RateLimited (429) past the key's tokens per minute
-        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
+    if budget is not None:  # raises RateLimited (429) past the key's tokens per minute
+        reservation = tokens_reserve(key=api_key, tokens=budget)
     enqueue_failed: list[Exception] = []
 
     def enqueue() -> None:
         try:
-            current_app.tasks["minerva.run_request"].apply_async(args=[log.pk, payload], queue=model.queue)
+            current_app.tasks[task].apply_async(args=[log.pk, payload], queue=model.queue)
         except Exception as exc:  # Redis went away since the checks above
             enqueue_failed.append(exc)
 
     try:
         with transaction.atomic():
-            log = RequestLog.objects.create(
-                request_id=request_id,
-                endpoint=endpoint,
-                model=model.name,
-                stream=bool(body.stream),
-                request=_params(body),
-                prompt=_content(body) if settings.LOG_CONTENT else None,
-                **(audit or {}),
-            )
+            log = RequestLog.objects.create(request_id=request_id, endpoint=endpoint, model=model.name, **row,
+                                            **(audit or {}))  # fmt: skip
             # The body travels in the task message, not the row: the row keeps parameters, not content.
-            payload = {"generation": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
+            payload = {**payload, "reservation": reservation}
             transaction.on_commit(enqueue)
         if enqueue_failed:  # the caller logs the refusal, so this row must not stay
             log.delete()
@@ -97,6 +142,14 @@ def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
     limit = body.max_tokens
     completion = min(limit, n_ctx) if limit is not None else max(n_ctx - prompt, 1)
     return prompt + body.n * completion
+
+
+def embedding_token_budget(*, body: EmbeddingRequest, n_ctx: int) -> int:
+    """The tokens an embedding request counts against its key: token ids exactly, texts estimated from their
+    bytes, each input capped at the context (a longer one is refused, or truncated when asked)."""
+    if body.inputs and isinstance(body.inputs[0], list):
+        return sum(min(len(tokens), n_ctx) for tokens in body.inputs)
+    return sum(min(-(-len(text.encode()) // PROMPT_BYTES_PER_TOKEN) + 2, n_ctx) for text in body.inputs)
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,

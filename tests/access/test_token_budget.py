@@ -7,10 +7,10 @@ import httpx2 as httpx
 import pytest
 
 from access.services import key_create
-from api.protocol import ChatCompletionRequest, CompletionRequest
+from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddingRequest
 from core.redis import get_redis
 from inference.models import RequestLog
-from inference.services import request_token_budget
+from inference.services import embedding_token_budget, request_token_budget
 from tests.conftest import HELLO, MODEL
 from tests.test_faults import get_redis_for, wait_for
 
@@ -87,3 +87,16 @@ def test_a_request_without_max_tokens_reserves_the_models_context(smollm2):
     huge = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x" * 100_000}], max_tokens=1)
     huge = huge.to_generation()
     assert request_token_budget(body=huge, n_ctx=4096) == 4097  # the prompt cannot pass the context
+
+
+def test_embedding_requests_reserve_their_inputs_tokens_and_settle_to_the_count(client, smollm2):
+    key, raw = key_create(name="embedder", tpm=100)
+    small = {"model": "all-minilm-l6-v2", "input": ["a few words", "hi"]}
+    reply = client.post("/v1/embeddings", small, content_type="application/json", headers=bearer(raw))
+    assert reply.status_code == 200, reply.json()
+    assert window(get_redis(), key.prefix) == reply.json()["usage"]["prompt_tokens"] == 5 + 3
+    big = {"model": "all-minilm-l6-v2", "input": ["word " * 100]}  # ~170 tokens estimated: more than is left
+    assert embedding_token_budget(body=CreateEmbeddingRequest(**big).to_embedding(), n_ctx=512) > 100
+    refused = client.post("/v1/embeddings", big, content_type="application/json", headers=bearer(raw))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert window(get_redis(), key.prefix) == 8

@@ -101,7 +101,6 @@ def test_a_file_whose_lines_call_another_endpoint_fails_the_batch_naming_the_lin
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
         ({"endpoint": "/v1/images/generations"}, "endpoint"),
         ({"completion_window": "1h"}, "completion_window"),
         ({"input_file_id": "file-nope"}, "input_file_id"),
