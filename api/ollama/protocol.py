@@ -247,6 +247,49 @@ class GenerateRequest(_GenerationRequest):
         return self._neutral(messages=[*system, neutral.Message(role="user", content=self.prompt)])
 
 
+class EmbedRequest(_Request):
+    """/api/embed: one text or several. Ollama cuts an input longer than the context unless `truncate` is false."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(description="A text, or a list of texts.")
+    truncate: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+    options: Options | None = None  # accepted; nothing in it applies to embeddings
+    keep_alive: str | float | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
+            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
+        return value
+
+    def to_embedding(self) -> neutral.EmbeddingRequest:
+        inputs = [self.input] if isinstance(self.input, str) else self.input
+        if not inputs or any(not text for text in inputs):
+            raise InvalidRequest("The input must not be empty.", param="input")
+        return neutral.EmbeddingRequest(model=_model_name(self.model), inputs=inputs, truncate=self.truncate,
+                                        dimensions=self.dimensions, keep_alive=self.keep_alive)  # fmt: skip
+
+
+class EmbeddingsRequest(_Request):
+    """/api/embeddings, the older endpoint: one `prompt`, its vector unnormalised in Ollama (normalised here)."""
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    options: Options | None = None
+    keep_alive: str | float | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        return EmbedRequest._duration(value)
+
+    def to_embedding(self) -> neutral.EmbeddingRequest:
+        return neutral.EmbeddingRequest(model=_model_name(self.model), inputs=[self.prompt], truncate=True,
+                                        keep_alive=self.keep_alive)  # fmt: skip
+
+
 class ModelRequest(_Request):
     """/api/show and /api/delete: the model's name (`name` is the older spelling)."""
 

@@ -1,4 +1,4 @@
-"""Ollama's API, under /api/ (its embeddings, /api/embed and /api/embeddings, are wired with the embedding core)."""
+"""Ollama's API, under /api/."""
 
 from django.urls import path, re_path
 
@@ -11,6 +11,8 @@ urlpatterns = [
     path("ps", views.ps),
     path("chat", views.api_chat),
     path("generate", views.api_generate),
+    path("embed", views.api_embed),
+    path("embeddings", views.api_embeddings),
     path("delete", views.delete),
     path("copy", views.copy),
     path("pull", views.pull),

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -23,7 +24,7 @@ from core.errors import (
     NotImplementedHere,
     PermissionDenied,
 )
-from inference.serving import Generation, generation_start
+from inference.serving import Generation, embedding_start, generation_start
 from inference.streams import TokenStream
 from models_app.metadata import MetadataError, read_metadata
 from models_app.models import LanguageModel
@@ -34,6 +35,8 @@ from ..decorators import api_view, error_headers, parse_body
 from .protocol import (
     ChatRequest,
     CopyRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
     Final,
     GenerateRequest,
     ListedModel,
@@ -293,6 +296,33 @@ async def _generate(request: HttpRequest, body: ChatRequest | GenerateRequest, *
     if body.stream:
         return _ndjson_response(generation.stream, lines)
     return JsonResponse(await _fold(lines, chat=chat))
+
+
+@ollama_view(methods=("POST",))
+async def api_embed(request: HttpRequest) -> HttpResponse:
+    body = await parse_body(request, EmbedRequest)
+    began = time.monotonic()
+    vectors, prompt_tokens = await _embed(request, body)
+    return JsonResponse({"model": body.model, "embeddings": vectors, "total_duration": _ns(time.monotonic() - began),
+                         "load_duration": 0, "prompt_eval_count": prompt_tokens})  # fmt: skip
+
+
+@ollama_view(methods=("POST",))
+async def api_embeddings(request: HttpRequest) -> HttpResponse:
+    body = await parse_body(request, EmbeddingsRequest)
+    vectors, _ = await _embed(request, body)
+    return JsonResponse({"embedding": vectors[0]})
+
+
+async def _embed(request: HttpRequest, body: EmbedRequest | EmbeddingsRequest) -> tuple[list[list[float]], int]:
+    def queued() -> None:
+        request.request_logged = True  # from here on the worker owns the log row
+
+    embedding = await embedding_start(request_id=request.request_id, endpoint=request.path, body=body.to_embedding(),
+                                      api_key=request.api_key, audit=request.audit, on_queued=queued)  # fmt: skip
+    result = await embedding.collect()
+    vectors = [list(struct.unpack(f"<{len(raw) // 4}f", raw)) for raw in result.vectors]
+    return vectors, result.prompt_tokens
 
 
 async def _lines(generation: Generation, body: ChatRequest | GenerateRequest, *, began: float,
