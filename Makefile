@@ -25,6 +25,7 @@ test-postgres: $(VENV)/.dev-installed $(NODE_DEPS)
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check --fix .

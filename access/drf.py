@@ -5,7 +5,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 from rest_framework.response import Response
 
-from api.errors import OpenAIError
+from core.errors import MinervaError
 
 from .services import InvalidApiKey, key_authenticate
 
@@ -43,7 +43,7 @@ class IsStaffKey(permissions.BasePermission):
 
 def exception_handler(exc, context):
     """DRF errors in the OpenAI shape, like every other error Minerva sends."""
-    if isinstance(exc, OpenAIError):
+    if isinstance(exc, MinervaError):
         error = exc
     elif isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
         error = InvalidApiKey("You didn't provide a valid API key.")
@@ -53,7 +53,7 @@ def exception_handler(exc, context):
         response = drf_exception_handler(exc, context)
         if response is None:
             return None
-        error = OpenAIError(str(getattr(exc, "detail", exc)))
+        error = MinervaError(str(getattr(exc, "detail", exc)))
         error.status = response.status_code
         if response.status_code == 403:
             error.type, error.code = "permission_error", "staff_key_required"

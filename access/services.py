@@ -12,8 +12,8 @@ from datetime import datetime
 from django.conf import settings
 from django.utils import timezone
 
-from api.errors import OpenAIError
-from minerva_project.redis import get_redis
+from core.errors import MinervaError
+from core.redis import get_redis
 
 from .models import ApiKey
 
@@ -24,11 +24,11 @@ VISIBLE = len(KEY_PREFIX) + 8  # what is stored and shown: sk-mnrv-abcd1234
 WINDOW_SECONDS = 60
 
 
-class InvalidApiKey(OpenAIError):
+class InvalidApiKey(MinervaError):
     status, code = 401, "invalid_api_key"
 
 
-class RateLimited(OpenAIError):
+class RateLimited(MinervaError):
     status, type, code = 429, "requests", "rate_limit_exceeded"
 
 

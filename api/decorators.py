@@ -1,5 +1,6 @@
-"""@openai_view: the one place an /v1 request gets its id, its method check, its error rendering and, when
-the view did not hand it to a worker, its request-log row."""
+"""@api_view: the one place an API request (/v1, Ollama's /api) gets its id, its key and edge checks, its method
+check, its error rendering (in its surface's shape) and, when the view did not hand it to a worker, its
+request-log row. @openai_view is it with OpenAI's error shape."""
 
 import asyncio
 import functools
@@ -10,6 +11,7 @@ import multiprocessing
 import os
 import re
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 from asgiref.sync import sync_to_async
@@ -23,24 +25,27 @@ from redis.exceptions import RedisError
 
 from access.models import ApiKey
 from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check
-from inference.services import request_log_record
-
-from .bodies import json_check
-from .errors import (
+from core.errors import (
     InvalidHost,
     InvalidRequest,
     MethodNotAllowed,
-    OpenAIError,
+    MinervaError,
     OriginNotAllowed,
     RequestTooLarge,
     ServerError,
     ServiceUnavailable,
 )
+from inference.services import request_log_record
+
+from .bodies import json_check
 
 logger = logging.getLogger(__name__)
 
 
-def openai_view(*, methods: tuple[str, ...]):
+def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError], HttpResponse]):
+    """Wrap an async API view; `render_error` turns a MinervaError into the surface's error response (it must set
+    `response.minerva_error`, which the request log reads)."""
+
     def decorate(view):
         @csrf_exempt
         @functools.wraps(view)
@@ -68,25 +73,25 @@ def openai_view(*, methods: tuple[str, ...]):
                     if request.method not in methods:
                         raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
                     response = await view(request, *args, **kwargs)
-            except OpenAIError as exc:
-                response = error_response(exc)
+            except MinervaError as exc:
+                response = render_error(exc)
                 if isinstance(exc, MethodNotAllowed):
                     response["Allow"] = ", ".join(methods)
             except (OperationalError, InterfaceError):  # unreachable, or locked past the busy timeout
                 logger.warning("database unavailable for %s", request.request_id, exc_info=True)
-                response = error_response(DATABASE_UNAVAILABLE)
+                response = render_error(DATABASE_UNAVAILABLE)
             except RedisError:
                 logger.warning("Redis unavailable for %s", request.request_id, exc_info=True)
-                response = error_response(REDIS_UNAVAILABLE)
+                response = render_error(REDIS_UNAVAILABLE)
             except Exception:
                 logger.exception("unhandled error in %s (request %s)", request.path, request.request_id)
-                response = error_response(ServerError())
+                response = render_error(ServerError())
             for header, value in (limits.headers() if limits else {}).items():
                 response.setdefault(header, value)  # a 429 from the token reservation carries newer counts
             response["x-request-id"] = f"req_{request.request_id}"
             response["X-Content-Type-Options"] = "nosniff"
             if not request.request_logged:
-                error = getattr(response, "openai_error", None)
+                error = getattr(response, "minerva_error", None)
                 try:
                     await sync_to_async(request_log_record)(
                         request_id=request.request_id,
@@ -109,6 +114,11 @@ def openai_view(*, methods: tuple[str, ...]):
     return decorate
 
 
+def openai_view(*, methods: tuple[str, ...]):
+    """@api_view with OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+    return api_view(methods=methods, render_error=error_response)
+
+
 DATABASE_UNAVAILABLE = ServiceUnavailable(
     "The database is unavailable; try again shortly.", code="database_unavailable"
 )
@@ -121,9 +131,15 @@ def _access(header: str) -> tuple[ApiKey | None, Limits | None]:
     return key, rate_limit_check(key=key) if key is not None else None
 
 
-def error_response(exc: OpenAIError) -> JsonResponse:
-    response = JsonResponse(exc.to_dict(), status=exc.status)
-    response.openai_error = exc
+def error_response(exc: MinervaError) -> JsonResponse:
+    """An error in OpenAI's shape, with the headers its status calls for."""
+    return error_headers(JsonResponse(exc.to_dict(), status=exc.status), exc)
+
+
+def error_headers(response: HttpResponse, exc: MinervaError) -> HttpResponse:
+    """Mark a surface's error response with its error (for the request log) and add the headers its status calls
+    for: Retry-After on a 503, WWW-Authenticate on a 401, and the error's own (a 429's rate-limit counts)."""
+    response.minerva_error = exc
     if exc.status == 503:
         response["Retry-After"] = str(getattr(exc, "retry_after", 1))
     if exc.status == 401:

@@ -4,12 +4,13 @@ A leaf module: pydantic and the standard library only. Requests are strict (a st
 ignore unknown fields, which the view logs; responses follow the reference's field order."""
 
 import json
-import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from .schema_bounds import schema_bounds_check
+from core import generation as neutral
+from core.generation import KEEP_ALIVE_RE
+from inference.schema_bounds import schema_bounds_check
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -66,14 +67,21 @@ class ChatMessage(_Request):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
+    def to_neutral(self) -> neutral.Message:
+        return neutral.Message(
+            role="system" if self.role == "developer" else self.role,
+            content=self.text(),
+            tool_calls=[neutral.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                        for c in self.tool_calls or []],
+            tool_call_id=self.tool_call_id,
+            name=self.name,
+            reasoning=self.reasoning_content or self.reasoning,
+        )  # fmt: skip
+
 
 class StreamOptions(_Request):
     include_usage: bool = Field(default=False, description="Send a final chunk with usage and no choices.")
 
-
-# Ollama's keep_alive: seconds or a duration with one unit; negative = forever. (settings.py checks
-# MINERVA_KEEP_ALIVE with the same pattern: settings cannot import app modules.)
-KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 MAX_LOGIT_BIAS = 10_000
@@ -141,10 +149,18 @@ class _SamplingRequest(_Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-
-# The request fields a model's `default_params` may preset.
-SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repeat_penalty", "max_tokens", "seed", "stop"}  # fmt: skip
+    def _sampling(self) -> dict:
+        """The neutral request's sampling fields, as this request gives them."""
+        return {
+            "model": self.model, "n": self.n or 1, "stream": bool(self.stream), "max_tokens": self.token_limit(),
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "repeat_penalty": self.repeat_penalty, "seed": self.seed,
+            "stop": self.stop_list() if self.stop is not None else None,
+            "logit_bias": {int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            "ignore_eos": bool(self.ignore_eos), "logprobs": self.logprobs_top(), "keep_alive": self.keep_alive,
+            "user": self.user,
+        }  # fmt: skip
 
 
 class JSONSchemaFormat(_Request):
@@ -269,6 +285,25 @@ class ChatCompletionRequest(_SamplingRequest):
         """The requested bound on completion tokens, if any."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def to_generation(self) -> neutral.GenerationRequest:
+        """The neutral request the worker runs."""
+        choice = self.tool_choice
+        schema = None
+        if self.response_format is not None and self.response_format.type != "text":
+            given = self.response_format.json_schema.schema_ if self.response_format.json_schema else None
+            schema = given or {"type": "object"}  # json_object, or a json_schema without a schema: any object
+        return neutral.GenerationRequest(
+            **self._sampling(),
+            messages=[m.to_neutral() for m in self.messages],
+            tools=[neutral.Tool(**t.function.model_dump(include={"name", "description", "parameters"}))
+                   for t in self.tools or []],
+            tool_choice="named" if isinstance(choice, NamedToolChoice) else (choice or "auto"),
+            tool_name=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            json_schema=schema,
+            reasoning_effort=self.reasoning_effort,
+        )  # fmt: skip
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | Annotated[list[str], Field(fail_fast=True)] | Annotated[list[int], Field(fail_fast=True)] = Field(
@@ -283,9 +318,87 @@ class CompletionRequest(_SamplingRequest):
         """The requested bound on completion tokens, if any."""
         return self.max_tokens
 
+    def to_generation(self) -> neutral.GenerationRequest:
+        """The neutral request the worker runs: one prompt, text or token ids."""
+        prompt = self.prompt[0] if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) \
+            else self.prompt  # fmt: skip
+        return neutral.GenerationRequest(**self._sampling(), prompt=prompt)
+
     def logprobs_top(self) -> int | None:
         """How many alternatives to report per token, or None when logprobs are off."""
         return self.logprobs
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+TokenIds = Annotated[list[int], Field(fail_fast=True)]
+EmbeddingInput = str | Annotated[list[str], Field(fail_fast=True)] | TokenIds | Annotated[list[TokenIds], Field(
+    fail_fast=True)]  # fmt: skip
+
+
+class CreateEmbeddingRequest(_Request):
+    model: str = Field(min_length=1, description="Any model: an embedding model, or a generating one (mean-pooled).")
+    input: EmbeddingInput = Field(description="A text, a list of texts, token ids, or a list of token-id lists.")
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="float: lists of numbers; base64: little-endian float32, base64-encoded."
+    )
+    dimensions: int | None = Field(default=None, ge=1, description="Keep the first this many, normalised again.")
+    user: str | None = None
+    # Minerva extensions (llama-server's and Ollama's names)
+    truncate: bool = Field(default=False, description="Cut inputs longer than the model's context (else a 400).")
+    keep_alive: str | float | None = Field(
+        default=None, description="How long the model stays loaded after this request: seconds or '5m'."
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not inputs:
+            raise ValueError("must not be empty")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs may be embedded in one request")
+        for i, item in enumerate(inputs):
+            if len(item) == 0:
+                raise ValueError(f"input {i} is empty" if len(inputs) > 1 else "must not be empty")
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
+            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
+        return value
+
+    def to_embedding(self) -> neutral.EmbeddingRequest:
+        """The neutral request the worker runs: a list of inputs, each text or token ids."""
+        single = isinstance(self.input, str) or isinstance(self.input[0], int)
+        return neutral.EmbeddingRequest(
+            model=self.model, inputs=[self.input] if single else self.input, truncate=self.truncate,
+            dimensions=self.dimensions, keep_alive=self.keep_alive, user=self.user,
+        )  # fmt: skip
+
+
+class TokenizeRequest(_Request):
+    """llama-server's /tokenize, or with `messages` (a chat/completions body) a count of that chat's prompt."""
+
+    model: str = Field(min_length=1)
+    content: str | None = Field(default=None, description="The text to tokenize.")
+    add_special: bool = Field(default=False, description="Add the model's BOS (or [CLS] ... [SEP]) tokens.")
+    parse_special: bool = Field(default=True, description="Special tokens' text becomes those tokens.")
+    with_pieces: bool = Field(default=False, description="Return {id, piece} for each token.")
+    messages: list | None = Field(default=None, description="Count the prompt tokens of this chat instead.")
+
+    def to_tokenize(self) -> neutral.TokenizeRequest:
+        return neutral.TokenizeRequest(model=self.model, content=self.content, add_special=self.add_special,
+                                       parse_special=self.parse_special, with_pieces=self.with_pieces)  # fmt: skip
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: TokenIds = Field(max_length=1_000_000, description="Token ids to turn back into text.")
+
+    def to_tokenize(self) -> neutral.TokenizeRequest:
+        return neutral.TokenizeRequest(model=self.model, tokens=self.tokens)
 
 
 # -------------------------------------------------------------------------------------------- responses
@@ -410,6 +523,24 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelMeta(BaseModel):

@@ -5,9 +5,8 @@ from collections.abc import AsyncIterator
 
 from django.http import StreamingHttpResponse
 
+from core.errors import MinervaError
 from inference.streams import TokenStream
-
-from .errors import OpenAIError
 
 PING = ": ping\n\n"
 
@@ -21,7 +20,7 @@ async def frames(stream: TokenStream, chunks: AsyncIterator[str]) -> AsyncIterat
             # the request waits in the queue or in a long prefill.
             yield PING if chunk is PING else f"data: {chunk}\n\n"
         finished = True
-    except OpenAIError as exc:  # the 200 has already gone out, so the error is a frame
+    except MinervaError as exc:  # the 200 has already gone out, so the error is a frame
         finished = True
         yield f"data: {json.dumps(exc.to_dict())}\n\n"
     finally:

@@ -9,6 +9,7 @@ urlpatterns = [
     re_path(r"^models/(?P<model_id>(?s:.+))$", views.retrieve_model),
     path("chat/completions", views.chat_completions),
     path("completions", views.completions),
+    path("embeddings", views.embeddings),
     # Unknown /v1 paths answer 404 JSON, not Django's HTML; metrics count them under one label, `unmatched`.
     re_path(r"^(?P<path>(?s:.*))$", views.not_found, name="unmatched"),
 ]

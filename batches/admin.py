@@ -4,7 +4,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from api.errors import OpenAIError
+from core.errors import MinervaError
 from inference.admin import ReadOnlyAdmin
 
 from .models import Batch, File
@@ -50,7 +50,7 @@ class BatchAdmin(ReadOnlyAdmin):
         for batch in queryset:
             try:
                 batch_cancel(batch=batch)
-            except OpenAIError as exc:
+            except MinervaError as exc:
                 self.message_user(request, f"{batch.id}: {exc.message}", messages.WARNING)
         self.message_user(request, "Cancelling: waiting lines stop now, running ones within a few tokens.")
 

@@ -15,7 +15,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from access.models import ApiKey
-from api.errors import InvalidRequest, NotFound, RequestTooLarge
+from core.errors import InvalidRequest, NotFound, RequestTooLarge
 
 from .models import Batch, File
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 
-from minerva_project.fields import NulFreeCharField
+from core.fields import NulFreeCharField
 
 
 def _file_id() -> str:

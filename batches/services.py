@@ -15,6 +15,7 @@ import uuid
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, F, Q, Sum
@@ -25,23 +26,26 @@ from redis.exceptions import RedisError
 from access.models import ApiKey
 from access.services import InvalidApiKey, RateLimited, rate_limit_check
 from api.decorators import validation_error
-from api.errors import InvalidRequest, ModelNotFound, NotFound, OpenAIError, ServerError, WorkerLost
-from api.protocol import ChatCompletionRequest, CompletionRequest
-from api.views import check_chat, check_completion, collect_answer
+from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddingRequest
+from api.views import check_chat, check_completion, collect_answer, collect_embeddings
+from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
+from core.redis import get_redis
+from inference.heartbeat import WORKER_ID, worker_alive
 from inference.models import RequestLog
-from inference.services import request_run_inline
+from inference.run import embedding_run_inline, request_run_inline
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_parallel
 
 from .files import _temp_path, batch_input_lines, owned
 from .models import Batch, BatchLine, File
-from .worker import WORKER_ID, stopping, worker_alive
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+stopping = threading.Event()  # set by worker.py when the worker starts its shutdown: lanes take no new lines
+
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+             "/v1/embeddings": CreateEmbeddingRequest}  # fmt: skip
 COMPLETION_WINDOW = timedelta(hours=24)
 # Errors that say the line never got a fair run (its worker stopped under it): it waits for another.
 RETRY_CODES = {"server_shutting_down", "worker_lost"}
@@ -69,8 +73,6 @@ def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, m
     """Check every line of the input file (one of `api_key`'s own files) and record one BatchLine each, in chunks
     (the batch stays `validating`, so no worker takes its lines, until all exist); then start the lines' models'
     lanes. Lines that cannot run (bad parameters, a model unknown or outside the key's scope) fail at once."""
-    if endpoint == "/v1/embeddings":
-        raise InvalidRequest("Minerva does not serve /v1/embeddings yet.", param="endpoint")
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
     if completion_window != "24h":
@@ -116,7 +118,7 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
     or in one transaction); return the validation errors that fail the batch (after the first, nothing more is
     written), and the models its waiting lines need, in order of appearance."""
     errors, models, lines, refused = [], {}, [], []
-    known: dict[str, str | OpenAIError] = {}  # the name a line gives -> the model's own name, or why it cannot run
+    known: dict[str, str | MinervaError] = {}  # the name a line gives -> the model's own name, or why it cannot run
 
     def write() -> None:
         with transaction.atomic():
@@ -142,11 +144,11 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
                 line.model = body.model[:255]
                 if body.model not in known:
                     known[body.model] = _resolve(body.model, api_key)
-                if isinstance(known[body.model], OpenAIError):
+                if isinstance(known[body.model], MinervaError):
                     raise known[body.model]
                 line.model = known[body.model]
                 models.setdefault(line.model, None)
-            except OpenAIError as exc:
+            except MinervaError as exc:
                 line.request_id = uuid.uuid4().hex
                 line.status, line.output = Line.FAILED, _result(line, exc.status, exc.to_dict())
                 refused.append(_refused_log(batch, line, exc))
@@ -188,19 +190,19 @@ def _creating_done(batch_id: str) -> None:
         get_redis().delete(CREATING_KEY.format(batch_id))
 
 
-def _resolve(name: str, api_key: ApiKey | None) -> str | OpenAIError:
+def _resolve(name: str, api_key: ApiKey | None) -> str | MinervaError:
     """The model's own name (an alias resolved), or why a line for it cannot run: unknown, or outside the key's
     scope (the same model_not_found the key's interactive request would get)."""
     try:
         model = model_get(name).name
-    except OpenAIError as exc:
+    except MinervaError as exc:
         return exc
     if api_key is not None and not api_key.allows(model):
         return ModelNotFound(name)
     return model
 
 
-def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest:
+def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionRequest | CreateEmbeddingRequest:
     """The line's body as its endpoint would take it (same schema, same checks); never streamed."""
     try:
         request = ENDPOINTS[endpoint].model_validate({**body, "stream": False})
@@ -208,11 +210,14 @@ def _parse(endpoint: str, body: dict) -> ChatCompletionRequest | CompletionReque
         raise validation_error(exc) from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.") from None
-    (check_chat if isinstance(request, ChatCompletionRequest) else check_completion)(request)
+    if isinstance(request, ChatCompletionRequest):
+        check_chat(request)
+    elif isinstance(request, CompletionRequest):
+        check_completion(request)
     return request
 
 
-def _refused_log(batch: Batch, line: BatchLine, exc: OpenAIError) -> RequestLog:
+def _refused_log(batch: Batch, line: BatchLine, exc: MinervaError) -> RequestLog:
     """The request-history row of a line refused before it reached a model."""
     return RequestLog(
         request_id=line.request_id, endpoint=batch.endpoint, model=line.model, status=RequestLog.Status.FAILED,
@@ -239,11 +244,10 @@ def _not_run(line: BatchLine) -> str:
 
 def batch_lanes_start(*, models: list[str]) -> None:
     """Queue one lane per batch slot on each model's queue (a lane finding its worker's slots taken just ends)."""
-    from .tasks import run_batch_lines as run_batch_lines_task
-
+    lane = current_app.tasks["minerva.run_batch_lines"]  # by name: tasks.py imports this module
     for model in LanguageModel.objects.filter(name__in=models):
         for _ in range(batch_slots(model)):
-            run_batch_lines_task.apply_async(args=[model.name], queue=model.queue)
+            lane.apply_async(args=[model.name], queue=model.queue)
 
 
 def batch_lines_run(*, model_name: str) -> int:
@@ -301,13 +305,17 @@ def batch_line_run(*, line: BatchLine) -> bool:
                 with batch.input_file.path.open("rb") as f:
                     f.seek(line.offset)
                     body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
+                embedding = isinstance(body, CreateEmbeddingRequest)
+                # On this thread; an embedding line's inputs share the engine's batches with any other request's.
+                run, neutral = ((embedding_run_inline, body.to_embedding()) if embedding
+                                else (request_run_inline, body.to_generation()))  # fmt: skip
                 try:
-                    log = request_run_inline(request_id=line.request_id, endpoint=batch.endpoint, body=body,
-                                             batch_id=batch.id, api_key=api_key)  # fmt: skip
+                    log = run(request_id=line.request_id, endpoint=batch.endpoint, body=neutral, batch_id=batch.id,
+                              api_key=api_key)  # fmt: skip
                 except RateLimited as exc:  # its tokens do not fit what is left of the key's minute
                     _throttle(api_key, exc)
                     status = Line.PENDING
-        except OpenAIError as exc:
+        except MinervaError as exc:
             RequestLog.objects.bulk_create([_refused_log(batch, line, exc)])
             raise
         if status == Line.PENDING:
@@ -315,9 +323,10 @@ def batch_line_run(*, line: BatchLine) -> bool:
         elif log.status == RequestLog.Status.CANCELLED:
             status = Line.CANCELLED
         else:  # the stream holds its `done` or `error` events by now
-            output = _result(line, 200, async_to_sync(collect_answer)(line.request_id, body))
+            collect = collect_embeddings if embedding else collect_answer
+            output = _result(line, 200, async_to_sync(collect)(line.request_id, body))
             status = Line.COMPLETED
-    except OpenAIError as exc:
+    except MinervaError as exc:
         if exc.code in RETRY_CODES:
             status = Line.PENDING
         else:

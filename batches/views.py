@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from access.models import ApiKey
 from api.decorators import openai_view, parse_body
-from api.errors import InvalidRequest, RequestTooLarge
+from core.errors import InvalidRequest, RequestTooLarge
 
 from .files import CappedUploadHandler, file_create, file_delete, file_get, file_object, owned, page
 from .models import Batch, File
@@ -28,7 +28,7 @@ class CreateBatchRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     input_file_id: str = Field(min_length=1, max_length=40, description="A file uploaded with purpose batch.")
-    endpoint: str = Field(description="/v1/chat/completions or /v1/completions.")
+    endpoint: str = Field(description="/v1/chat/completions, /v1/completions or /v1/embeddings.")
     completion_window: str = Field(description="Only 24h.")
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16, description="Up to 16 string pairs kept with the batch."

@@ -9,15 +9,11 @@ from celery.signals import worker_ready, worker_shutting_down
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 
-from inference.worker import WORKER_ID, worker_alive
-
-__all__ = ["WORKER_ID", "stopping", "worker_alive"]
+from .services import batches_reap, stopping
 
 logger = logging.getLogger(__name__)
 
 REAP_EVERY_SECONDS = 5
-
-stopping = threading.Event()  # set when the worker starts its shutdown: lanes take no new lines
 
 
 @worker_ready.connect
@@ -31,8 +27,6 @@ def _stop(**kwargs) -> None:
 
 
 def _reap() -> None:
-    from .services import batches_reap
-
     while not stopping.wait(REAP_EVERY_SECONDS):
         try:
             batches_reap()

@@ -2,7 +2,8 @@
 # Run bench/bench.py on the lent GPU machine (no network there). Prepare the carry here first with
 # `bench/gpu.sh prepare` (a trimmed llama.cpp source, llama-cpp-python's Python files and Python 3.12 wheels
 # under build/gpu/, about 42 MiB), then on the device: `bench/gpu.sh build` and `bench/gpu.sh run [LEVELS]`, or
-# `bench/gpu.sh batch [SLOTS]` for bench/batch_ttft.py (interactive TTFT while a batch runs).
+# `bench/gpu.sh batch [SLOTS]` for bench/batch_ttft.py (interactive TTFT while a batch runs), or
+# `bench/gpu.sh embed [INPUTS]` for bench/embed_compare.py (embedding throughput against llama-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=build/gpu
@@ -56,8 +57,13 @@ batch)
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
         --slots "${2:-16}" --n-batch 2048 --n-ctx 1024 --lines 500 --max-tokens 64 --out "${OUT:-/tmp}/batch-gpu.json"
     ;;
+embed)
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/embed_compare.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --inputs "${2:-256}" --out "${OUT:-/tmp}/embed-gpu.json"
+    ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]" >&2
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]|embed [INPUTS]" >&2
     exit 2
     ;;
 esac

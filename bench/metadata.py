@@ -66,7 +66,7 @@ def main() -> None:
     django.setup()
     from django.core.management import call_command
 
-    from minerva_project.redis import start_embedded_redis
+    from core.redis import start_embedded_redis
     from models_app.services import model_register
 
     redis_server = start_embedded_redis(work / "redis.sock")

@@ -25,7 +25,7 @@ def metrics_record(log: RequestLog, *, endpoint: str | None = None, model: str |
     """Count one finished request: its status, tokens and latencies. Labels are the route and a registered
     model's name (`endpoint`, `model`, when the row's own could be anything a caller sent): every label value
     is a series kept forever, so none may come from a caller unchecked."""
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     endpoint = endpoint or log.endpoint
     model = log.model if model is None else model
@@ -66,7 +66,7 @@ def _observe(pipe, name: str, model: str, seconds: float) -> None:
 
 def worker_beat(queues: list[str]) -> None:
     """Tell /ready and /metrics that this worker process is alive and which queues it consumes."""
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     name = f"{socket.gethostname()}:{os.getpid()}"
     get_redis().hset(WORKERS, name, json.dumps({"at": time.time(), "queues": queues}))
@@ -74,7 +74,7 @@ def worker_beat(queues: list[str]) -> None:
 
 def workers_alive() -> list[dict]:
     """Workers that sent a heartbeat recently."""
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     now = time.time()
     reports = [json.loads(r) for r in get_redis().hvals(WORKERS)]

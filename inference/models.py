@@ -1,6 +1,6 @@
 from django.db import models
 
-from minerva_project.fields import NulFreeCharField, NulFreeJSONField
+from core.fields import NulFreeCharField, NulFreeJSONField
 
 
 class RequestLog(models.Model):

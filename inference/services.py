@@ -1,68 +1,94 @@
-"""Running a generation request: record it, queue it on its model's worker, run it there, finish its log row."""
+"""The request side of a generation: record it, queue it on its model's Celery queue, log what never reached a
+worker. The worker side is run.py; neither imports the other's module (the task is looked up by name)."""
 
 import contextlib
 import datetime
 import json
 import logging
-import os
-import threading
-import time
 
-from django import db
+from celery import current_app
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import transaction
 from django.utils import timezone
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from access.models import ApiKey
-from access.services import tokens_record, tokens_reserve, tokens_settle
-from api.errors import (
-    ContextLengthExceeded,
+from access.services import tokens_reserve, tokens_settle
+from core.errors import (
     InvalidRequest,
     ModelNotFound,
-    OpenAIError,
-    ServerError,
     ServiceUnavailable,
 )
-from api.protocol import SAMPLING_DEFAULTS, ChatCompletionRequest, CompletionRequest
-from api.tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction, tools_active
-from minerva_project.redis import get_redis
-from models_app.metadata import estimate_memory
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
+from core.redis import get_redis
 from models_app.models import LanguageModel
-from models_app.selectors import LOADED_KEY, model_get, model_n_ctx, model_parallel
+from models_app.selectors import model_generates, model_get, model_n_ctx
 
-from .engine import (
-    ContextOverflow,
-    ModelCache,
-    ModelSpec,
-    ModelUnavailable,
-    PromptError,
-    SamplingParams,
-    Sequence,
-    parse_keep_alive,
-)
 from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
-from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
-from .worker import WORKER_ID
 
 logger = logging.getLogger(__name__)
 
-GenerationRequest = ChatCompletionRequest | CompletionRequest
 DRAINING_KEY = "minerva:draining:{}"  # set by `serve` (per instance) while it stops: new requests are refused
-DB_RETRY_SECONDS = 120  # how long a worker keeps trying to write a finished request's row while the DB is away
-shutting_down = False  # set in a worker whose drain ran out: unfinished requests say why they end
 
 
 def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None = None,
                    audit: dict | None = None) -> RequestLog:  # fmt: skip
-    """Record the request and queue it on its model's queue once the row is committed."""
-    from .tasks import run_request as run_request_task
+    """Record the request and queue it on its model's queue once the row is committed. `body` is the neutral
+    request a surface built (`to_generation()`); the worker runs exactly that."""
+    model = request_model(name=body.model, api_key=api_key, generates=True)
+    budget = request_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
+    return _queue(task="minerva.run_request", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"generation": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
+                  row={"stream": bool(body.stream), "request": _params(body),
+                       "prompt": _content(body) if settings.LOG_CONTENT else None},
+                  api_key=api_key, audit=audit)  # fmt: skip
 
-    model = model_get(body.model)  # raises ModelNotFound
+
+def embedding_create(*, request_id: str, endpoint: str, body: EmbeddingRequest, api_key: ApiKey | None = None,
+                     audit: dict | None = None) -> RequestLog:  # fmt: skip
+    """Record an embedding request and queue it on its model's queue, like a generation (same row, limits and
+    reservation: its budget is its inputs' tokens); its worker embeds it alongside every other waiting input."""
+    model = request_model(name=body.model, api_key=api_key)
+    budget = embedding_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
+    params = body.model_dump(mode="json", exclude={"inputs"}, exclude_defaults=True) | {"inputs": len(body.inputs)}
+    return _queue(task="minerva.run_embedding", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"embedding": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
+                  row={"request": params, "prompt": body.inputs if settings.LOG_CONTENT else None},
+                  api_key=api_key, audit=audit)  # fmt: skip
+
+
+def tokenize_create(*, request_id: str, endpoint: str, body: TokenizeRequest, api_key: ApiKey | None = None,
+                    audit: dict | None = None) -> RequestLog:  # fmt: skip
+    """Record a use of a model's tokenizer (tokenize, detokenize, count a chat prompt) and queue it on the model's
+    queue: the tokenizer and the chat template live in its worker, never in the web process."""
+    model = request_model(name=body.model, api_key=api_key, generates=body.chat is not None)
+    op = "count" if body.chat is not None else "tokenize" if body.content is not None else "detokenize"
+    return _queue(task="minerva.run_tokenize", request_id=request_id, endpoint=endpoint, model=model,
+                  payload={"tokenize": body.model_dump(mode="json", exclude_defaults=True)}, budget=None,
+                  row={"request": {"op": op}}, api_key=api_key, audit=audit)  # fmt: skip
+
+
+def request_model(*, name: str, api_key: ApiKey | None, generates: bool = False) -> LanguageModel:
+    """The served model a request names, if its key may use it; with `generates`, one that can generate text."""
+    model = model_get(name)  # raises ModelNotFound
     if api_key is not None and not api_key.allows(model.name):
-        raise ModelNotFound(body.model)
+        raise ModelNotFound(name)
+    if generates and not model_generates(model):
+        raise InvalidRequest(f"The model {model.name} is an embedding model: it does not support chat or text "
+                             "generation. Use it with /v1/embeddings.", param="model")  # fmt: skip
+    return model
+
+
+def _metered(api_key: ApiKey | None) -> bool:
+    """Whether the key has a tokens-per-minute limit, so a request must reserve its tokens."""
+    return api_key is not None and api_key.tpm is not None
+
+
+def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, payload: dict, budget: int | None,
+           row: dict, api_key: ApiKey | None, audit: dict | None) -> RequestLog:  # fmt: skip
+    """Refuse while draining or when the model's queue is full, reserve the key's tokens (`budget`, for a metered
+    key), write the row, and queue `task` with (row id, payload) once the row is committed."""
     redis = get_redis()
     if settings.INSTANCE_ID and redis.exists(DRAINING_KEY.format(settings.INSTANCE_ID)):
         raise ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
@@ -71,30 +97,22 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
         )
     reservation = None
-    if api_key is not None and api_key.tpm is not None:  # raises RateLimited (429) past the key's tokens per minute
-        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
+    if budget is not None:  # raises RateLimited (429) past the key's tokens per minute
+        reservation = tokens_reserve(key=api_key, tokens=budget)
     enqueue_failed: list[Exception] = []
 
     def enqueue() -> None:
         try:
-            run_request_task.apply_async(args=[log.pk, payload], queue=model.queue)
+            current_app.tasks[task].apply_async(args=[log.pk, payload], queue=model.queue)
         except Exception as exc:  # Redis went away since the checks above
             enqueue_failed.append(exc)
 
     try:
         with transaction.atomic():
-            log = RequestLog.objects.create(
-                request_id=request_id,
-                endpoint=endpoint,
-                model=model.name,
-                stream=bool(body.stream),
-                request=_params(body),
-                prompt=_content(body) if settings.LOG_CONTENT else None,
-                **(audit or {}),
-            )
+            log = RequestLog.objects.create(request_id=request_id, endpoint=endpoint, model=model.name, **row,
+                                            **(audit or {}))  # fmt: skip
             # The body travels in the task message, not the row: the row keeps parameters, not content.
-            payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
-                       "reservation": reservation}  # fmt: skip
+            payload = {**payload, "reservation": reservation}
             transaction.on_commit(enqueue)
         if enqueue_failed:  # the caller logs the refusal, so this row must not stay
             log.delete()
@@ -115,15 +133,23 @@ def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
     """The most tokens this request can count against its key: a prompt estimated from its content (the true
     count is known only to the worker's tokenizer), capped at the context, plus n times max_tokens (without
     max_tokens, the context the prompt leaves)."""
-    if isinstance(body, CompletionRequest) and body.prompt and isinstance(body.prompt[0], int):
+    if isinstance(body.prompt, list):
         prompt = len(body.prompt)  # token ids: exact
     else:
         content = json.dumps([_content(body), _params(body).get("tools")], ensure_ascii=False)
         prompt = -(-len(content.encode()) // PROMPT_BYTES_PER_TOKEN)
     prompt = min(prompt, n_ctx)
-    limit = body.token_limit()
+    limit = body.max_tokens
     completion = min(limit, n_ctx) if limit is not None else max(n_ctx - prompt, 1)
-    return prompt + (body.n or 1) * completion
+    return prompt + body.n * completion
+
+
+def embedding_token_budget(*, body: EmbeddingRequest, n_ctx: int) -> int:
+    """The tokens an embedding request counts against its key: token ids exactly, texts estimated from their
+    bytes, each input capped at the context (a longer one is refused, or truncated when asked)."""
+    if body.inputs and isinstance(body.inputs[0], list):
+        return sum(min(len(tokens), n_ctx) for tokens in body.inputs)
+    return sum(min(-(-len(text.encode()) // PROMPT_BYTES_PER_TOKEN) + 2, n_ctx) for text in body.inputs)
 
 
 def request_log_record(*, request_id: str, endpoint: str, method: str, model: str, status_code: int,
@@ -148,263 +174,6 @@ def request_log_record(*, request_id: str, endpoint: str, method: str, model: st
     return log
 
 
-def request_run(*, log_id: int, payload: dict) -> None:
-    """Generate for one queued request: hand it to its model's scheduler and wait until it finishes."""
-    log = _retrying(lambda: RequestLog.objects.get(pk=log_id))
-    stream = TokenStream(log.request_id)
-    if log.status != RequestLog.Status.QUEUED:
-        # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
-        logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
-        return
-    log.reservation = payload.get("reservation")  # its tokens-per-minute budget, settled in _finish
-    if reason := stream.cancelled():  # the client left (or its wait timed out) while it was in the queue
-        if reason == CANCEL_TIMEOUT:
-            return _fail(log, stream, timed_out(), [])
-        _finish(log, RequestLog.Status.CANCELLED, status_code=499)
-        return
-    log.status = RequestLog.Status.RUNNING
-    _retrying(lambda: log.save(update_fields=["status"]))
-    stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
-
-    is_chat = payload["endpoint"].endswith("/chat/completions")
-    param = "messages" if is_chat else "prompt"
-    sequences: list[Sequence] = []
-    try:
-        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
-        body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(payload["body"])
-        keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
-        with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
-            tool_format = _tool_format(model, engine) if is_chat and tools_active(body) else None
-            prompt = _prompt(engine, body, tool_format)
-            sampling = _sampling(body, model.default_params, tool_format)
-            info = {"tool_format": tool_format} if tool_format else None
-            sequences = engine.submit_many(log.request_id, prompt, sampling, body.n or 1, info=info)
-            if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
-                db.connection.close()
-            for sequence in sequences:
-                sequence.wait()
-    except ContextOverflow as exc:
-        return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequences)
-    except PromptError as exc:
-        return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
-    except ModelUnavailable as exc:
-        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequences)
-    except OpenAIError as exc:
-        return _fail(log, stream, exc, sequences)
-    except Exception:
-        logger.exception("generation failed for request %s", log.request_id)
-        return _fail(log, stream, ServerError(), sequences)
-
-    errors = [s.error for s in sequences if s.error is not None]
-    if errors and shutting_down:
-        error = ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
-        return _fail(log, stream, error, sequences)
-    if errors:
-        logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
-        return _fail(log, stream, ServerError(), sequences)
-    try:  # read even when every choice ended: an overflowing stream lost its `done`
-        reason = stream.cancelled()
-    except RedisError:  # Redis went away just now: its reader fails as well; the row still ends
-        logger.warning("could not read the cancel flag of request %s", log.request_id, exc_info=True)
-        reason = None
-    if reason == CANCEL_OVERFLOW:
-        error = InvalidRequest(f"The answer passed this server's limit of {settings.STREAM_MAXLEN} events per "
-                               "request (MINERVA_STREAM_MAXLEN); ask for fewer tokens or choices.", param="max_tokens",
-                               code="stream_too_long")  # fmt: skip
-        return _fail(log, stream, error, sequences)
-    if reason == CANCEL_TIMEOUT and any(s.finish_reason == "cancelled" for s in sequences):
-        return _fail(log, stream, timed_out(), sequences)
-    _count(log, sequences)
-    if any(s.finish_reason == "cancelled" for s in sequences):
-        _finish(log, RequestLog.Status.CANCELLED, status_code=499)
-    else:
-        log.finish_reason = sequences[0].finish_reason
-        _finish(log, RequestLog.Status.COMPLETED, status_code=200)
-
-
-def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str,
-                       api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
-    """Record a batch line's request (as its batch's key) and run it on this thread (its batch task already holds
-    a worker thread, so it skips the queue and its limit); return the finished row. Its events are in its
-    TokenStream."""
-    model = model_get(body.model)  # raises ModelNotFound
-    if api_key is not None and not api_key.allows(model.name):
-        raise ModelNotFound(body.model)
-    reservation = None
-    if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
-        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
-    log = RequestLog.objects.create(
-        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id,
-        api_key_prefix=api_key.prefix if api_key is not None else "",
-    )  # fmt: skip
-    payload = {"endpoint": endpoint, "body": body.model_dump(mode="json", exclude_none=True, by_alias=True),
-               "reservation": reservation}  # fmt: skip
-    request_run(log_id=log.pk, payload=payload)
-    log.refresh_from_db()
-    return log
-
-
-_cache: ModelCache | None = None
-_cache_lock = threading.Lock()
-
-
-def model_cache() -> ModelCache:
-    """This worker's loaded models (created on first use)."""
-    global _cache
-    with _cache_lock:
-        if _cache is None:
-            _cache = ModelCache(
-                budget_bytes=settings.MEMORY_BUDGET or int(_physical_memory() * 0.75),
-                default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
-                io_factory=RedisStepIO,
-                on_change=_report_loaded,
-            )
-        return _cache
-
-
-def _report_loaded(loaded: list[dict]) -> None:
-    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names)."""
-    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded}))
-
-
-def _spec(model: LanguageModel) -> ModelSpec:
-    n_ctx, n_parallel = model_n_ctx(model), model_parallel(model)
-    return ModelSpec(
-        name=model.name,
-        path=model.path,
-        n_ctx=n_ctx,
-        n_parallel=n_parallel,
-        n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
-        n_threads=settings.N_THREADS or None,
-        n_batch=settings.N_BATCH,
-        chat_template=model.chat_template_override or None,
-        estimated_bytes=estimate_memory(model.metadata, n_ctx * n_parallel),
-    )
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _tool_format(model: LanguageModel, engine) -> str:
-    """The admin's choice for this model, else the syntax its chat template was written for."""
-    return model.tool_format or tool_format_for(engine.chat_template.source if engine.chat_template else None)
-
-
-def _prompt(engine, body: GenerationRequest, tool_format: str | None) -> list[int]:
-    if isinstance(body, ChatCompletionRequest):
-        template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
-        if tool_format not in (None, "generic"):
-            template_vars["tools"] = offered_tools(body)
-        return engine.chat_prompt(_template_messages(body, tool_format), **template_vars)
-    if isinstance(body.prompt, str):
-        return engine.text_prompt(body.prompt)
-    if body.prompt and isinstance(body.prompt[0], str):
-        return engine.text_prompt(body.prompt[0])
-    return list(body.prompt)
-
-
-def _template_messages(body: ChatCompletionRequest, tool_format: str | None = None) -> list[dict]:
-    """Messages as chat templates expect them: plain-text content, and one system message at the front
-    (`developer` is a system message; several are merged, since Qwen-style templates reject any other).
-    Earlier tool calls go back in the request's tool format: as the template's own `tool_calls` (arguments as
-    objects, which is what templates' `tojson` expects), or for the generic format as the JSON answer."""
-    system = [m.text() for m in body.messages if m.role in ("system", "developer")]
-    if tool_format == "generic":
-        system.append(tool_instruction(body))
-    rest = []
-    for m in body.messages:
-        if m.role in ("system", "developer"):
-            continue
-        message = {"role": m.role, "content": m.text()}
-        if m.tool_calls and tool_format in (None, "generic"):
-            message["content"] = _tool_calls_as_answer(m.tool_calls)
-        elif m.tool_calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.function.name,
-                                                              "arguments": _arguments(c.function.arguments)}}
-                for c in m.tool_calls
-            ]  # fmt: skip
-        if m.reasoning_content or m.reasoning:
-            message["reasoning_content"] = m.reasoning_content or m.reasoning
-        if m.name:
-            message["name"] = m.name
-        if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
-        rest.append(message)
-    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
-
-
-def _arguments(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _tool_calls_as_answer(calls) -> str:
-    """An earlier assistant turn's tool calls, written the way the generic format asks the model to answer."""
-    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
-                                      for c in calls]}, ensure_ascii=False)  # fmt: skip
-
-
-def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None) -> SamplingParams:
-    """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
-    missing = {k: v for k, v in model_defaults.items() if k in SAMPLING_DEFAULTS and getattr(body, k) is None}
-    if missing:
-        try:
-            body = type(body).model_validate({**body.model_dump(exclude_none=True), **missing})
-        except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
-            logger.warning("ignoring invalid default_params %s", missing)
-    defaults = SamplingParams()
-    grammar, triggers = _grammar(body, tool_format)
-    return SamplingParams(
-        max_tokens=body.token_limit(),
-        temperature=body.temperature if body.temperature is not None else defaults.temperature,
-        top_p=body.top_p if body.top_p is not None else defaults.top_p,
-        top_k=body.top_k if body.top_k is not None else defaults.top_k,
-        min_p=body.min_p if body.min_p is not None else defaults.min_p,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repeat_penalty=body.repeat_penalty if body.repeat_penalty is not None else defaults.repeat_penalty,
-        seed=body.seed,
-        stop=body.stop_list(),
-        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
-        ignore_eos=bool(body.ignore_eos),
-        logprobs=body.logprobs_top(),
-        grammar=grammar,
-        grammar_triggers=triggers,
-    )
-
-
-def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | None, list[str]]:
-    """A GBNF grammar (and its lazy triggers) for the request's tools, or for `response_format`: any JSON
-    object, or JSON following the given schema."""
-    response_format = getattr(body, "response_format", None)
-    try:
-        if tool_format is not None:
-            return tool_grammar(body, tool_format)
-        if response_format is None or response_format.type == "text":
-            return None, []
-        schema = response_format.json_schema.schema_ if response_format.json_schema else None
-        if response_format.type == "json_object" or not schema:
-            schema = {"type": "object"}  # any object; the converter's grammar also bounds runs of whitespace
-        return json_schema_grammar(schema), []
-    except ValueError as exc:
-        param = "tools" if tool_format is not None else "response_format"
-        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
-
-
-def _count(log: RequestLog, sequences: list[Sequence]) -> None:
-    if not sequences:
-        return
-    log.prompt_tokens, log.cached_tokens = len(sequences[0].prompt), sequences[0].cached_tokens
-    log.completion_tokens = sum(s.completion_tokens for s in sequences)
-    first = min((s.first_token_at for s in sequences if s.first_token_at is not None), default=None)
-    if first is not None:
-        log.ttft_ms = round(_ms_since(log) - (time.monotonic() - first) * 1000, 1)
-
-
 def request_worker_lost(*, request_id: str, status_code: int) -> int:
     """Finish the row of a request whose worker died mid-run (seen by its view, or by a reaper); 1 if it did."""
     return RequestLog.objects.filter(request_id=request_id, status=RequestLog.Status.RUNNING).update(
@@ -413,73 +182,15 @@ def request_worker_lost(*, request_id: str, status_code: int) -> int:
     )  # fmt: skip
 
 
-def _fail(log: RequestLog, stream: TokenStream, exc: OpenAIError, sequences: list[Sequence]) -> None:
-    try:
-        stream.publish("error", **exc.to_dict()["error"], status=exc.status)
-    except RedisError:  # Redis is away: the view's read fails too and tells the client; the row still ends
-        logger.warning("could not publish the error of request %s", log.request_id, exc_info=True)
-    _count(log, sequences)
-    log.error_type, log.error_code = exc.type, exc.code or ""
-    # A stream that already started has sent its 200; the error travels as an SSE frame.
-    started = log.stream and any(s.first_token_at is not None for s in sequences)
-    _finish(log, RequestLog.Status.FAILED, status_code=200 if started else exc.status)
-
-
-def _finish(log: RequestLog, status: str, *, status_code: int) -> None:
-    log.status, log.status_code = status, status_code
-    log.finished = timezone.now()
-    log.latency_ms = _ms_since(log)
-    try:
-        if settings.LOG_CONTENT:
-            log.completion = TokenStream(log.request_id).text()
-    except RedisError:
-        logger.warning("could not read the completion of request %s for the log", log.request_id, exc_info=True)
-    _retrying(log.save)
-    try:  # counters are best effort: the row above is the record
-        used = log.prompt_tokens + log.completion_tokens
-        reservation = getattr(log, "reservation", None)
-        if reservation:  # admitted against the key's budget: the real count replaces the estimate
-            tokens_settle(reservation=reservation, tokens=used)
-        else:
-            tokens_record(prefix=log.api_key_prefix, tokens=used)
-        metrics_record(log)
-        TokenStream(log.request_id).finished()  # after the save: a batch line reads the stream once its row is done
-    except RedisError:
-        logger.warning("could not count request %s in the metrics", log.request_id, exc_info=True)
-
-
-def _retrying(write, *, seconds: float = DB_RETRY_SECONDS):
-    """Run a database call, retrying while the database is unreachable or locked, so a request that ran
-    while it was away still gets its row once it is back (a worker has no client to return a 503 to)."""
-    deadline = time.monotonic() + seconds
-    delay = 0.2
-    while True:
-        try:
-            return write()
-        except (OperationalError, InterfaceError):  # not IntegrityError and the like: those do not heal
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("database unavailable; retrying in %.1f s", delay, exc_info=True)
-            db.close_old_connections()
-            if not db.connection.in_atomic_block:
-                db.connection.close()
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def _ms_since(log: RequestLog) -> float:
-    return round((timezone.now() - log.created).total_seconds() * 1000, 1)
-
-
 def _params(body: GenerationRequest) -> dict:
-    """The request's parameters without its content (messages or prompt)."""
-    return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_none=True, by_alias=True)
+    """The request's parameters without its content (messages or prompt), as given."""
+    return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_defaults=True)
 
 
 def _content(body: GenerationRequest):
     """The request's content (messages or prompt), stored only when MINERVA_LOG_CONTENT is on."""
-    field = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    return body.model_dump(mode="json", include={field}, exclude_none=True, by_alias=True)[field]
+    field = "messages" if body.is_chat else "prompt"
+    return body.model_dump(mode="json", include={field}, exclude_defaults=True)[field]
 
 
 def request_logs_prune(*, days: int) -> int:

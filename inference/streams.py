@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from api.errors import ServiceUnavailable, Timeout, WorkerLost
-from minerva_project.redis import get_async_redis, get_redis
+from core.errors import ServiceUnavailable, Timeout, WorkerLost
+from core.redis import get_async_redis, get_redis
+
+from .heartbeat import worker_key
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ class TokenStream:
         The worker's `accepted` event names it; from then on, each quiet second checks that worker's heartbeat,
         so a worker that died mid-request is a `worker_lost` error within seconds, not a hang until the
         timeout. (The watchdog is separate from the pings, which only keep the client's connection alive.)"""
-        from .worker import worker_key
-
         client = get_async_redis()
         last_id = "0"
         last_event = last_yield = time.monotonic()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -19,30 +18,22 @@ from django.db import DatabaseError
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from minerva_project.redis import get_redis
+from core.redis import get_redis
 
+from . import run
+from .heartbeat import WORKER_ID, WORKER_TTL_SECONDS, worker_alive, worker_key
 from .models import RequestLog
+from .services import request_worker_lost
 
 logger = logging.getLogger(__name__)
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 HEARTBEAT_SECONDS = 1.0
-WORKER_TTL_SECONDS = 3  # a worker whose key is gone has been dead (or frozen) for this long
 REAP_EVERY_SECONDS = 10
 DRAIN_SECONDS = 3.0  # on SIGTERM, running requests get this long to finish before they are ended with an error
 
 _stop = threading.Event()
 _tasks_done = 0
 _recycling = False  # a recycle lets running requests finish; a stop asked from outside is bounded
-
-
-def worker_key(worker_id: str) -> str:
-    return f"minerva:worker:{worker_id}"
-
-
-def worker_alive(worker_id: str) -> bool:
-    """Whether that worker's heartbeat is fresh (this process always is, even while Redis restarts)."""
-    return worker_id == WORKER_ID or bool(get_redis().exists(worker_key(worker_id)))
 
 
 @worker_ready.connect
@@ -75,8 +66,6 @@ def _reap() -> None:
 def requests_reap() -> int:
     """Fail the log rows of requests whose worker died (nobody else will finish them): running on a worker
     without a heartbeat, or queued for so long that their message must be gone (Redis restarted)."""
-    from .services import request_worker_lost
-
     reaped = 0
     running = RequestLog.objects.filter(status=RequestLog.Status.RUNNING).values_list("request_id", "created")
     stale = timezone.now() - timedelta(seconds=settings.STREAM_TTL)
@@ -122,13 +111,12 @@ def _recycle(**kwargs) -> None:
 def _drain(**kwargs) -> None:
     """Give running requests DRAIN_SECONDS, then end the rest with a `server_shutting_down` error, so that
     Celery's warm shutdown (which waits for every task) is bounded and every client hears why."""
-    from . import services
 
     def abort() -> None:
         time.sleep(DRAIN_SECONDS)
-        services.shutting_down = True
-        if services._cache is not None:
-            services._cache.close()
+        run.shutting_down = True
+        if run._cache is not None:
+            run._cache.close()
 
     if not _recycling:
         threading.Thread(target=abort, name="drain", daemon=True).start()

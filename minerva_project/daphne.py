@@ -25,10 +25,11 @@ def body_limit(path: bytes) -> int:
 
 
 def key_missing(path: bytes, authorization: bytes) -> bool:
-    """A /v1 request without a bearer key, while keys are required: the view refuses it whatever its body."""
+    """An API request (/v1, Ollama's /api) without a bearer key, while keys are required: the view refuses it
+    whatever its body."""
     from access.services import auth_required
 
-    return path.startswith(b"/v1/") and not authorization.startswith(b"Bearer ") and auth_required()
+    return path.startswith((b"/v1/", b"/api/")) and not authorization.startswith(b"Bearer ") and auth_required()
 
 
 class GuardedRequest(WebRequest):

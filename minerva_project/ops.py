@@ -9,13 +9,12 @@ from redis.exceptions import RedisError
 
 from access.services import staff_key_check
 from api.decorators import error_response
-from api.errors import OpenAIError
+from core.errors import MinervaError
+from core.redis import get_redis
 from inference import metrics
 from inference.models import RequestLog
 from models_app.models import LanguageModel
 from models_app.selectors import model_loaded_names
-
-from .redis import get_redis
 
 
 def health(request: HttpRequest) -> HttpResponse:
@@ -45,7 +44,7 @@ def ready(request: HttpRequest) -> HttpResponse:
 def prometheus(request: HttpRequest) -> HttpResponse:
     try:
         staff_key_check(request.headers.get("Authorization", ""))
-    except OpenAIError as exc:
+    except MinervaError as exc:
         return error_response(exc)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

@@ -159,6 +159,8 @@ N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)
 N_BATCH = env_int("N_BATCH", 512, minimum=32)  # tokens per decode step (decode tokens + prompt chunks)
+# Inputs one llama.cpp embedding batch holds, from any number of requests (its tokens: the model's n_ctx).
+EMBEDDING_BATCH = min(env_int("EMBEDDING_BATCH", 64, minimum=1), 256)  # 256: llama.cpp's most sequences
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=0)  # requests waiting per model before 503
 KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded (Ollama's keep_alive)
 if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = api.protocol.KEEP_ALIVE_RE

@@ -51,6 +51,11 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+# Architectures llama.cpp runs as encoders only (BERT and its kin): they embed, and cannot generate text.
+ENCODER_ARCHITECTURES = frozenset({"bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
+                                   "jina-bert-v3", "eurobert"})  # fmt: skip
+
+
 class MetadataError(Exception):
     """The path is not a model we can read: not a regular file, bad magic, truncated, absurd sizes, ..."""
 

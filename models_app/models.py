@@ -2,6 +2,8 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from pydantic import ValidationError as PydanticValidationError
 
+from core.generation import KEEP_ALIVE_RE, default_params_check
+
 
 class LanguageModel(models.Model):
     """A model file (or SafeTensors folder) Minerva can serve; `name` is the id clients send as `model`."""
@@ -46,15 +48,12 @@ class LanguageModel(models.Model):
         return self.name
 
     def clean(self) -> None:
-        from api.protocol import KEEP_ALIVE_RE, SAMPLING_DEFAULTS, CompletionRequest
-
-        unknown = set(self.default_params or {}) - SAMPLING_DEFAULTS
-        if unknown:
-            raise ValidationError({"default_params": f"unknown parameters: {', '.join(sorted(unknown))}"})
         try:
-            CompletionRequest.model_validate({"model": self.name, "prompt": "", **(self.default_params or {})})
+            default_params_check(self.default_params or {})
         except PydanticValidationError as exc:
             raise ValidationError({"default_params": str(exc.errors()[0]["msg"])}) from None
+        except ValueError as exc:
+            raise ValidationError({"default_params": str(exc)}) from None
         if self.keep_alive and not KEEP_ALIVE_RE.fullmatch(self.keep_alive.strip()):
             raise ValidationError({"keep_alive": "seconds, or a duration like 10m or 1h; negative = forever"})
 

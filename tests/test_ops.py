@@ -10,9 +10,9 @@ import pytest
 from django.db import connection
 
 from access.services import key_create
+from core.redis import start_embedded_redis
 from inference.metrics import worker_beat
 from inference.models import RequestLog
-from minerva_project.redis import start_embedded_redis
 from tests.conftest import HELLO, MODEL, ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)

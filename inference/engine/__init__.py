@@ -1,6 +1,7 @@
 """Running models with llama.cpp. Imports nothing from Django, so it can be tested and benchmarked alone."""
 
 from .cache import ModelCache, ModelSpec, ModelUnavailable, parse_keep_alive
+from .embed import EmbeddingModel, EmbeddingRequest, embedding_context_bytes
 from .llama import (
     ContextOverflow,
     EngineError,
@@ -13,6 +14,8 @@ from .llama import (
 
 __all__ = [
     "ContextOverflow",
+    "EmbeddingModel",
+    "EmbeddingRequest",
     "EngineError",
     "LoadedModel",
     "ModelCache",
@@ -22,5 +25,6 @@ __all__ = [
     "SamplingParams",
     "Sequence",
     "StepIO",
+    "embedding_context_bytes",
     "parse_keep_alive",
 ]

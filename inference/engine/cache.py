@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .embed import EmbeddingModel
 from .llama import LoadedModel, StepIO
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,12 @@ class ModelUnavailable(Exception):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load and how; `estimated_bytes` (weights + KV cache) is checked against the budget."""
+    """What to load and how; `estimated_bytes` (weights + KV cache) is checked against the budget.
+
+    `embedding=True` loads an EmbeddingModel (a pooling context) instead of a generating one; it is cached
+    apart from the same model's generating context, and `n_ctx` is then the tokens of one batch (and the most
+    one input may have), `n_parallel` the most inputs in one batch, and `estimated_bytes` weights plus
+    `embedding_context_bytes()`."""
 
     name: str
     path: str
@@ -34,12 +40,18 @@ class ModelSpec:
     n_batch: int = 512
     chat_template: str | None = None  # replaces the file's own
     estimated_bytes: int = 0
+    embedding: bool = False
+
+    @property
+    def key(self) -> str:
+        """The cache's key: a model's generating and embedding contexts are two entries."""
+        return f"{self.name} (embeddings)" if self.embedding else self.name
 
 
 @dataclass
 class _Entry:
     spec: ModelSpec
-    model: LoadedModel
+    model: LoadedModel | EmbeddingModel
     keep_alive: float  # seconds after the last use; math.inf = forever
     pins: int = 0  # requests using the model right now: a pinned model is never unloaded
 
@@ -62,7 +74,7 @@ class ModelCache:
         self._reaper.start()
 
     @contextlib.contextmanager
-    def use(self, spec: ModelSpec, *, keep_alive: float | None = None) -> Iterator[LoadedModel]:
+    def use(self, spec: ModelSpec, *, keep_alive: float | None = None) -> Iterator[LoadedModel | EmbeddingModel]:
         """The loaded model for `spec`, loading it (evicting idle models to make room) if needed, and kept
         loaded until the block ends; its keep-alive countdown starts then."""
         with self._lock:
@@ -77,35 +89,46 @@ class ModelCache:
 
     def _get(self, spec: ModelSpec, keep_alive: float | None) -> _Entry:
         # Called with the lock held.
-        entry = self._entries.get(spec.name)
+        entry = self._entries.get(spec.key)
         if entry is not None and entry.spec != spec and entry.pins == 0:  # load options changed in the registry
-            self._unload(spec.name, "its load options changed")
+            self._unload(spec.key, "its load options changed")
             entry = None
         if entry is None:
             self._make_room(spec)
             logger.info("loading %s from %s (%s slots x %s tokens)", spec.name, spec.path, spec.n_parallel,
                         spec.n_ctx)  # fmt: skip
             try:
-                model = LoadedModel(
+                model = self._load(spec)
+            except (ValueError, OSError) as exc:
+                raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
+            entry = self._entries[spec.key] = _Entry(
+                spec, model, self.default_keep_alive if keep_alive is None else keep_alive
+            )
+            entry.model.last_used = time.monotonic()
+            self._changed()
+        elif keep_alive is not None and keep_alive != entry.keep_alive:
+            entry.keep_alive = keep_alive
+            self._changed()  # readers of on_change (Ollama's /api/ps) show the new expiry now, not at the next beat
+        entry.model.last_used = time.monotonic()
+        return entry
+
+    def _load(self, spec: ModelSpec) -> LoadedModel | EmbeddingModel:
+        if spec.embedding:
+            return EmbeddingModel(spec.path, n_ctx=spec.n_ctx, n_seq_max=spec.n_parallel,
+                                  n_gpu_layers=spec.n_gpu_layers, n_threads=spec.n_threads)  # fmt: skip
+        return LoadedModel(
                     spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
                     n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
                     io=self.io_factory() if self.io_factory else None,
                 )  # fmt: skip
-            except (ValueError, OSError) as exc:
-                raise ModelUnavailable(f"The model {spec.name} could not be loaded: {exc}") from None
-            entry = self._entries[spec.name] = _Entry(spec, model, self.default_keep_alive)
-            self._changed()
-        if keep_alive is not None:
-            entry.keep_alive = keep_alive
-        entry.model.last_used = time.monotonic()
-        return entry
 
     def loaded(self) -> list[dict]:
         """What is loaded now: name, estimated size, busy and total slots, seconds until unload when idle."""
         with self._lock:
             return [
                 {
-                    "name": name,
+                    "name": e.spec.name,
+                    "embedding": e.spec.embedding,
                     "path": e.spec.path,
                     "estimated_bytes": e.spec.estimated_bytes,
                     "busy_slots": e.model.busy_slots(),
@@ -114,13 +137,27 @@ class ModelCache:
                     "keep_alive": e.keep_alive,
                     "idle_seconds": round(time.monotonic() - e.model.last_used, 1),
                 }
-                for name, e in self._entries.items()
+                for e in self._entries.values()
             ]
 
     def unload(self, name: str) -> bool:
-        """Unload a model now (its running requests fail); False if it was not loaded."""
+        """Unload a model now, its generating and embedding contexts both (their running requests fail); False
+        if it was not loaded."""
         with self._lock:
-            return self._unload(name, "asked to")
+            keys = [key for key, e in self._entries.items() if e.spec.name == name]
+            return any([self._unload(key, "asked to") for key in keys])
+
+    def release(self, name: str) -> bool:
+        """Unload a model (its generating and embedding contexts) as soon as no request uses it (now, if none
+        does); False if it was not loaded."""
+        with self._lock:
+            entries = [(key, e) for key, e in self._entries.items() if e.spec.name == name]
+            for key, entry in entries:
+                if entry.pins:
+                    entry.keep_alive = 0.0  # the reaper unloads it once its last request ends
+                else:
+                    self._unload(key, "asked to (keep_alive 0)")
+            return bool(entries)
 
     def close(self) -> None:
         self._stop.set()
@@ -147,11 +184,11 @@ class ModelCache:
     def _used(self) -> int:
         return sum(e.spec.estimated_bytes for e in self._entries.values())
 
-    def _unload(self, name: str, why: str) -> bool:
-        entry = self._entries.pop(name, None)
+    def _unload(self, key: str, why: str) -> bool:
+        entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        logger.info("unloading %s: %s", name, why)
+        logger.info("unloading %s: %s", key, why)
         entry.model.close()
         self._changed()
         return True

@@ -42,9 +42,10 @@ class PromptError(Exception):
 class ContextOverflow(Exception):
     """The prompt does not fit in a sequence's context window."""
 
-    def __init__(self, prompt_tokens: int, n_ctx: int):
+    def __init__(self, prompt_tokens: int, n_ctx: int, *, message: str | None = None):
         super().__init__(
-            f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted in "
+            message
+            or f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted in "
             f"{prompt_tokens} tokens. Please reduce the length of the messages."
         )
         self.prompt_tokens, self.n_ctx = prompt_tokens, n_ctx

@@ -12,8 +12,8 @@ from django.utils import timezone
 
 from access.models import ApiKey
 from access.services import key_create
+from core.redis import get_redis
 from inference.models import RequestLog
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -103,20 +103,20 @@ def test_the_history_api_is_for_staff_keys_only(client):
     RequestLog.objects.create(request_id="abc", endpoint="/v1/completions", model=MODEL, status_code=200,
                               api_key_prefix="sk-mnrv-aaaa1111", prompt_tokens=7, completion_tokens=3)  # fmt: skip
     RequestLog.objects.create(request_id="def", endpoint="/v1/models", model="", status_code=200)
-    for path in ("/api/requests", "/api/requests/abc", "/api/usage", "/api/schema"):
+    for path in ("/minerva/api/requests", "/minerva/api/requests/abc", "/minerva/api/usage", "/minerva/api/schema"):
         assert client.get(path).status_code == 401, path
         denied = client.get(path, headers=bearer(plain))
         assert denied.status_code == 403 and denied.json()["error"]["code"] == "staff_key_required", path
-    listing = client.get("/api/requests?model=" + MODEL, headers=bearer(staff)).json()
+    listing = client.get("/minerva/api/requests?model=" + MODEL, headers=bearer(staff)).json()
     assert listing["count"] == 1 and listing["results"][0]["request_id"] == "abc"
-    assert client.get("/api/requests?limit=1", headers=bearer(staff)).json()["next"]
-    assert client.get("/api/requests/req_abc", headers=bearer(staff)).json()["prompt_tokens"] == 7
-    assert client.get("/api/requests/nope", headers=bearer(staff)).json()["error"]["code"] == "not_found"
-    usage = client.get("/api/usage", headers=bearer(staff)).json()
+    assert client.get("/minerva/api/requests?limit=1", headers=bearer(staff)).json()["next"]
+    assert client.get("/minerva/api/requests/req_abc", headers=bearer(staff)).json()["prompt_tokens"] == 7
+    assert client.get("/minerva/api/requests/nope", headers=bearer(staff)).json()["error"]["code"] == "not_found"
+    usage = client.get("/minerva/api/usage", headers=bearer(staff)).json()
     assert {"day": str(timezone.now().date()), "api_key": "sk-mnrv-aaaa1111", "model": MODEL, "requests": 1,
             "prompt_tokens": 7, "completion_tokens": 3} in usage  # fmt: skip
-    schema = client.get("/api/schema?format=json", headers=bearer(staff)).json()
-    assert {"/api/requests", "/api/requests/{request_id}", "/api/usage"} <= set(schema["paths"])
+    schema = client.get("/minerva/api/schema?format=json", headers=bearer(staff)).json()
+    assert {"/minerva/api/requests", "/minerva/api/requests/{request_id}", "/minerva/api/usage"} <= set(schema["paths"])
 
 
 def test_prune_logs_deletes_rows_past_the_retention(settings):

@@ -56,7 +56,10 @@ def test_every_url_needs_a_key_except_health_ready_and_the_admin_login(client, k
         else:
             assert response.status_code == 401, (path, response.status_code)
             assert response["WWW-Authenticate"].startswith("Bearer"), path
-            assert response.json()["error"]["code"] == "invalid_api_key", path
+            if path.startswith("api/"):  # Ollama's API: its own error shape
+                assert "API key" in response.json()["error"], path
+            else:
+                assert response.json()["error"]["code"] == "invalid_api_key", path
 
 
 async def test_a_wrong_key_gets_401_with_the_openai_error(async_client, keys_on):

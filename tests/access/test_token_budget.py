@@ -7,10 +7,10 @@ import httpx2 as httpx
 import pytest
 
 from access.services import key_create
-from api.protocol import ChatCompletionRequest, CompletionRequest
+from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddingRequest
+from core.redis import get_redis
 from inference.models import RequestLog
-from inference.services import request_token_budget
-from minerva_project.redis import get_redis
+from inference.services import embedding_token_budget, request_token_budget
 from tests.conftest import HELLO, MODEL
 from tests.test_faults import get_redis_for, wait_for
 
@@ -34,7 +34,7 @@ def test_concurrent_requests_that_together_pass_a_keys_tpm_are_refused_at_admiss
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 120, "ignore_eos": True, "temperature": 0}
     # Each reserves its prompt estimate plus 120 tokens, more than half of 200: only one fits, before and after
     # it settles (ignore_eos: it really uses about as much as it reserved).
-    assert request_token_budget(body=ChatCompletionRequest(**body), n_ctx=4096) > 100
+    assert request_token_budget(body=ChatCompletionRequest(**body).to_generation(), n_ctx=4096) > 100
     replies: list[httpx.Response] = []
     start = threading.Barrier(6)
 
@@ -71,10 +71,32 @@ def test_after_completion_a_keys_minute_holds_the_tokens_used_not_the_reservatio
 
 
 def test_a_request_without_max_tokens_reserves_the_models_context(smollm2):
-    assert request_token_budget(body=ChatCompletionRequest(model=MODEL, messages=HELLO), n_ctx=4096) == 4096
-    two = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=10, n=2)
+    assert (
+        request_token_budget(body=ChatCompletionRequest(model=MODEL, messages=HELLO).to_generation(), n_ctx=4096)
+        == 4096
+    )
+    two = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=10, n=2).to_generation()
     assert request_token_budget(body=two, n_ctx=4096) == request_token_budget(body=two.model_copy(update={"n": 1}),
                                                                                n_ctx=4096) + 10  # fmt: skip
-    assert request_token_budget(body=CompletionRequest(model=MODEL, prompt=[1, 2, 3], max_tokens=4), n_ctx=4096) == 7
+    assert (
+        request_token_budget(
+            body=CompletionRequest(model=MODEL, prompt=[1, 2, 3], max_tokens=4).to_generation(), n_ctx=4096
+        )
+        == 7
+    )
     huge = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "x" * 100_000}], max_tokens=1)
+    huge = huge.to_generation()
     assert request_token_budget(body=huge, n_ctx=4096) == 4097  # the prompt cannot pass the context
+
+
+def test_embedding_requests_reserve_their_inputs_tokens_and_settle_to_the_count(client, smollm2):
+    key, raw = key_create(name="embedder", tpm=100)
+    small = {"model": "all-minilm-l6-v2", "input": ["a few words", "hi"]}
+    reply = client.post("/v1/embeddings", small, content_type="application/json", headers=bearer(raw))
+    assert reply.status_code == 200, reply.json()
+    assert window(get_redis(), key.prefix) == reply.json()["usage"]["prompt_tokens"] == 5 + 3
+    big = {"model": "all-minilm-l6-v2", "input": ["word " * 100]}  # ~170 tokens estimated: more than is left
+    assert embedding_token_budget(body=CreateEmbeddingRequest(**big).to_embedding(), n_ctx=512) > 100
+    refused = client.post("/v1/embeddings", big, content_type="application/json", headers=bearer(raw))
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert window(get_redis(), key.prefix) == 8

@@ -162,10 +162,10 @@ async def test_ignore_eos_and_logit_bias_are_honoured(async_client, smollm2):
 async def test_a_model_that_does_not_fit_the_memory_budget_is_503_and_others_keep_working(
     async_client, smollm2, monkeypatch
 ):
-    from inference import services
+    from inference import run
     from inference.engine import ModelCache
 
-    monkeypatch.setattr(services, "_cache", ModelCache(budget_bytes=1000))
+    monkeypatch.setattr(run, "_cache", ModelCache(budget_bytes=1000))
     response = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO})
     assert response.status_code == 503
     assert (
@@ -173,14 +173,14 @@ async def test_a_model_that_does_not_fit_the_memory_budget_is_503_and_others_kee
         and "memory budget" in response.json()["error"]["message"]
     )
     assert response["Retry-After"]
-    services._cache.close()
+    run._cache.close()
     monkeypatch.undo()
     ok = await post(async_client, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 2})
     assert ok.status_code == 200
 
 
 async def test_a_full_queue_is_503_with_retry_after(async_client, smollm2, settings):
-    from minerva_project.redis import get_redis
+    from core.redis import get_redis
 
     settings.MAX_QUEUE = 2
     get_redis().rpush(smollm2.queue, "a", "b")

@@ -13,9 +13,9 @@ import httpx2 as httpx
 import pytest
 
 from access.services import key_create
+from core.redis import get_redis
 from inference import metrics
 from inference.models import RequestLog
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from api.schema_bounds import MAX_COUNT
+from inference.schema_bounds import MAX_COUNT
 from tests.conftest import HELLO, MODEL
 from tests.openapi import SPEC, assert_schema
 
@@ -379,10 +379,10 @@ def test_large_and_deep_bodies_get_an_answer_and_never_a_5xx(server, body):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_a_worker_survives_a_thousand_fuzzed_schemas(server):
+def test_a_worker_survives_a_hundred_fuzzed_schemas_or_as_many_as_asked(server):
     """The measurement of issue 12: 1,000 generated schemas (half as response_format, half as tool parameters);
     prints how they were answered. MINERVA_FUZZ_SCHEMAS changes the count."""
-    total = int(os.environ.get("MINERVA_FUZZ_SCHEMAS", 1000))
+    total = int(os.environ.get("MINERVA_FUZZ_SCHEMAS", 100))  # the measurement in the notes: 1000
     pid = worker(server).pid
     outcomes: collections.Counter = collections.Counter()
     with httpx.Client(base_url=f"{server.base_url}/", timeout=120) as client:

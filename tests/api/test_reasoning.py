@@ -2,7 +2,7 @@
 
 import pytest
 
-from api.reasoning import ReasoningSplitter
+from inference.reasoning import ReasoningSplitter
 
 TEXT = "<think>\nThe user greets me.\n</think>\nHello there!"
 

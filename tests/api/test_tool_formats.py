@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from api.tools import ToolCallStream, parse_tool_calls, tool_format_for
+from inference.tools import ToolCallStream, parse_tool_calls, tool_format_for
 
 WEATHER_ARGS = {"city": "Paris"}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from api.protocol import ChatCompletionRequest
-from api.tools import offered_tools
 from inference.engine.template import ChatTemplate
-from inference.services import _template_messages, _tool_format
+from inference.run import _template_messages, _tool_format
+from inference.tools import offered_tools
 from tests.api.test_chat_completions import post, sse_events
 from tests.conftest import MODEL
 from tests.openapi import assert_schema
@@ -163,7 +163,7 @@ async def test_hermes_auto_answers_in_words_stream_as_they_are_generated(async_c
 
 
 def test_earlier_calls_and_results_render_into_a_native_template_as_objects():
-    request = ChatCompletionRequest.model_validate(body(messages=CALLED))
+    request = ChatCompletionRequest.model_validate(body(messages=CALLED)).to_generation()
     prompt = ChatTemplate(HERMES).render(_template_messages(request, "hermes"), tools=offered_tools(request))
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
@@ -172,7 +172,7 @@ def test_earlier_calls_and_results_render_into_a_native_template_as_objects():
 
 
 def test_the_generic_format_describes_tools_in_the_system_message_and_replays_calls_as_json():
-    request = ChatCompletionRequest.model_validate(body(messages=CALLED))
+    request = ChatCompletionRequest.model_validate(body(messages=CALLED)).to_generation()
     system, _, assistant, tool = _template_messages(request, "generic")
     assert system["role"] == "system" and "You can call these tools" in system["content"]
     assert json.loads(assistant["content"]) == {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}

@@ -9,9 +9,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from batches.models import Batch, BatchLine
 from batches.services import batch_line_claim, batch_line_run, batch_lines_run, batches_reap
+from core.redis import get_redis
 from inference.models import RequestLog
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from tests.batches.test_files import chat_line, jsonl
 from tests.conftest import HELLO, MODEL
 from tests.openapi import assert_schema
@@ -101,7 +101,6 @@ def test_a_file_whose_lines_call_another_endpoint_fails_the_batch_naming_the_lin
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
         ({"endpoint": "/v1/images/generations"}, "endpoint"),
         ({"completion_window": "1h"}, "completion_window"),
         ({"input_file_id": "file-nope"}, "input_file_id"),

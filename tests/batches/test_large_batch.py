@@ -12,8 +12,8 @@ from django.db import connections
 from django.test import Client
 
 from batches.models import Batch, BatchLine
+from core.redis import get_redis
 from inference.models import RequestLog
-from minerva_project.redis import get_redis
 from tests.batches.test_files import chat_line, jsonl
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(600)]

@@ -11,8 +11,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from access.services import WINDOW_SECONDS, key_create
 from batches.models import Batch, BatchLine, File
 from batches.services import THROTTLED_KEY, batch_lines_run
+from core.redis import get_redis
 from inference.models import RequestLog
-from minerva_project.redis import get_redis
 from models_app.models import LanguageModel
 from tests.batches.test_files import chat_line, jsonl
 from tests.conftest import MODEL

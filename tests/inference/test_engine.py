@@ -227,12 +227,15 @@ def test_control_tokens_spelled_in_user_content_are_tokenized_as_text(model):
 
 def test_several_system_messages_are_merged_at_the_front():
     from api.protocol import ChatCompletionRequest
-    from inference.services import _template_messages
+    from inference.run import _template_messages
 
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
         {"role": "system", "content": "A"}, {"role": "user", "content": "u"},
         {"role": "developer", "content": "B"}]})  # fmt: skip
-    assert _template_messages(body) == [{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "u"}]
+    assert _template_messages(body.to_generation()) == [
+        {"role": "system", "content": "A\n\nB"},
+        {"role": "user", "content": "u"},
+    ]
 
 
 def test_a_lazy_grammar_leaves_text_free_until_its_trigger_then_holds_the_rest(model, io):

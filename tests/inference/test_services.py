@@ -3,10 +3,10 @@
 import pytest
 
 from api.protocol import ChatCompletionRequest
+from core.redis import get_redis
 from inference.models import RequestLog
-from inference.services import request_run
+from inference.run import request_run
 from inference.streams import TokenStream
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 def queued(request_id: str) -> tuple[RequestLog, dict]:
     body = ChatCompletionRequest(model=MODEL, messages=HELLO, max_tokens=5)
     log = RequestLog.objects.create(request_id=request_id, endpoint="/v1/chat/completions", model=MODEL)
-    return log, {"endpoint": "/v1/chat/completions", "body": body.model_dump(mode="json", exclude_none=True)}
+    return log, {"generation": body.to_generation().model_dump(mode="json")}
 
 
 def events(request_id: str) -> list[str]:

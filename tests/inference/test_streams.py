@@ -3,13 +3,13 @@
 import pytest
 from asgiref.sync import async_to_sync
 
-from api.errors import OpenAIError
 from api.protocol import ChatCompletionRequest
 from api.views import collect_answer
+from core.errors import MinervaError
+from core.redis import get_redis
 from inference.models import RequestLog
-from inference.services import request_run
+from inference.run import request_run
 from inference.streams import FINISHED_TTL_SECONDS, TokenStream
-from minerva_project.redis import get_redis
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 def run(request_id: str, **params) -> tuple[RequestLog, ChatCompletionRequest]:
     body = ChatCompletionRequest(model=MODEL, messages=HELLO, temperature=0, **params)
     log = RequestLog.objects.create(request_id=request_id, endpoint="/v1/chat/completions", model=MODEL)
-    payload = {"endpoint": "/v1/chat/completions", "body": body.model_dump(mode="json", exclude_none=True)}
+    payload = {"generation": body.to_generation().model_dump(mode="json")}
     request_run(log_id=log.pk, payload=payload)
     log.refresh_from_db()
     return log, body
@@ -27,7 +27,7 @@ def run(request_id: str, **params) -> tuple[RequestLog, ChatCompletionRequest]:
 def test_a_stream_longer_than_the_cap_ends_with_an_explicit_error_and_never_loses_its_beginning(smollm2, settings):
     settings.STREAM_MAXLEN = 100
     log, body = run("long", max_tokens=300, ignore_eos=True)
-    with pytest.raises(OpenAIError) as refused:  # what a batch line reads its answer with
+    with pytest.raises(MinervaError) as refused:  # what a batch line reads its answer with
         async_to_sync(collect_answer)("long", body)
     assert (refused.value.status, refused.value.code, refused.value.param) == (400, "stream_too_long", "max_tokens")
     events = [fields["event"] for _id, fields in get_redis().xrange(TokenStream("long").key)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from api.errors import ModelNotFound
+from core.errors import ModelNotFound
 from models_app.bundled import default_model_path
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_n_ctx
@@ -47,7 +47,7 @@ def test_a_scan_finds_gguf_split_and_safetensors_models(models_dir):
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     (models_dir / "broken.gguf").write_bytes(b"not a model")
     result = models_scan()
-    assert set(result.added) == {"smollm2-135m-instruct", "my-model", "big", "single", "qwen-tiny"}
+    assert set(result.added) == {"smollm2-135m-instruct", "all-minilm-l6-v2", "my-model", "big", "single", "qwen-tiny"}
     assert list(result.errors) == [str(models_dir / "broken.gguf")]
     assert LanguageModel.objects.get(name="big").metadata["tensor_count"] == 2
     assert LanguageModel.objects.get(name="qwen-tiny").format == "safetensors"
@@ -109,7 +109,7 @@ def test_the_cli_adds_inspects_lists_disables_and_removes(models_dir, capsys):
 
 def test_the_cli_table_and_scan_are_human_readable(models_dir, capsys):
     call_command("models", "scan")
-    assert "added: 1" in capsys.readouterr().out
+    assert "added: 2" in capsys.readouterr().out  # the bundled SmolLM2 and all-MiniLM-L6-v2
     call_command("models", "list")
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["NAME", "FORMAT", "QUANTIZATION"] and "135M" in out
@@ -119,7 +119,7 @@ def test_the_cli_table_and_scan_are_human_readable(models_dir, capsys):
 async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_dir):
     from asgiref.sync import sync_to_async
 
-    from inference.services import model_cache
+    from inference.run import model_cache
 
     await sync_to_async(models_scan)()
     await sync_to_async(write_gguf)(models_dir / "off.gguf")
@@ -129,8 +129,9 @@ async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_
     # An earlier test's request may have left the model loaded in this process, whose heartbeat says so in Redis.
     await sync_to_async(model_cache().unload)("smollm2-135m-instruct")
     data = (await async_client.get("/v1/models")).json()
-    assert [m["id"] for m in data["data"]] == ["smollm2-135m-instruct"]
-    entry = data["data"][0]
+    assert [m["id"] for m in data["data"]] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
+    assert data["data"][0]["meta"]["architecture"] == "bert" and data["data"][0]["context_length"] == 512
+    entry = data["data"][1]
     assert entry["max_model_len"] == entry["context_length"] == 4096
     expected = {
         "format": "gguf",

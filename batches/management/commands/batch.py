@@ -11,10 +11,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from api.errors import OpenAIError
 from batches.files import file_get, file_import
 from batches.models import Batch
 from batches.services import batch_cancel, batch_counts, batch_create, batch_get, batch_object
+from core.errors import MinervaError
 
 POLL_SECONDS = 1.0
 
@@ -37,7 +37,7 @@ class Command(BaseCommand):
     def handle(self, *args, action: str, **options):
         try:
             getattr(self, f"do_{action}")(**options)
-        except OpenAIError as exc:
+        except MinervaError as exc:
             raise CommandError(exc.message) from None
 
     def do_submit(self, file: Path, endpoint: str, wait: bool, **options):

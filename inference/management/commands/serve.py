@@ -19,9 +19,9 @@ from django.core.management.base import BaseCommand, CommandError
 from redis.exceptions import RedisError
 
 from access.services import auth_required_without_override
+from core.redis import get_redis, start_embedded_redis
+from inference.heartbeat import worker_key
 from inference.services import DRAINING_KEY
-from inference.worker import worker_key
-from minerva_project.redis import get_redis, start_embedded_redis
 from models_app.models import LanguageModel
 from models_app.selectors import LOADED_KEY, model_parallel
 from models_app.services import models_scan

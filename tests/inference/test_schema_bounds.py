@@ -1,5 +1,5 @@
 """Untrusted JSON Schemas (response_format, tool parameters) are bounded before the converter and llama.cpp see
-them (api/schema_bounds.py), and the grammars made from them stay flat enough for llama.cpp's recursive parser."""
+them (inference/schema_bounds.py), and the grammars made from them stay flat enough for llama.cpp's recursive parser."""
 
 import re
 import subprocess
@@ -8,10 +8,10 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from api import schema_bounds
 from api.protocol import ChatCompletionRequest
-from api.schema_bounds import SchemaTooComplex, grammar_bounds_check, schema_bounds_check
-from api.tools import TOOL_FORMATS, _repetition, json_schema_grammar, tool_grammar
+from inference import schema_bounds
+from inference.schema_bounds import SchemaTooComplex, grammar_bounds_check, schema_bounds_check
+from inference.tools import TOOL_FORMATS, _repetition, json_schema_grammar, tool_grammar
 from models_app.bundled import default_model_path
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
@@ -83,7 +83,9 @@ def test_each_bound_refuses_a_tool_parameters_schema_over_it_naming_the_keyword(
 def test_the_bounds_on_counts_hold_for_all_tools_together():
     schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(99)},
               "required": [f"p{i}" for i in range(99)]}  # fmt: skip
-    body = ChatCompletionRequest.model_validate({**CHAT, "tools": [tool(schema, f"f{i}") for i in range(10)]})
+    body = ChatCompletionRequest.model_validate(
+        {**CHAT, "tools": [tool(schema, f"f{i}") for i in range(10)]}
+    ).to_generation()
     for tool_format in TOOL_FORMATS:  # what the request's validation allowed, the worker turns into a grammar
         assert tool_grammar(body, tool_format)[0]
     error = refusal({**CHAT, "tools": [tool(schema, f"f{i}") for i in range(11)]})

@@ -1,6 +1,6 @@
 """Tool calling: the syntaxes models call tools in, the grammars that hold a model to them, and the parsers that
-turn the model's text back into OpenAI `tool_calls`. A leaf module like protocol.py: the worker uses it to prompt
-and constrain the model, the view to parse its answer.
+turn the model's text back into tool calls (OpenAI's shape: id, type, function name and arguments as JSON text). The
+worker uses it to prompt and constrain the model, the view side (inference/serving.py) to parse its answer.
 
 Formats (picked from the chat template by `tool_format_for`, overridable per model in admin):
 - generic: for templates that know no tools (like llama-server's generic format). The tools are described in the
@@ -21,7 +21,8 @@ import math
 import re
 import uuid
 
-from .protocol import ChatCompletionRequest
+from core.generation import GenerationRequest
+
 from .schema_bounds import grammar_bounds_check, schema_bounds_check
 
 TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral")
@@ -45,54 +46,46 @@ def tool_format_for(template: str | None) -> str:
     return "generic"
 
 
-def tools_active(body: ChatCompletionRequest) -> bool:
-    """Whether this request offers tools to the model (tool_choice "none" offers none)."""
-    return bool(body.tools) and body.tool_choice != "none"
+def offered_tools(body: GenerationRequest) -> list[dict]:
+    """The tools as the template's `tools` variable gets them (OpenAI's shape, which templates are written for;
+    only the named one for a named tool_choice)."""
+    return [{"type": "function", "function": t.model_dump(exclude_none=True)} for t in body.offered_tools()]
 
 
-def offered_tools(body: ChatCompletionRequest) -> list[dict]:
-    """The tools as the template's `tools` variable gets them (only the named one for a named tool_choice)."""
-    return [t.model_dump(exclude_none=True) for t in _offered(body)]
-
-
-def tool_instruction(body: ChatCompletionRequest) -> str:
+def tool_instruction(body: GenerationRequest) -> str:
     """For the generic format: a system-prompt paragraph describing the tools and the answer format."""
     tools = [
-        {
-            "name": t.function.name,
-            "description": t.function.description or "",
-            "parameters": t.function.parameters or {},
-        }
-        for t in _offered(body)
+        {"name": t.name, "description": t.description or "", "parameters": t.parameters or {}}
+        for t in body.offered_tools()
     ]
     lines = [
         "You can call these tools:",
         json.dumps(tools, ensure_ascii=False),
         'To call tools, answer with JSON: {"tool_calls": [{"name": "<tool name>", "arguments": {<its parameters>}}]}',
     ]
-    if _free(body):
+    if body.tool_call_optional():
         lines.append('To answer without a tool, answer with JSON: {"response": "<your answer>"}')
     return "\n".join(lines)
 
 
-def tool_grammar(body: ChatCompletionRequest, tool_format: str) -> tuple[str, list[str]]:
+def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[str]]:
     """The GBNF grammar that holds the model to this request's tools, and the trigger patterns that wake it
     (none: it holds from the first token)."""
     args_key = "parameters" if tool_format == "llama3" else "arguments"
     calls = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.function.name}, args_key: t.function.parameters or {"type": "object"}},
+            "properties": {"name": {"const": t.name}, args_key: t.parameters or {"type": "object"}},
             "required": ["name", args_key],
         }
-        for t in _offered(body)
+        for t in body.offered_tools()
     ]
     call = {"anyOf": calls} if len(calls) > 1 else calls[0]
-    many = body.parallel_tool_calls is not False
+    many = body.parallel_tool_calls
     if tool_format == "generic":
         tool_calls = {"type": "array", "items": call, "minItems": 1} | ({} if many else {"maxItems": 1})
         answer = {"type": "object", "properties": {"tool_calls": tool_calls}, "required": ["tool_calls"]}
-        if _free(body):
+        if body.tool_call_optional():
             words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
             answer = {"anyOf": [answer, words]}
         return json_schema_grammar(answer, bounded=True), []
@@ -104,7 +97,9 @@ def tool_grammar(body: ChatCompletionRequest, tool_format: str) -> tuple[str, li
     else:  # llama3: one call per turn, as its template renders them
         root = "call"
     triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(_TRIGGER[tool_format])]
-    return json_schema_grammar(call, rule="call", root=root, bounded=True), triggers if _free(body) else []
+    return json_schema_grammar(
+        call, rule="call", root=root, bounded=True
+    ), triggers if body.tool_call_optional() else []
 
 
 def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None, bounded: bool = False) -> str:
@@ -349,15 +344,3 @@ def _json_prefix(text: str):
 
 def _content(text: str) -> str | None:
     return text.strip() or None
-
-
-def _free(body: ChatCompletionRequest) -> bool:
-    """Whether the model may answer in words instead of calling a tool."""
-    return body.tool_choice in (None, "auto")
-
-
-def _offered(body: ChatCompletionRequest):
-    choice = body.tool_choice
-    if isinstance(choice, str) or choice is None:
-        return body.tools
-    return [t for t in body.tools if t.function.name == choice.function.name]

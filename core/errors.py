@@ -1,9 +1,10 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with an HTTP status.
+"""Minerva's errors: a message, an HTTP status, a type, a code and the parameter at fault.
 
-A leaf module: any layer may raise these; `@openai_view`, the middleware and the SSE framer render them."""
+Raised where the fault is known, in any layer; each client surface renders them in its own protocol's shape
+(`to_dict()` is the neutral form, which is also OpenAI's `{"error": {...}}` and what a worker publishes)."""
 
 
-class OpenAIError(Exception):
+class MinervaError(Exception):
     status, type, code = 400, "invalid_request_error", None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
@@ -16,7 +17,7 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "OpenAIError":
+    def from_dict(cls, data: dict) -> "MinervaError":
         """Rebuild an error that a worker published as an event (status travels alongside)."""
         error = cls(data.get("message", ""), param=data.get("param"), code=data.get("code"))
         error.type = data.get("type", cls.type)
@@ -24,58 +25,69 @@ class OpenAIError(Exception):
         return error
 
 
-class InvalidRequest(OpenAIError):
+class InvalidRequest(MinervaError):
     pass
 
 
-class ContextLengthExceeded(OpenAIError):
+class ContextLengthExceeded(MinervaError):
     code = "context_length_exceeded"
 
 
-class ModelNotFound(OpenAIError):
+class ModelNotFound(MinervaError):
     status, code = 404, "model_not_found"
 
     def __init__(self, model: str):
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        self.model = model
 
 
-class NotFound(OpenAIError):
+class NotFound(MinervaError):
     status, code = 404, "not_found"
 
 
-class MethodNotAllowed(OpenAIError):
+class MethodNotAllowed(MinervaError):
     status, code = 405, "method_not_allowed"
 
 
-class InvalidHost(OpenAIError):
+class PermissionDenied(MinervaError):
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
+class NotImplementedHere(MinervaError):
+    """A valid request for something this server does not do (e.g. Ollama's /api/pull)."""
+
+    status, code = 501, "not_implemented"
+
+
+class InvalidHost(MinervaError):
     code = "invalid_host"
 
 
-class OriginNotAllowed(OpenAIError):
+class OriginNotAllowed(MinervaError):
     status, type, code = 403, "permission_error", "origin_not_allowed"
 
 
-class RequestTooLarge(OpenAIError):
+class RequestTooLarge(MinervaError):
     status, code = 413, "request_too_large"
 
 
-class ServerError(OpenAIError):
+class ServerError(MinervaError):
     status, type, code = 500, "server_error", "internal_error"
 
     def __init__(self, message: str = "The server had an error while processing your request. Sorry about that!"):
         super().__init__(message)
 
 
-class ServiceUnavailable(OpenAIError):
+class ServiceUnavailable(MinervaError):
     status, type, code = 503, "server_error", "service_unavailable"
     retry_after = 1  # seconds, sent as Retry-After
 
 
-class Timeout(OpenAIError):
+class Timeout(MinervaError):
     status, type, code = 504, "server_error", "timeout"
 
 
-class WorkerLost(OpenAIError):
+class WorkerLost(MinervaError):
     status, type, code = 500, "server_error", "worker_lost"
 
     def __init__(self):

@@ -1,0 +1,528 @@
+"""The worker side of a generation: run a queued request on its model's scheduler and finish its log row."""
+
+import base64
+import ctypes
+import json
+import logging
+import os
+import threading
+import time
+
+import llama_cpp
+import numpy as np
+from django import db
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from access.models import ApiKey
+from access.services import tokens_record, tokens_reserve, tokens_settle
+from core.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    MinervaError,
+    ServerError,
+    ServiceUnavailable,
+)
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, with_defaults
+from core.redis import get_redis
+from models_app.metadata import estimate_memory
+from models_app.models import LanguageModel
+from models_app.selectors import LOADED_KEY, model_generates, model_n_ctx, model_parallel
+
+from .engine import (
+    ContextOverflow,
+    ModelCache,
+    ModelSpec,
+    ModelUnavailable,
+    PromptError,
+    SamplingParams,
+    Sequence,
+    embedding_context_bytes,
+    parse_keep_alive,
+)
+from .heartbeat import WORKER_ID
+from .metrics import metrics_record
+from .models import RequestLog
+from .services import _params, embedding_token_budget, request_model, request_token_budget
+from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
+from .tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction
+
+logger = logging.getLogger(__name__)
+
+DB_RETRY_SECONDS = 120  # how long a worker keeps trying to write a finished request's row while the DB is away
+shutting_down = False  # set in a worker whose drain ran out: unfinished requests say why they end
+
+
+def request_run(*, log_id: int, payload: dict) -> None:
+    """Generate for one queued request: hand it to its model's scheduler and wait until it finishes."""
+    claimed = _claim(log_id, payload)
+    if claimed is None:
+        return
+    log, stream = claimed
+
+    body = GenerationRequest.model_validate(payload["generation"])
+    param = "messages" if body.is_chat else "prompt"
+    sequences: list[Sequence] = []
+    try:
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
+        if body.load_only:
+            return _load_only(log, stream, model, keep_alive)
+        with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
+            tool_format = _tool_format(model, engine) if body.is_chat and body.tools_active() else None
+            prompt = _prompt(engine, body, tool_format)
+            sampling = _sampling(body, model.default_params, tool_format)
+            info = {"tool_format": tool_format} if tool_format else None
+            sequences = engine.submit_many(log.request_id, prompt, sampling, body.n, info=info)
+            if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
+                db.connection.close()
+            for sequence in sequences:
+                sequence.wait()
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequences)
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), sequences)
+    except MinervaError as exc:
+        return _fail(log, stream, exc, sequences)
+    except Exception:
+        logger.exception("generation failed for request %s", log.request_id)
+        return _fail(log, stream, ServerError(), sequences)
+
+    errors = [s.error for s in sequences if s.error is not None]
+    if errors and shutting_down:
+        error = ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
+        return _fail(log, stream, error, sequences)
+    if errors:
+        logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
+        return _fail(log, stream, ServerError(), sequences)
+    try:  # read even when every choice ended: an overflowing stream lost its `done`
+        reason = stream.cancelled()
+    except RedisError:  # Redis went away just now: its reader fails as well; the row still ends
+        logger.warning("could not read the cancel flag of request %s", log.request_id, exc_info=True)
+        reason = None
+    if reason == CANCEL_OVERFLOW:
+        error = InvalidRequest(f"The answer passed this server's limit of {settings.STREAM_MAXLEN} events per "
+                               "request (MINERVA_STREAM_MAXLEN); ask for fewer tokens or choices.", param="max_tokens",
+                               code="stream_too_long")  # fmt: skip
+        return _fail(log, stream, error, sequences)
+    if reason == CANCEL_TIMEOUT and any(s.finish_reason == "cancelled" for s in sequences):
+        return _fail(log, stream, timed_out(), sequences)
+    _count(log, sequences)
+    if any(s.finish_reason == "cancelled" for s in sequences):
+        _finish(log, RequestLog.Status.CANCELLED, status_code=499)
+    else:
+        log.finish_reason = sequences[0].finish_reason
+        _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def _claim(log_id: int, payload: dict) -> tuple[RequestLog, TokenStream] | None:
+    """Take a queued request's row and mark it running (None: it must not run, and its row is already ended)."""
+    log = _retrying(lambda: RequestLog.objects.get(pk=log_id))
+    stream = TokenStream(log.request_id)
+    if log.status != RequestLog.Status.QUEUED:
+        # A redelivery (acks_late, after a worker died): interactive requests are never run twice.
+        logger.warning("request %s was delivered again in state %s; not re-running", log.request_id, log.status)
+        return None
+    log.reservation = payload.get("reservation")  # its tokens-per-minute budget, settled in _finish
+    if reason := stream.cancelled():  # the client left (or its wait timed out) while it was in the queue
+        if reason == CANCEL_TIMEOUT:
+            _fail(log, stream, timed_out(), [])
+        else:
+            _finish(log, RequestLog.Status.CANCELLED, status_code=499)
+        return None
+    log.status = RequestLog.Status.RUNNING
+    _retrying(lambda: log.save(update_fields=["status"]))
+    stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
+    return log, stream
+
+
+MAX_EMBEDDING_TOKENS = 300_000  # all inputs of one request together, as OpenAI limits them
+EMBEDDING_EVENT_FLOATS = 1 << 16  # components per stream event (256 KiB as float32): a few events per request
+
+
+def embedding_run(*, log_id: int, payload: dict) -> None:
+    """Embed one queued request's inputs on its model's embedding context, where they share llama.cpp batches
+    with every other request's; publish the vectors (float32, little-endian, base64) in a few `embedding`
+    events, then `done` with the token count."""
+    claimed = _claim(log_id, payload)
+    if claimed is None:
+        return
+    log, stream = claimed
+    body = EmbeddingRequest.model_validate(payload["embedding"])
+    try:
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
+        with model_cache().use(_spec(model, embedding=True), keep_alive=keep_alive) as engine:
+            inputs = [engine.tokenize(i) if isinstance(i, str) else i for i in body.inputs]
+            log.prompt_tokens = total = sum(min(len(t), engine.n_ctx) if body.truncate else len(t) for t in inputs)
+            if total > MAX_EMBEDDING_TOKENS:
+                raise InvalidRequest(f"The inputs have {total} tokens together; at most {MAX_EMBEDDING_TOKENS} "
+                                     "may be embedded in one request.", param="input")  # fmt: skip
+            if body.dimensions is not None and body.dimensions > engine.n_embd:
+                raise InvalidRequest(f"dimensions is {body.dimensions}, but the model {model.name} has "
+                                     f"{engine.n_embd}.", param="dimensions")  # fmt: skip
+            if not db.connection.in_atomic_block:  # the batch may wait behind others: free the connection
+                db.connection.close()
+            vectors = np.asarray(engine.embed(inputs, truncate=body.truncate), dtype=np.float64)
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param="input"), [])
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param="input"), [])
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), [])
+    except MinervaError as exc:
+        return _fail(log, stream, exc, [])
+    except Exception:
+        logger.exception("embedding failed for request %s", log.request_id)
+        return _fail(log, stream, ServerError(), [])
+    if body.dimensions is not None:  # Matryoshka-style: the first components, normalised again
+        vectors = vectors[:, : body.dimensions]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.where(norms > 0, norms, 1)
+    # Few events, whatever the count (MINERVA_STREAM_MAXLEN counts events): as many vectors each as fit.
+    per_event = max(1, EMBEDDING_EVENT_FLOATS // vectors.shape[1], -(-len(vectors) // (settings.STREAM_MAXLEN - 3)))
+    for start in range(0, len(vectors), per_event):
+        chunk = vectors[start : start + per_event].astype("<f4")
+        stream.publish("embedding", index=start, dimensions=chunk.shape[1],
+                       data=base64.b64encode(chunk.tobytes()).decode())  # fmt: skip
+    stream.publish("done", index=0, prompt_tokens=log.prompt_tokens, finish_reason="stop", completion_tokens=0)
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def embedding_run_inline(*, request_id: str, endpoint: str, body: EmbeddingRequest, batch_id: str,
+                         api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
+    """A batch line's embedding request, recorded and run on this thread like request_run_inline's generation."""
+    model = request_model(name=body.model, api_key=api_key)
+    reservation = None
+    if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
+        reservation = tokens_reserve(key=api_key, tokens=embedding_token_budget(body=body, n_ctx=model_n_ctx(model)))
+    log = RequestLog.objects.create(
+        request_id=request_id, endpoint=endpoint, model=model.name, batch_id=batch_id,
+        request=body.model_dump(mode="json", exclude={"inputs"}, exclude_defaults=True) | {"inputs": len(body.inputs)},
+        api_key_prefix=api_key.prefix if api_key is not None else "",
+    )  # fmt: skip
+    payload = {"embedding": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
+    embedding_run(log_id=log.pk, payload=payload)
+    log.refresh_from_db()
+    return log
+
+
+def tokenize_run(*, log_id: int, payload: dict) -> None:
+    """Tokenize, detokenize or count a chat prompt with the model's own tokenizer and template; publish the
+    answer as the `done` event. A generating model's context serves it (loaded for chat anyway); an embedding
+    model's its embedding context."""
+    claimed = _claim(log_id, payload)
+    if claimed is None:
+        return
+    log, stream = claimed
+    body = TokenizeRequest.model_validate(payload["tokenize"])
+    try:
+        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        spec = _spec(model) if model_generates(model) else _spec(model, embedding=True)
+        with model_cache().use(spec) as engine:
+            answer = _tokenize(engine, model, body)
+    except ContextOverflow as exc:
+        return _fail(log, stream, ContextLengthExceeded(str(exc), param="messages"), [])
+    except PromptError as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param="messages"), [])
+    except ModelUnavailable as exc:
+        return _fail(log, stream, ServiceUnavailable(str(exc), code="model_unavailable"), [])
+    except MinervaError as exc:
+        return _fail(log, stream, exc, [])
+    except Exception:
+        logger.exception("tokenizing failed for request %s", log.request_id)
+        return _fail(log, stream, ServerError(), [])
+    stream.publish("done", index=0, finish_reason="stop", prompt_tokens=0, completion_tokens=0, **answer)
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
+    llama = engine.model  # llama-cpp-python's LlamaModel, of a generating or an embedding context alike
+    if body.chat is not None:
+        tool_format = _tool_format(model, engine) if body.chat.tools_active() else None
+        return {"count": len(_prompt(engine, body.chat, tool_format))}
+    if body.content is not None:
+        tokens = llama.tokenize(body.content.encode(), add_bos=body.add_special, special=body.parse_special)
+        if not body.with_pieces:
+            return {"tokens": tokens}
+        pieces = []
+        for token in tokens:
+            piece = _piece(engine, token)
+            try:  # llama-server's shape: the text, or the bytes when a token is part of a UTF-8 character
+                pieces.append({"id": token, "piece": piece.decode()})
+            except UnicodeDecodeError:
+                pieces.append({"id": token, "piece": list(piece)})
+        return {"tokens": pieces}
+    tokens = body.tokens or []
+    bad = next((t for t in tokens if not 0 <= t < engine.n_vocab), None)
+    if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
+        raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
+    return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
+
+
+def _piece(engine, token: int) -> bytes:
+    """The bytes of one token, special tokens as their text."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(engine.vocab, token, buf, 64, 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(engine.vocab, token, buf, -n, 0, True)
+    return buf.raw[:n]
+
+
+def request_run_inline(*, request_id: str, endpoint: str, body: GenerationRequest, batch_id: str,
+                       api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
+    """Record a batch line's request (as its batch's key) and run it on this thread (its batch task already holds
+    a worker thread, so it skips the queue and its limit); return the finished row. Its events are in its
+    TokenStream."""
+    model = request_model(name=body.model, api_key=api_key, generates=True)
+    reservation = None
+    if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
+        reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
+    log = RequestLog.objects.create(
+        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id,
+        api_key_prefix=api_key.prefix if api_key is not None else "",
+    )  # fmt: skip
+    payload = {"generation": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}
+    request_run(log_id=log.pk, payload=payload)
+    log.refresh_from_db()
+    return log
+
+
+_cache: ModelCache | None = None
+_cache_lock = threading.Lock()
+
+
+def model_cache() -> ModelCache:
+    """This worker's loaded models (created on first use)."""
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            _cache = ModelCache(
+                budget_bytes=settings.MEMORY_BUDGET or int(_physical_memory() * 0.75),
+                default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
+                io_factory=RedisStepIO,
+                on_change=_report_loaded,
+            )
+        return _cache
+
+
+def _report_loaded(loaded: list[dict]) -> None:
+    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names)."""
+    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded}))
+
+
+def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
+    """How a worker loads the model: to generate, or (`embedding`) to embed, in a context of its own whose batch
+    holds MINERVA_EMBEDDING_BATCH inputs and n_ctx tokens (the most one input may have)."""
+    n_ctx, n_parallel = model_n_ctx(model), model_parallel(model)
+    if embedding:
+        n_seq = settings.EMBEDDING_BATCH
+        return ModelSpec(
+            name=model.name, path=model.path, n_ctx=n_ctx, n_parallel=n_seq, embedding=True,
+            n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
+            n_threads=settings.N_THREADS or None,
+            estimated_bytes=model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq),
+        )  # fmt: skip
+    return ModelSpec(
+        name=model.name,
+        path=model.path,
+        n_ctx=n_ctx,
+        n_parallel=n_parallel,
+        n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
+        n_threads=settings.N_THREADS or None,
+        n_batch=settings.N_BATCH,
+        chat_template=model.chat_template_override or None,
+        estimated_bytes=estimate_memory(model.metadata, n_ctx * n_parallel),
+    )
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _tool_format(model: LanguageModel, engine) -> str:
+    """The admin's choice for this model, else the syntax its chat template was written for."""
+    return model.tool_format or tool_format_for(engine.chat_template.source if engine.chat_template else None)
+
+
+def _prompt(engine, body: GenerationRequest, tool_format: str | None) -> list[int]:
+    if body.is_chat:
+        template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
+        if tool_format not in (None, "generic"):
+            template_vars["tools"] = offered_tools(body)
+        return engine.chat_prompt(_template_messages(body, tool_format), **template_vars)
+    if isinstance(body.prompt, str):
+        return engine.text_prompt(body.prompt)
+    return list(body.prompt or [])
+
+
+def _template_messages(body: GenerationRequest, tool_format: str | None = None) -> list[dict]:
+    """Messages as chat templates expect them: plain-text content, and one system message at the front
+    (several are merged, since Qwen-style templates reject any other). Earlier tool calls go back in the request's
+    tool format: as the template's own `tool_calls` (arguments as objects, which is what templates' `tojson`
+    expects), or for the generic format as the JSON answer."""
+    system = [m.content for m in body.messages if m.role == "system"]
+    if tool_format == "generic":
+        system.append(tool_instruction(body))
+    rest = []
+    for m in body.messages:
+        if m.role == "system":
+            continue
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls and tool_format in (None, "generic"):
+            message["content"] = _tool_calls_as_answer(m.tool_calls)
+        elif m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in m.tool_calls
+            ]
+        if m.reasoning:
+            message["reasoning_content"] = m.reasoning
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        rest.append(message)
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _tool_calls_as_answer(calls) -> str:
+    """An earlier assistant turn's tool calls, written the way the generic format asks the model to answer."""
+    return json.dumps({"tool_calls": [{"name": c.name, "arguments": _arguments(c.arguments)} for c in calls]},
+                      ensure_ascii=False)  # fmt: skip
+
+
+def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None) -> SamplingParams:
+    """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
+    try:
+        body = with_defaults(body, model_defaults)
+    except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
+        logger.warning("ignoring invalid default_params %s", model_defaults)
+    defaults = SamplingParams()
+    grammar, triggers = _grammar(body, tool_format)
+    return SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature if body.temperature is not None else defaults.temperature,
+        top_p=body.top_p if body.top_p is not None else defaults.top_p,
+        top_k=body.top_k if body.top_k is not None else defaults.top_k,
+        min_p=body.min_p if body.min_p is not None else defaults.min_p,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=body.repeat_penalty if body.repeat_penalty is not None else defaults.repeat_penalty,
+        repeat_last_n=body.repeat_last_n if body.repeat_last_n is not None else defaults.repeat_last_n,
+        seed=body.seed,
+        stop=list(body.stop or []),
+        logit_bias=dict(body.logit_bias),
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
+        grammar=grammar,
+        grammar_triggers=triggers,
+    )
+
+
+def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | None, list[str]]:
+    """A GBNF grammar (and its lazy triggers) for the request's tools, or for its JSON schema."""
+    try:
+        if tool_format is not None:
+            return tool_grammar(body, tool_format)
+        if body.json_schema is None:
+            return None, []
+        return json_schema_grammar(body.json_schema), []
+    except ValueError as exc:
+        param = "tools" if tool_format is not None else "response_format"
+        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
+
+
+def _load_only(log: RequestLog, stream: TokenStream, model: LanguageModel, keep_alive: float | None) -> None:
+    """Load the model and generate nothing; keep_alive 0 unloads it instead (once its running requests end). Its
+    one `done` event says which, as its finish reason: "load" or "unload"."""
+    if keep_alive == 0:
+        model_cache().release(model.name)
+        reason = "unload"
+    else:
+        with model_cache().use(_spec(model), keep_alive=keep_alive):
+            reason = "load"
+    stream.publish("done", index=0, finish_reason=reason, prompt_tokens=0, cached_tokens=0, completion_tokens=0)
+    log.finish_reason = reason
+    _finish(log, RequestLog.Status.COMPLETED, status_code=200)
+
+
+def _count(log: RequestLog, sequences: list[Sequence]) -> None:
+    if not sequences:
+        return
+    log.prompt_tokens, log.cached_tokens = len(sequences[0].prompt), sequences[0].cached_tokens
+    log.completion_tokens = sum(s.completion_tokens for s in sequences)
+    first = min((s.first_token_at for s in sequences if s.first_token_at is not None), default=None)
+    if first is not None:
+        log.ttft_ms = round(_ms_since(log) - (time.monotonic() - first) * 1000, 1)
+
+
+def _fail(log: RequestLog, stream: TokenStream, exc: MinervaError, sequences: list[Sequence]) -> None:
+    try:
+        stream.publish("error", **exc.to_dict()["error"], status=exc.status)
+    except RedisError:  # Redis is away: the view's read fails too and tells the client; the row still ends
+        logger.warning("could not publish the error of request %s", log.request_id, exc_info=True)
+    _count(log, sequences)
+    log.error_type, log.error_code = exc.type, exc.code or ""
+    # A stream that already started has sent its 200; the error travels as an SSE frame.
+    started = log.stream and any(s.first_token_at is not None for s in sequences)
+    _finish(log, RequestLog.Status.FAILED, status_code=200 if started else exc.status)
+
+
+def _finish(log: RequestLog, status: str, *, status_code: int) -> None:
+    log.status, log.status_code = status, status_code
+    log.finished = timezone.now()
+    log.latency_ms = _ms_since(log)
+    try:
+        if settings.LOG_CONTENT:
+            log.completion = TokenStream(log.request_id).text()
+    except RedisError:
+        logger.warning("could not read the completion of request %s for the log", log.request_id, exc_info=True)
+    _retrying(log.save)
+    try:  # counters are best effort: the row above is the record
+        used = log.prompt_tokens + log.completion_tokens
+        reservation = getattr(log, "reservation", None)
+        if reservation:  # admitted against the key's budget: the real count replaces the estimate
+            tokens_settle(reservation=reservation, tokens=used)
+        else:
+            tokens_record(prefix=log.api_key_prefix, tokens=used)
+        metrics_record(log)
+        TokenStream(log.request_id).finished()  # after the save: a batch line reads the stream once its row is done
+    except RedisError:
+        logger.warning("could not count request %s in the metrics", log.request_id, exc_info=True)
+
+
+def _retrying(write, *, seconds: float = DB_RETRY_SECONDS):
+    """Run a database call, retrying while the database is unreachable or locked, so a request that ran
+    while it was away still gets its row once it is back (a worker has no client to return a 503 to)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.2
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError):  # not IntegrityError and the like: those do not heal
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unavailable; retrying in %.1f s", delay, exc_info=True)
+            db.close_old_connections()
+            if not db.connection.in_atomic_block:
+                db.connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _ms_since(log: RequestLog) -> float:
+    return round((timezone.now() - log.created).total_seconds() * 1000, 1)
