@@ -107,8 +107,11 @@ def batch_create(*, input_file_id: str, endpoint: str, completion_window: str, m
             transaction.on_commit(lambda: batch_lanes_start(models=models if started else []), robust=True)
     _creating_done(batch.id)
     batch.refresh_from_db()
-    if batch.status == Batch.Status.IN_PROGRESS and not batch.lines.filter(status=Line.PENDING).exists():
-        batch_finalize(batch_id=batch.id)  # every line failed its checks: nothing to wait for
+    # Every line failed its checks: nothing to wait for. (Not while a line runs: lanes start on commit, and a quick
+    # line, an embedding's, is claimed before this check; finalizing then wrote it to the error file as not run.)
+    waiting = batch.lines.filter(status__in=[Line.PENDING, Line.RUNNING])
+    if batch.status == Batch.Status.IN_PROGRESS and not waiting.exists():
+        batch_finalize(batch_id=batch.id)
         batch.refresh_from_db()
     return batch
 

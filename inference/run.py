@@ -159,7 +159,7 @@ def embedding_run(*, log_id: int, payload: dict) -> None:
         keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
         with model_cache().use(_spec(model, embedding=True), keep_alive=keep_alive) as engine:
             inputs = [engine.tokenize(i) if isinstance(i, str) else i for i in body.inputs]
-            log.prompt_tokens = total = sum(min(len(t), engine.n_ctx) if body.truncate else len(t) for t in inputs)
+            total = sum(min(len(t), engine.n_ctx) if body.truncate else len(t) for t in inputs)
             if total > MAX_EMBEDDING_TOKENS:
                 raise InvalidRequest(f"The inputs have {total} tokens together; at most {MAX_EMBEDDING_TOKENS} "
                                      "may be embedded in one request.", param="input")  # fmt: skip
@@ -180,17 +180,23 @@ def embedding_run(*, log_id: int, payload: dict) -> None:
     except Exception:
         logger.exception("embedding failed for request %s", log.request_id)
         return _fail(log, stream, ServerError(), [])
+    log.prompt_tokens = total  # only once embedded: a refused request counts no tokens, as a refused chat
     if body.dimensions is not None:  # Matryoshka-style: the first components, normalised again
         vectors = vectors[:, : body.dimensions]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms > 0, norms, 1)
     # Few events, whatever the count (MINERVA_STREAM_MAXLEN counts events): as many vectors each as fit.
     per_event = max(1, EMBEDDING_EVENT_FLOATS // vectors.shape[1], -(-len(vectors) // (settings.STREAM_MAXLEN - 3)))
-    for start in range(0, len(vectors), per_event):
-        chunk = vectors[start : start + per_event].astype("<f4")
-        stream.publish("embedding", index=start, dimensions=chunk.shape[1],
-                       data=base64.b64encode(chunk.tobytes()).decode())  # fmt: skip
-    stream.publish("done", index=0, prompt_tokens=log.prompt_tokens, finish_reason="stop", completion_tokens=0)
+    try:
+        for start in range(0, len(vectors), per_event):
+            chunk = vectors[start : start + per_event].astype("<f4")
+            stream.publish("embedding", index=start, dimensions=chunk.shape[1],
+                           data=base64.b64encode(chunk.tobytes()).decode())  # fmt: skip
+        stream.publish("done", index=0, prompt_tokens=log.prompt_tokens, finish_reason="stop", completion_tokens=0)
+    except RedisError:  # its reader fails as well; the row still ends
+        logger.warning("could not publish the vectors of request %s", log.request_id, exc_info=True)
+        error = ServiceUnavailable("Redis is unavailable; try again shortly.", code="redis_unavailable")
+        return _fail(log, stream, error, [])
     _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 
@@ -237,7 +243,12 @@ def tokenize_run(*, log_id: int, payload: dict) -> None:
     except Exception:
         logger.exception("tokenizing failed for request %s", log.request_id)
         return _fail(log, stream, ServerError(), [])
-    stream.publish("done", index=0, finish_reason="stop", prompt_tokens=0, completion_tokens=0, **answer)
+    try:
+        stream.publish("done", index=0, finish_reason="stop", prompt_tokens=0, completion_tokens=0, **answer)
+    except RedisError:  # its reader fails as well; the row still ends
+        logger.warning("could not publish the answer of request %s", log.request_id, exc_info=True)
+        return _fail(log, stream, ServiceUnavailable("Redis is unavailable; try again shortly.",
+                                                     code="redis_unavailable"), [])  # fmt: skip
     _finish(log, RequestLog.Status.COMPLETED, status_code=200)
 
 

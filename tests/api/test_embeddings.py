@@ -10,12 +10,14 @@ import numpy as np
 import openai
 import pytest
 
+from batches.models import BatchLine
 from inference.models import RequestLog
 from models_app.services import models_sync
 from tests.batches.test_end_to_end import finished, results
 from tests.batches.test_files import jsonl
 from tests.conftest import HELLO, MODEL
 from tests.openapi import assert_schema
+from tests.test_faults import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -185,6 +187,9 @@ def test_each_request_is_logged_once_with_its_tokens(minerva_server):
     refused = post(minerva_server, {"model": MINILM, "input": []})
     for response, status in ((ok, 200), (bad, 400), (refused, 400)):
         request_id = response.headers["x-request-id"].removeprefix("req_")
+        # The worker publishes the answer before it writes the row: wait for the row.
+        wait_for(lambda r=request_id: RequestLog.objects.exclude(status="running").filter(request_id=r).exists(), 30,
+                 "the request's row was not finished")  # fmt: skip
         rows = list(RequestLog.objects.filter(request_id=request_id))
         assert len(rows) == 1 and rows[0].status_code == status and rows[0].endpoint == "/v1/embeddings"
     row = RequestLog.objects.get(request_id=ok.headers["x-request-id"].removeprefix("req_"))
@@ -202,7 +207,9 @@ def test_a_batch_runs_embedding_lines(client):
     uploaded = client.files.create(file=("requests.jsonl", jsonl(*lines)), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
     batch = finished(client, batch.id)
-    assert batch.status == "completed" and batch.request_counts.completed == 2
+    lines = list(BatchLine.objects.filter(batch_id=batch.id).values("custom_id", "status", "attempts", "request_id"))
+    logs = list(RequestLog.objects.filter(batch_id=batch.id).values("request_id", "status", "status_code"))
+    assert batch.status == "completed" and batch.request_counts.completed == 2, (lines, logs)
     out = {r["custom_id"]: r["response"] for r in results(client, batch.output_file_id)}
     assert_schema("CreateEmbeddingResponse", out["a"]["body"])
     assert len(out["a"]["body"]["data"][0]["embedding"]) == 384

@@ -8,6 +8,7 @@ import pytest
 from inference.models import RequestLog
 from models_app.services import models_sync
 from tests.conftest import MODEL
+from tests.test_faults import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -81,10 +82,20 @@ def test_bad_requests_are_errors_in_openais_shape_and_logged_once(minerva_server
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
     request_id = response.headers["x-request-id"].removeprefix("req_")
-    assert RequestLog.objects.filter(request_id=request_id, endpoint=path, status_code=status).count() == 1
+    # The worker publishes the error before it writes the row: wait for the row.
+    row = wait_for(lambda: RequestLog.objects.exclude(status="running").filter(request_id=request_id).first(), 30,
+                   "the request's row was not finished")  # fmt: skip
+    assert (row.endpoint, row.status_code, RequestLog.objects.filter(request_id=request_id).count()) == (
+        path,
+        status,
+        1,
+    )
 
 
 def test_a_tokenize_request_is_logged_once(minerva_server):
     response = post(minerva_server, "/tokenize", {"model": MODEL, "content": "hi"})
-    row = RequestLog.objects.get(request_id=response.headers["x-request-id"].removeprefix("req_"))
+    request_id = response.headers["x-request-id"].removeprefix("req_")
+    row = wait_for(lambda: RequestLog.objects.filter(request_id=request_id, status="completed").first(), 30,
+                   "the request's row was not finished")  # fmt: skip
     assert row.endpoint == "/tokenize" and row.status_code == 200 and row.model == MODEL
+    assert RequestLog.objects.filter(request_id=request_id).count() == 1
