@@ -13,7 +13,6 @@ tokens, so a vector moves slightly with what shares its batch (MiniLM ~1e-4 per 
 0.9995); `flash_attn=False` gives vectors identical alone or batched (to 1e-7)."""
 
 import collections
-import ctypes
 import logging
 import os
 import threading
@@ -26,7 +25,7 @@ from llama_cpp import _internals
 
 from models_app.metadata import ENCODER_ARCHITECTURES  # run without a KV cache
 
-from .llama import ContextOverflow, EngineError, PromptError, _cpu_has_amx
+from .llama import ContextOverflow, EngineError, PromptError, _Batch, _cpu_has_amx
 
 logger = logging.getLogger(__name__)
 
@@ -263,29 +262,12 @@ class EmbeddingModel:
         return vectors
 
 
-class _EmbedBatch:
-    """A llama_batch over numpy arrays we own; every token is an output (llama.cpp pools them)."""
+class _EmbedBatch(_Batch):
+    """The scheduler's llama_batch, with every token an output (llama.cpp pools them)."""
 
     def __init__(self, capacity: int):
-        self.token = np.zeros(capacity, np.int32)
-        self.pos = np.zeros(capacity, np.int32)
-        self.n_seq_id = np.ones(capacity, np.int32)
-        self.seq_id = np.zeros(capacity, np.int32)
-        self.logits = np.ones(capacity, np.int8)
-        int_p = ctypes.POINTER(ctypes.c_int32)
-        base = self.seq_id.ctypes.data
-        self._seq_ptrs = (int_p * capacity)(*[ctypes.cast(base + 4 * i, int_p) for i in range(capacity)])
-        self.struct = llama_cpp.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(int_p)
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(int_p)
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_p)
-        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(int_p))
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self.n = 0
-
-    def clear(self) -> None:
-        self.n = self.struct.n_tokens = 0
+        super().__init__(capacity)
+        self.logits[:] = 1  # in place: the struct points at this array
 
     def add(self, tokens: list[int], seq_id: int) -> None:
         n, k = self.n, len(tokens)
