@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run bench/bench.py on the lent GPU machine (no network there). Prepare the carry here first with
-# `bench/gpu.sh prepare` (a trimmed llama.cpp source, llama-cpp-python's Python files and Python 3.12 wheels
+# `bench/gpu.sh prepare` (bench/make_synthetic_llama.py, a trimmed llama.cpp source, llama-cpp-python's Python files and Python 3.12 wheels
 # under build/gpu/, about 42 MiB), then on the device: `bench/gpu.sh build` and `bench/gpu.sh run [LEVELS]`, or
 # `bench/gpu.sh batch [SLOTS]` for bench/batch_ttft.py (interactive TTFT while a batch runs), or
 # `bench/gpu.sh embed [INPUTS]` for bench/embed_compare.py (embedding throughput against llama-server).
@@ -29,7 +29,7 @@ prepare)
     pip download -q --python-version 3.12 --implementation cp --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
-    cp ../shared/gpu/make_synthetic_llama.py "$CARRY/"
+    cp bench/make_synthetic_llama.py "$CARRY/"
     rm -rf "$CARRY/src"
     du -sh "$CARRY"
     ;;

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+# Copied from the workspace's shared/gpu/ so that bench/gpu.sh needs nothing outside the repository.
+"""Write a random-weight Llama-architecture GGUF (F16) for speed benchmarks.
+
+The tokenizer is copied from a vocab-only GGUF (llama.cpp's ggml-vocab-llama-bpe.gguf),
+so prompts tokenize like Llama 3; the weights are noise, so only timings mean anything.
+
+usage: make_synthetic_llama.py VOCAB.gguf OUT.gguf [1b|8b]
+needs gguf-py on PYTHONPATH.
+"""
+
+import sys
+
+import gguf
+import numpy as np
+
+SHAPES = {
+    # n_layer, n_embd, n_head, n_head_kv, n_ff
+    "tiny": (2, 256, 4, 2, 512),
+    "1b": (16, 2048, 32, 8, 8192),
+    "8b": (32, 4096, 32, 8, 14336),
+}
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def main():
+    vocab_path, out_path = sys.argv[1], sys.argv[2]
+    size = sys.argv[3] if len(sys.argv) > 3 else "1b"
+    n_layer, n_embd, n_head, n_head_kv, n_ff = SHAPES[size]
+    head_dim = n_embd // n_head
+    src = gguf.GGUFReader(vocab_path)
+    tokens = [
+        bytes(src.fields["tokenizer.ggml.tokens"].parts[i]).decode("utf-8", "replace")
+        for i in src.fields["tokenizer.ggml.tokens"].data
+    ]
+    types = [
+        int(src.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in src.fields["tokenizer.ggml.token_type"].data
+    ]
+    merges = [
+        bytes(src.fields["tokenizer.ggml.merges"].parts[i]).decode("utf-8", "replace")
+        for i in src.fields["tokenizer.ggml.merges"].data
+    ]
+    n_vocab = len(tokens)
+
+    w = gguf.GGUFWriter(out_path, "llama")
+    w.add_name(f"synthetic-llama-{size}")
+    w.add_block_count(n_layer)
+    w.add_context_length(8192)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(128000)
+    w.add_eos_token_id(128009)
+    w.add_chat_template(LLAMA3_TEMPLATE)
+
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(64 * 1024 * 1024, dtype=np.float32) * 0.02).astype(np.float16)
+
+    def noise(*shape):
+        n = int(np.prod(shape))
+        reps = -(-n // pool.size)
+        flat = np.tile(pool, reps)[:n] if reps > 1 else pool[:n]
+        return flat.reshape(shape)
+
+    def ones(n):
+        return np.ones(n, dtype=np.float32)
+
+    kv = n_head_kv * head_dim
+    w.add_tensor("token_embd.weight", noise(n_vocab, n_embd))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", ones(n_embd))
+        w.add_tensor(p + "attn_q.weight", noise(n_embd, n_embd))
+        w.add_tensor(p + "attn_k.weight", noise(kv, n_embd))
+        w.add_tensor(p + "attn_v.weight", noise(kv, n_embd))
+        w.add_tensor(p + "attn_output.weight", noise(n_embd, n_embd))
+        w.add_tensor(p + "ffn_norm.weight", ones(n_embd))
+        w.add_tensor(p + "ffn_gate.weight", noise(n_ff, n_embd))
+        w.add_tensor(p + "ffn_up.weight", noise(n_ff, n_embd))
+        w.add_tensor(p + "ffn_down.weight", noise(n_embd, n_ff))
+    w.add_tensor("output_norm.weight", ones(n_embd))
+    w.add_tensor("output.weight", noise(n_vocab, n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print("wrote", out_path)
+
+
+if __name__ == "__main__":
+    main()
