@@ -64,7 +64,7 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
                 response = browser_check(request)
                 if response is None:
                     # The key next: a caller without one learns nothing, not even which methods a path takes.
-                    header = request.headers.get("Authorization", "")
+                    header = authorization_header(request)
                     if header or auth_required():
                         request.api_key, limits = await sync_to_async(_access)(header)
                     request.audit["api_key_prefix"] = request.api_key.prefix if request.api_key else ""
@@ -123,6 +123,13 @@ DATABASE_UNAVAILABLE = ServiceUnavailable(
     "The database is unavailable; try again shortly.", code="database_unavailable"
 )
 REDIS_UNAVAILABLE = ServiceUnavailable("Redis is unavailable; try again shortly.", code="redis_unavailable")
+
+
+def authorization_header(request: HttpRequest) -> str:
+    """The request's Authorization header; Anthropic's clients send the key as `x-api-key` instead."""
+    header = request.headers.get("Authorization", "")
+    x_api_key = request.headers.get("x-api-key", "").strip()
+    return f"Bearer {x_api_key}" if x_api_key and not header else header
 
 
 def _access(header: str) -> tuple[ApiKey | None, Limits | None]:

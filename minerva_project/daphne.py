@@ -24,12 +24,13 @@ def body_limit(path: bytes) -> int:
     return settings.MAX_FILE_BYTES + MULTIPART_SLACK if path == b"/v1/files" else settings.MAX_BODY_BYTES
 
 
-def key_missing(path: bytes, authorization: bytes) -> bool:
-    """An API request (/v1, Ollama's /api) without a bearer key, while keys are required: the view refuses it
-    whatever its body."""
+def key_missing(path: bytes, authorization: bytes, x_api_key: bytes = b"") -> bool:
+    """An API request (/v1, Ollama's /api) without a key (a bearer key, or Anthropic's x-api-key), while keys are
+    required: the view refuses it whatever its body."""
     from access.services import auth_required
 
-    return path.startswith((b"/v1/", b"/api/")) and not authorization.startswith(b"Bearer ") and auth_required()
+    has_key = authorization.startswith(b"Bearer ") or bool(x_api_key)
+    return path.startswith((b"/v1/", b"/api/")) and not has_key and auth_required()
 
 
 class GuardedRequest(WebRequest):
@@ -48,9 +49,10 @@ class GuardedRequest(WebRequest):
         # Twisted keeps the request line's path on the channel until the body is in (the request gets it then).
         self.guard_path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
         authorization = (self.requestHeaders.getRawHeaders(b"Authorization") or [b""])[0]
+        x_api_key = (self.requestHeaders.getRawHeaders(b"x-api-key") or [b""])[0]
         if length is not None and length > body_limit(self.guard_path):
             self._refuse(b"too-large")
-        elif length != 0 and key_missing(self.guard_path, authorization):
+        elif length != 0 and key_missing(self.guard_path, authorization, x_api_key):
             self._refuse(b"no-key")
         else:
             super().gotLength(length)
