@@ -1,4 +1,4 @@
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from . import views
 
@@ -10,6 +10,7 @@ urlpatterns = [
     path("chat/completions", views.chat_completions),
     path("completions", views.completions),
     path("embeddings", views.embeddings),
+    path("", include("api.responses.urls")),  # the Responses API
     # Unknown /v1 paths answer 404 JSON, not Django's HTML; metrics count them under one label, `unmatched`.
     re_path(r"^(?P<path>(?s:.*))$", views.not_found, name="unmatched"),
 ]

@@ -9,6 +9,7 @@ import logging
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
+from django.dispatch import Signal
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -33,12 +34,13 @@ DRAINING_KEY = "minerva:draining:{}"  # set by `serve` (per instance) while it s
 
 
 def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None = None,
-                   audit: dict | None = None) -> RequestLog:  # fmt: skip
+                   audit: dict | None = None, task: str = "minerva.run_request") -> RequestLog:  # fmt: skip
     """Record the request and queue it on its model's queue once the row is committed. `body` is the neutral
-    request a surface built (`to_generation()`); the worker runs exactly that."""
+    request a surface built (`to_generation()`); the worker runs exactly that. `task` names the Celery task that
+    runs it: `minerva.run_request`, or one that runs it and then does more on the worker (a stored response)."""
     model = request_model(name=body.model, api_key=api_key, generates=True)
     budget = request_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
-    return _queue(task="minerva.run_request", request_id=request_id, endpoint=endpoint, model=model,
+    return _queue(task=task, request_id=request_id, endpoint=endpoint, model=model,
                   payload={"generation": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
                   row={"stream": bool(body.stream), "request": _params(body),
                        "prompt": _content(body) if settings.LOG_CONTENT else None},
@@ -193,8 +195,15 @@ def _content(body: GenerationRequest):
     return body.model_dump(mode="json", include={field}, exclude_defaults=True)[field]
 
 
+# Sent by request_logs_prune with `cutoff`: apps that keep state per request (stored responses) prune it with the log,
+# without this module importing them (they sit above it).
+logs_pruned = Signal()
+
+
 def request_logs_prune(*, days: int) -> int:
-    """Delete log rows older than `days`; return how many went."""
+    """Delete log rows older than `days` (and, through `logs_pruned`, what other apps keep with them); return how
+    many log rows went."""
     cutoff = timezone.now() - datetime.timedelta(days=days)
     deleted, _ = RequestLog.objects.filter(created__lt=cutoff).delete()
+    logs_pruned.send(sender=RequestLog, cutoff=cutoff)
     return deleted

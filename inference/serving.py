@@ -147,13 +147,14 @@ class Generation:
 
 
 async def generation_start(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None,
-                           audit: dict, on_queued: Callable[[], None]) -> Generation:  # fmt: skip
+                           audit: dict, on_queued: Callable[[], None],
+                           task: str = "minerva.run_request") -> Generation:  # fmt: skip
     """Queue the request and wait for its first event, so a refusal (e.g. context length) is a real 4xx status even
     when streaming: a streamed answer's 200 goes out only once the worker has accepted the prompt, or once the
     first quiet interval has passed (a ping; a refusal after that arrives in the stream). `on_queued` runs once
-    the request is queued: from then on the worker owns its log row."""
+    the request is queued: from then on the worker owns its log row. `task`: as for request_create."""
     await sync_to_async(request_create)(
-        request_id=request_id, endpoint=endpoint, body=body, api_key=api_key, audit=audit
+        request_id=request_id, endpoint=endpoint, body=body, api_key=api_key, audit=audit, task=task
     )
     on_queued()
     ping_every = settings.SSE_PING_SECONDS if body.stream else None

@@ -56,11 +56,14 @@ class TokenStream:
     def text(self) -> list[str]:
         """Each choice's generated text so far, read back from the stream (for MINERVA_LOG_CONTENT)."""
         texts: dict[int, list[str]] = {}
-        for _id, fields in get_redis().xrange(self.key):
-            if fields["event"] == "token":
-                data = json.loads(fields["data"])
+        for event, data in self.events():
+            if event == "token":
                 texts.setdefault(data["index"], []).append(data["text"])
         return ["".join(texts[i]) for i in sorted(texts)]
+
+    def events(self) -> list[tuple[str, dict]]:
+        """Every event published so far, without waiting for more (a finished request's, read back on its worker)."""
+        return [(fields["event"], json.loads(fields["data"])) for _id, fields in get_redis().xrange(self.key)]
 
     def cancelled(self) -> str | None:
         """Why the request was cancelled (CANCEL_CLIENT, CANCEL_TIMEOUT, CANCEL_OVERFLOW), or None."""

@@ -189,6 +189,7 @@ INSTALLED_APPS = [
     "access",
     "models_app",
     "inference",
+    "responses",
     "batches",
 ]
 
