@@ -53,9 +53,10 @@ async def create_response(request: HttpRequest) -> HttpResponse:
         request.request_logged = True  # from here on the worker owns the log row
         return JsonResponse(response_json(row))
     if body.kept:
-        await sync_to_async(response_create)(response_id=response_id, request_id=request.request_id,
-                                             api_key=request.api_key, model=body.model, params=answer.params,
-                                             input_items=items, background=False)  # fmt: skip
+        row = await sync_to_async(response_create)(response_id=response_id, request_id=request.request_id,
+                                                   api_key=request.api_key, model=body.model, params=answer.params,
+                                                   input_items=items, background=False)  # fmt: skip
+        answer.created = int(row.created.timestamp())  # what retrieving it shows
 
     def queued() -> None:
         request.request_logged = True  # from here on the worker owns the log row

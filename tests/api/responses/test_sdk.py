@@ -234,6 +234,26 @@ def test_a_background_response_returns_at_once_and_is_finished_by_the_worker(cli
         client.responses.cancel(queued.id)
 
 
+def test_a_background_response_outlives_a_restart_of_the_web_process(client, minerva_server):
+    queued = client.responses.create(model=MODEL, input="Tell a story.", background=True, text=LONG,
+                                     max_output_tokens=300)  # fmt: skip
+    wait_for(lambda: client.responses.retrieve(queued.id).status == "in_progress", 120, "it never started")
+    daphne = minerva_server.child("daphne")
+    daphne.kill()
+    daphne.wait(10)
+    wait_for(lambda: _answers(minerva_server), 60, "serve did not start daphne again")
+    done = finished(client, queued.id)
+    assert done.status == "incomplete" and done.usage.output_tokens == 300
+    assert done.output[0].content[0].text.startswith("{")
+
+
+def _answers(server) -> bool:
+    try:
+        return httpx.get(f"{server.base_url}/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_cancelling_a_background_response_stops_its_worker(client):
     queued = client.responses.create(model=MODEL, input="Tell a story.", background=True, text=LONG,
                                      max_output_tokens=4000)  # fmt: skip
