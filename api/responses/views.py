@@ -168,7 +168,8 @@ async def _frames(stream: TokenStream, events: AsyncIterator[dict | str]) -> Asy
             if event is PING:
                 yield PING
                 continue
-            yield f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': sequence})}\n\n"
+            data = json.dumps({**event, "sequence_number": sequence}, ensure_ascii=False)
+            yield f"event: {event['type']}\ndata: {data}\n\n"
             sequence += 1
         finished = True
     finally:
@@ -178,6 +179,10 @@ async def _frames(stream: TokenStream, events: AsyncIterator[dict | str]) -> Asy
 
 @openai_view(methods=("GET", "DELETE"))
 async def response(request: HttpRequest, response_id: str) -> HttpResponse:
+    if request.method == "GET" and request.GET.get("stream", "").lower() in ("true", "1"):
+        raise InvalidRequest("Streaming a stored response again is not supported; retrieve it without stream.",
+                             param="stream")  # fmt: skip
+
     def act() -> dict:
         found = response_get(response_id, api_key=request.api_key)
         if request.method == "DELETE":

@@ -19,6 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NOT_SET
 
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from api.responses.protocol import CreateResponse
 from inference.schema_bounds import MAX_COUNT
 from tests.conftest import HELLO, MODEL
 from tests.openapi import SPEC, assert_schema
@@ -29,6 +30,7 @@ OPERATIONS = {
     "createCompletion": "CreateCompletionResponse",
     "listModels": "ListModelsResponse",
     "retrieveModel": "Model",
+    "createResponse": "Response",
 }
 # Requests to a live server, each one a few tokens at most: the bound is examples, not seconds, and the deadline
 # grows with them (a loaded 2-core machine can take seconds for one). MINERVA_FUZZ_EXAMPLES=1000 runs longer.
@@ -59,10 +61,13 @@ def cheap(body):
     body = dict(body)
     if isinstance(body.get("model"), str):
         body["model"] = MODEL
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if _is_int(body.get(key)) and body[key] > 4:
             body[key] = 4
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if "input" in body:  # a Responses request
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = 4
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = 4
     if _is_int(body.get("n")) and body["n"] > 2:
         body["n"] = 2
@@ -83,7 +88,11 @@ def assert_openai_answer(response: httpx.Response, ok_schema: str | None = None)
         assert_schema(ok_schema, response.json())
     elif response.headers["content-type"] == "text/event-stream":
         frames = [line for line in response.text.split("\n\n") if line]
-        assert frames[-1] == "data: [DONE]", frames[-3:]
+        if frames[0].startswith("event: "):  # the Responses API's typed events: the last one ends the response
+            assert frames[-1].split("\n")[0] in {"event: response.completed", "event: response.incomplete",
+                                                 "event: response.failed"}, frames[-3:]  # fmt: skip
+        else:
+            assert frames[-1] == "data: [DONE]", frames[-3:]
 
 
 def assert_healthy(server) -> None:
@@ -124,6 +133,7 @@ HOSTILE_KEY = "@@key@@"  # a template's key that takes a hostile string
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+RESPONSE = {"model": MODEL, "input": "Hi", "max_output_tokens": 2}
 TEMPLATES = [
     *(("chat/completions", {**CHAT, field: HOLE}) for field in ChatCompletionRequest.model_fields),
     *(("completions", {**COMPLETION, field: HOLE}) for field in CompletionRequest.model_fields),
@@ -141,6 +151,13 @@ TEMPLATES = [
     ("chat/completions", {**CHAT, "stop": [HOLE]}),
     ("chat/completions", {**CHAT, HOSTILE_KEY: 1}),
     ("completions", {**COMPLETION, "prompt": [HOLE]}),
+    *(("responses", {**RESPONSE, field: HOLE}) for field in CreateResponse.model_fields),
+    ("responses", {**RESPONSE, "input": [HOLE]}),
+    ("responses", {**RESPONSE, "input": [{"role": "user", "content": [HOLE]}]}),
+    ("responses", {**RESPONSE, "input": [{"type": "function_call", "call_id": HOLE, "name": "f", "arguments": "{}"}]}),
+    ("responses", {**RESPONSE, "tools": [{"type": "function", "name": "f", "parameters": HOLE}]}),
+    ("responses", {**RESPONSE, "text": {"format": {"type": "json_schema", "name": "x", "schema": HOLE}}}),
+    ("responses", {**RESPONSE, "tool_choice": {"type": "function", "name": HOLE}}),
 ]  # fmt: skip
 
 # Strings with what a careless client sends: NUL, lone surrogates, non-characters, line separators.
@@ -166,7 +183,7 @@ def fill(template: dict, value: str, key: str) -> bytes:
     return text.encode()
 
 
-@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions", "responses"])
 def test_hostile_values_anywhere_in_a_body_never_get_a_5xx(server, endpoint):
     templates = [template for path, template in TEMPLATES if path == endpoint]
     bodies = st.one_of(

@@ -348,3 +348,10 @@ def test_bad_input_is_refused_in_openais_shape_naming_the_parameter(client, mine
     assert "function tools" in refused.value.message
     unknown = httpx.get(f"{minerva_server.base_url}/responses/resp_nope", timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "response_id"
+    stored = client.responses.create(model=MODEL, input="Hi.", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as again:
+        client.responses.retrieve(stored.id, stream=True)
+    assert again.value.body["param"] == "stream"
+    for query in ("order=up", "limit=0", "limit=101", "after=msg_nope"):
+        listed = httpx.get(f"{minerva_server.base_url}/responses/{stored.id}/input_items?{query}", timeout=30)
+        assert listed.status_code == 400 and listed.json()["error"]["param"] == query.split("=")[0], listed.text
