@@ -176,6 +176,35 @@ def test_a_streamed_function_call_is_an_item_with_its_arguments_streamed(client)
     assert done.name == "get_weather" and item_done.item.call_id == added.item.call_id
 
 
+SHELL = {"type": "function", "name": "shell", "description": "Runs a shell command.", "strict": False,
+         "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+                        "required": ["command"], "additionalProperties": False}}  # fmt: skip
+
+
+def test_a_codex_shaped_conversation_streams_and_takes_its_own_items_back(client):
+    """What Codex sends: long instructions, developer and user items with input_text parts, function tools with
+    strict false, reasoning and include options, store false, streaming; the next turn resends every item."""
+    params = {"model": MODEL, "instructions": "You are a coding agent. " * 50, "tools": [SHELL], "tool_choice": "auto",
+              "parallel_tool_calls": False, "reasoning": {"effort": "medium", "summary": "auto"}, "store": False,
+              "include": ["reasoning.encrypted_content"], "prompt_cache_key": "session-1", "temperature": 0,
+              "max_output_tokens": 60}  # fmt: skip
+    history = [{"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
+               for role, text in (("developer", "Sandbox: none."), ("user", "List the files."))]  # fmt: skip
+    events = list(client.responses.create(**params, input=history, stream=True))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    items = [event.item for event in events if event.type == "response.output_item.done"]
+    assert items and items == events[-1].response.output
+    history += [item.model_dump(exclude_none=True) for item in items]
+    history += [{"type": "function_call_output", "call_id": item.call_id, "output": "README.md"}
+                for item in items if item.type == "function_call"]  # fmt: skip
+    history.append({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Thanks."}]})
+    events = list(client.responses.create(**params, input=history, stream=True))
+    final = events[-1].response
+    assert final.status in ("completed", "incomplete") and final.store is False
+    # The instructions and the first turn are the start of the second prompt: its slot still holds them.
+    assert final.usage.input_tokens_details.cached_tokens > 200
+
+
 def test_previous_response_id_continues_the_conversation_from_the_prompt_cache(client, minerva_server):
     first = client.responses.create(model=MODEL, input="My name is Ada.", temperature=0, max_output_tokens=20)
     second = client.responses.create(model=MODEL, previous_response_id=first.id, input="What is my name?",
