@@ -100,7 +100,7 @@ async def _fold(response_id: str, body: GenerationRequest, events: list[tuple[st
         events = [*events, ("done", {"index": 0, "finish_reason": "cancelled", "prompt_tokens": log.prompt_tokens,
                                      "completion_tokens": log.completion_tokens,
                                      "cached_tokens": log.cached_tokens})]  # fmt: skip
-    generation = Generation(response_id, body, _replay(events))
+    generation = Generation(log.request_id, body, _replay(events))
     try:
         async for delta in generation.deltas():
             builder.feed(delta)

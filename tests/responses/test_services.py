@@ -1,4 +1,5 @@
-"""Stored responses that nobody else will end (the reaper) and their retention (prune_logs)."""
+"""Stored responses ended on the worker (the fold of a request's events), by the reaper when nobody else will, and
+their retention (prune_logs)."""
 
 from datetime import timedelta
 
@@ -6,9 +7,11 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from core.generation import GenerationRequest
 from inference.models import RequestLog
+from inference.streams import TokenStream
 from responses.models import StoredResponse
-from responses.services import response_create, responses_reap
+from responses.services import response_create, response_finish, responses_reap
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,3 +52,25 @@ def test_prune_logs_deletes_stored_responses_past_the_retention(settings):
     StoredResponse.objects.filter(pk=old.pk).update(created=timezone.now() - timedelta(days=31))
     call_command("prune_logs")
     assert list(StoredResponse.objects.values_list("id", flat=True)) == [new.id]
+
+
+def test_the_worker_folds_a_cancelled_requests_stream_into_what_it_had_written():
+    stored("partial", log_status="cancelled", prompt_tokens=9, completion_tokens=2)
+    stream = TokenStream("partial")
+    stream.publish("accepted", worker="w")
+    stream.publish("start", prompt_tokens=9, cached_tokens=0)
+    stream.publish("token", index=0, text="Hel")
+    stream.publish("token", index=0, text="lo")
+    response_finish(request_id="partial", body=GenerationRequest(model="m", messages=[]))
+    row = StoredResponse.objects.get(request_id="partial")
+    assert row.status == "cancelled" and row.usage["output_tokens"] == 2
+    assert [(item["type"], item["status"], item["content"][0]["text"]) for item in row.output] == [
+        ("message", "incomplete", "Hello")
+    ]
+
+
+def test_a_finished_request_whose_stream_is_gone_fails_rather_than_guessing():
+    stored("gone", log_status="completed")
+    response_finish(request_id="gone", body=GenerationRequest(model="m", messages=[]))
+    row = StoredResponse.objects.get(request_id="gone")
+    assert row.status == "failed" and row.output == [] and row.error["code"] == "server_error"
