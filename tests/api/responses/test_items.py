@@ -123,3 +123,19 @@ async def test_each_response_is_logged_once_with_its_tokens(async_client, smollm
     assert log.completion_tokens == 4 == created.json()["usage"]["output_tokens"]
     assert await RequestLog.objects.filter(endpoint=f"/v1/responses/{response_id}", method="GET").acount() == 1
     assert await RequestLog.objects.acount() == 2
+
+
+async def test_an_error_after_the_stream_began_is_a_last_response_failed_event_and_is_stored(async_client, smollm2,
+                                                                                             settings):  # fmt: skip
+    settings.STREAM_MAXLEN = 100  # the answer outgrows its stream: a 400 stream_too_long after the 200
+    body = {"model": MODEL, "input": "Tell a long story.", "max_output_tokens": 400, "stream": True,
+            "text": {"format": {"type": "json_schema", "name": "story", "schema": {
+                "type": "object", "properties": {"story": {"type": "string", "minLength": 3000}}}}}}  # fmt: skip
+    events = await events_of(await post(async_client, "/v1/responses", body))
+    assert events[-1]["type"] == "response.failed"
+    assert_schema("ResponseFailedEvent", events[-1])
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_prompt"
+    assert "MINERVA_STREAM_MAXLEN" in failed["error"]["message"] and failed["output"][0]["status"] == "incomplete"
+    stored = (await async_client.get(f"/v1/responses/{failed['id']}")).json()
+    assert stored["status"] == "failed" and stored["error"] == failed["error"]
