@@ -63,6 +63,11 @@ def response_queue(*, response_id: str, request_id: str, endpoint: str, body: Ge
     return row
 
 
+def response_discard(*, response_id: str) -> None:
+    """Remove a response whose request was refused before any output (context length, a full queue): none was made."""
+    StoredResponse.objects.filter(pk=response_id).delete()
+
+
 def response_record(*, response_id: str, result: dict) -> bool:
     """Write a response's outcome (OutputBuilder.result() or .failed()) unless another writer already ended it;
     whether this call did."""

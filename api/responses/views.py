@@ -26,6 +26,7 @@ from responses.services import (
     response_cancel,
     response_create,
     response_delete,
+    response_discard,
     response_json,
     response_queue,
     response_record,
@@ -68,7 +69,7 @@ async def create_response(request: HttpRequest) -> HttpResponse:
         )  # fmt: skip
     except BaseException as exc:
         if body.kept:  # refused before any output (context length, a full queue, ...): no response was made
-            await sync_to_async(StoredResponse.objects.filter(pk=response_id).delete)()
+            await sync_to_async(response_discard)(response_id=response_id)
         if isinstance(exc, MinervaError) and exc.param == "messages":  # the worker's name for the conversation
             exc.param = "input"
         raise
