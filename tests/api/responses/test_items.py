@@ -115,7 +115,8 @@ async def test_a_prompt_too_long_is_a_400_naming_input_and_stores_nothing(async_
 
 
 async def test_each_response_is_logged_once_with_its_tokens(async_client, smollm2):
-    created = await post(async_client, "/v1/responses", {"model": MODEL, "input": "Hi.", "max_output_tokens": 4})
+    body = {"model": MODEL, "input": "Hi.", "max_output_tokens": 4, "temperature": 0}
+    created = await post(async_client, "/v1/responses", body)
     response_id = created.json()["id"]
     assert (await async_client.get(f"/v1/responses/{response_id}")).status_code == 200
     log = await RequestLog.objects.aget(request_id=response_id.removeprefix("resp_"))
@@ -130,7 +131,8 @@ async def test_an_error_after_the_stream_began_is_a_last_response_failed_event_a
     settings.STREAM_MAXLEN = 100  # the answer outgrows its stream: a 400 stream_too_long after the 200
     body = {"model": MODEL, "input": "Tell a long story.", "max_output_tokens": 400, "stream": True,
             "text": {"format": {"type": "json_schema", "name": "story", "schema": {
-                "type": "object", "properties": {"story": {"type": "string", "minLength": 3000}}}}}}  # fmt: skip
+                "type": "object", "properties": {"story": {"type": "string", "minLength": 3000}},
+                "required": ["story"], "additionalProperties": False}}}}  # fmt: skip
     events = await events_of(await post(async_client, "/v1/responses", body))
     assert events[-1]["type"] == "response.failed"
     assert_schema("ResponseFailedEvent", events[-1])
