@@ -34,6 +34,7 @@ from models_app.selectors import LOADED_KEY, model_generates, model_n_ctx, model
 
 from .engine import (
     ContextOverflow,
+    GrammarDeadEnd,
     ModelCache,
     ModelSpec,
     ModelUnavailable,
@@ -97,6 +98,9 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors and shutting_down:
         error = ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
         return _fail(log, stream, error, sequences)
+    if errors and isinstance(errors[0], GrammarDeadEnd):
+        param = "tools" if body.tools_active() else "response_format"
+        return _fail(log, stream, InvalidRequest(str(errors[0]), param=param, code="grammar_dead_end"), sequences)
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)

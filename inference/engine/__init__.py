@@ -5,6 +5,7 @@ from .embed import EmbeddingModel, EmbeddingRequest, embedding_context_bytes
 from .llama import (
     ContextOverflow,
     EngineError,
+    GrammarDeadEnd,
     LoadedModel,
     PromptError,
     SamplingParams,
@@ -17,6 +18,7 @@ __all__ = [
     "EmbeddingModel",
     "EmbeddingRequest",
     "EngineError",
+    "GrammarDeadEnd",
     "LoadedModel",
     "ModelCache",
     "ModelSpec",

@@ -55,6 +55,15 @@ class EngineError(Exception):
     """llama.cpp failed to decode a batch."""
 
 
+class GrammarDeadEnd(Exception):
+    """The request's grammar allows no token the model can write next (say, a pattern that requires a NUL
+    character, which llama.cpp never samples): the request's fault, and it ends with an error."""
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
 @dataclass
 class SamplingParams:
     """Defaults follow llama-server, so a small model gives sensible text when a client sends none."""
@@ -399,6 +408,9 @@ class LoadedModel:
                                                    "thinking": thinking, **sequence.info}))  # fmt: skip
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
+            if token < 0:  # a grammar dead end (its error is set)
+                self._finish(sequence, None, events)
+                continue
             if token in self._eog:
                 self._finish(sequence, "stop", events)
                 continue
@@ -461,6 +473,8 @@ class LoadedModel:
         pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
 
         def sample(sequence: Sequence) -> int:
+            if sequence.params.grammar:
+                return self._sample_checked(sequence)
             return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
 
         if len(sequences) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
@@ -468,6 +482,33 @@ class LoadedModel:
         for sequence in sequences:  # the first read of an output row may reorder llama.cpp's buffers: do it here
             llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
         return list(self._sampling_pool.map(sample, sequences))
+
+    def _sample_checked(self, sequence: Sequence) -> int:
+        """llama_sampler_sample, step by step, for a sequence under a grammar. When the grammar rejects every
+        token, llama.cpp's samplers still pick one, and the grammar's accept then throws a C++ exception that
+        aborts the whole worker; here the pick is checked first, and a dead end is this sequence's error (-1)."""
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index), shape=(self.n_vocab,)
+        )
+        candidates = np.empty(self.n_vocab, _TOKEN_DATA)
+        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=self.n_vocab, selected=-1, sorted=False,
+        )  # fmt: skip
+        llama_cpp.llama_sampler_apply(sequence.sampler.sampler, ctypes.byref(array))
+        chosen = array.data[array.selected] if 0 <= array.selected < array.size else None
+        if chosen is None or not math.isfinite(chosen.logit):
+            sequence.error = GrammarDeadEnd(
+                "The output format this request asks for (its JSON schema, pattern or tools) cannot be continued: "
+                "its grammar allows no token the model can write next (for example, a pattern that requires a NUL "
+                "character)."
+            )
+            return -1
+        llama_cpp.llama_sampler_accept(sequence.sampler.sampler, chosen.id)
+        return chosen.id
 
     def _token_event(self, sequence: Sequence, text: str) -> dict:
         event = {"index": sequence.index, "text": text}
