@@ -3,6 +3,7 @@
 from .cache import ModelCache, ModelSpec, ModelUnavailable, parse_keep_alive
 from .embed import EmbeddingModel, EmbeddingRequest, embedding_context_bytes
 from .llama import (
+    ContextFull,
     ContextOverflow,
     EngineError,
     GrammarDeadEnd,
@@ -14,6 +15,7 @@ from .llama import (
 )
 
 __all__ = [
+    "ContextFull",
     "ContextOverflow",
     "EmbeddingModel",
     "EmbeddingRequest",
