@@ -7,13 +7,13 @@ the view logs; what Minerva cannot do (images, documents, server tools) is refus
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from inference.schema_bounds import schema_bounds_check
+from inference.schema_bounds import MAX_COUNT, MAX_DEPTH, schema_bounds_check
 
-from ..protocol import _unsupported_schema_keywords
+from ..protocol import UNSUPPORTED_SCHEMA_KEYWORDS, _unsupported_schema_keywords
 
 MAX_TOOLS = 128  # as on /v1/chat/completions
 MAX_STOP_SEQUENCES = 16  # the neutral request's bound
@@ -76,7 +76,7 @@ ContentBlock = Annotated[
 
 
 class MessageParam(_Request):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: Claude Code's mid-conversation system messages (a beta)
     content: Annotated[list[ContentBlock], Field(fail_fast=True)] | str
 
 
@@ -87,16 +87,56 @@ class Tool(_Request):
     type: Literal["custom"] | None = None
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
     description: str | None = None
+    strict: bool | None = Field(default=None, description="The input must follow the schema exactly.")
     input_schema: dict = Field(description="A JSON Schema for the tool's input.")
 
     @field_validator("input_schema")
     @classmethod
-    def _schema_supported(cls, value: dict) -> dict:
-        schema_bounds_check(value)
-        unsupported = _unsupported_schema_keywords(value)
+    def _schema_supported(cls, value: dict, info: ValidationInfo) -> dict:
+        # Anthropic enforces a schema only for a strict tool, and Claude Code's own tools use keywords a grammar
+        # cannot enforce (propertyNames) and a maxLength of 524288: a tool that is not strict gets the schema's
+        # enforceable part, a strict one is refused as /v1/chat/completions refuses such a schema.
+        strict = info.data.get("strict")
+        schema = value if strict else _enforceable(value)
+        schema_bounds_check(schema)
+        unsupported = _unsupported_schema_keywords(schema)
         if unsupported:
             raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
-        return value
+        return schema
+
+
+UPPER_BOUNDS = ("maxLength", "maxItems", "maxProperties")
+# What makes a subschema say something about its value; one with none of these (only a description) allows any.
+CONSTRAINING = {"type", "$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties",
+                "items", "prefixItems", "pattern", "format", "minLength", "maxLength"}  # fmt: skip
+ANY_TYPE = ["string", "number", "integer", "boolean", "object", "array", "null"]
+
+
+def _enforceable(node, depth: int = 0):
+    """A schema less what a grammar cannot hold an answer to: the keywords the converter would ignore
+    (propertyNames, not, ...), and upper bounds over schema_bounds' limit, which no answer within a context reaches;
+    a subschema of only annotations (any value) gets every type, which the converter takes. The other bounds still
+    apply to what is left (deeper than MAX_DEPTH is left as it is, for them to refuse)."""
+    if depth > MAX_DEPTH:
+        return node
+    if isinstance(node, list):
+        return [_enforceable(item, depth + 1) for item in node]
+    if not isinstance(node, dict):
+        return node
+    result = {}
+    for key, value in node.items():
+        over = key in UPPER_BOUNDS and isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT
+        if key in UNSUPPORTED_SCHEMA_KEYWORDS or over:
+            continue
+        if key in ("enum", "const", "default", "examples"):  # values, not subschemas
+            result[key] = value
+        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):  # names -> subschemas
+            result[key] = {name: _enforceable(sub, depth + 2) for name, sub in value.items()}
+        else:
+            result[key] = _enforceable(value, depth + 1)
+    if result and not CONSTRAINING & result.keys():  # the converter refuses a schema of only a description
+        result["type"] = ANY_TYPE
+    return result
 
 
 def _client_tool(value):
@@ -280,6 +320,8 @@ def _neutral_messages(messages: list[MessageParam]) -> list[neutral.Message]:
                                      param=where)  # fmt: skip
             if isinstance(block, TextBlock):
                 texts.append(block.text)
+            elif role == "system":
+                raise InvalidRequest(f"A system message holds only text blocks, not {block.type}.", param=where)
             elif isinstance(block, ThinkingBlock | RedactedThinkingBlock | ToolUseBlock) and role == "user":
                 raise InvalidRequest(f"A user message cannot hold a {block.type} block.", param=where)
             elif isinstance(block, ToolResultBlock) and role == "assistant":
@@ -296,6 +338,9 @@ def _neutral_messages(messages: list[MessageParam]) -> list[neutral.Message]:
                 results.append(neutral.Message(role="tool", content=content, tool_call_id=block.tool_use_id,
                                                name=names.get(block.tool_use_id)))  # fmt: skip
             # redacted_thinking: opaque, and never ours to read back; dropped
+        if role == "system":  # the worker joins it to the system prompt at the front, as templates take one
+            result.append(neutral.Message(role="system", content="\n\n".join(texts)))
+            continue
         if role == "assistant":
             result.append(neutral.Message(role="assistant", content="".join(texts), tool_calls=calls,
                                           reasoning="".join(thoughts) or None))  # fmt: skip

@@ -129,8 +129,8 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> HttpResponse:
 
 def _model_info(model) -> dict:
     created = model.created.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-    return {"type": "model", "id": model.name, "display_name": (model.metadata or {}).get("name") or model.name,
-            "created_at": created, "max_input_tokens": model_n_ctx(model)}  # fmt: skip
+    return {"type": "model", "id": model.name, "display_name": model.name, "created_at": created,
+            "max_input_tokens": model_n_ctx(model)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- messages

@@ -176,6 +176,38 @@ def test_thinking_with_a_budget_is_taken(client):
     assert message.content and message.stop_reason == "end_turn"
 
 
+def test_a_request_shaped_like_claude_codes_is_taken(client):
+    # What Claude Code 2.1 sends beyond the basics: a system message inside messages (a beta), tool schemas with
+    # propertyNames, a maxLength of 524288 and an untyped property, adaptive thinking, output_config's effort,
+    # context_management, cache_control marks, a JSON user id, and ?beta=true.
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"command": {"type": "string", "maxLength": 524288},
+                             "env": {"type": "object", "propertyNames": {"type": "string"},
+                                     "additionalProperties": {"type": "string"}},
+                             "args": {"description": "Any JSON value."}},
+              "required": ["command"], "additionalProperties": False}  # fmt: skip
+    bash = {"name": "Bash", "description": "Run a command", "input_schema": schema}
+    ephemeral = {"type": "ephemeral"}
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>Today is a day.</system-reminder>"},
+        {"type": "text", "text": "Run: echo hi", "cache_control": ephemeral}]},
+        {"role": "system", "content": "Agents available: none."}]  # fmt: skip
+    extra = {"temperature": 0, "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}
+    system = [{"type": "text", "text": "You are a CLI.", "cache_control": ephemeral}]
+    user_id = json.dumps({"device_id": "d" * 64, "session_id": "s"})
+    with client.messages.stream(model=MODEL, max_tokens=32000, messages=messages, tools=[bash], system=system,
+                                tool_choice={"type": "any"}, thinking={"type": "adaptive"},
+                                output_config={"effort": "high"}, metadata={"user_id": user_id}, extra_body=extra,
+                                extra_query={"beta": "true"}) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    call = final.content[-1]
+    assert final.stop_reason == "tool_use" and call.name == "Bash" and isinstance(call.input["command"], str)
+    strict = {**bash, "strict": True, "input_schema": {**schema, "properties": {"env": schema["properties"]["env"]}}}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        create(client, messages=messages, tools=[strict])
+    assert_error(caught, 400, "invalid_request_error", "propertyNames")
+
+
 def test_keys_go_as_x_api_key_or_as_a_bearer_token_and_a_bad_one_is_a_401(anthropic_server, api_key):
     base_url = f"http://127.0.0.1:{anthropic_server.port}"
     with anthropic.Anthropic(base_url=base_url, auth_token=api_key, api_key=None, max_retries=0) as bearer:
@@ -218,14 +250,15 @@ def test_max_tokens_is_required_as_anthropic_requires_it(client):
      ({"max_tokens": "20"}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"), ({"messages": []}, "messages"),
      ({"stop_sequences": [""]}, "stop_sequences"), ({"stop_sequences": ["x"] * 17}, "stop_sequences"),
      ({"system": [{"type": "image"}]}, "system"), ({"metadata": {"user_id": "u" * 300}}, "metadata.user_id"),
-     ({"messages": [{"role": "system", "content": "hi"}]}, "role"), ({"top_k": -1}, "top_k"),
+     ({"messages": [{"role": "tool", "content": "hi"}]}, "role"), ({"top_k": -1}, "top_k"),
      ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0]"),
      ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "budget_tokens"),
      ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "less than max_tokens"),
      ({"tool_choice": FORCED}, "tool_choice"),
      ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "other"}}, "other"),
      ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
-     ({"tools": [{"name": "t", "input_schema": {"type": "object", "not": {}}}]}, "not"),
+     ({"tools": [{"name": "t", "strict": True, "input_schema": {"type": "object", "not": {}}}]}, "not"),
+     ({"messages": [{"role": "system", "content": [{"type": "image"}]}]}, "image"),
      ({"tools": [{"name": "t", "input_schema": {"type": "string", "pattern": "(a?){0,100000}" * 40}}]}, "tools"),
      ({"tools": [{"name": f"t{i}", "input_schema": {"type": "object", "properties": {"x": {"enum": list(range(600))}}}}
                  for i in range(2)]}, "all tools together"),

@@ -28,7 +28,7 @@ def test_the_client_lists_and_retrieves_models_in_anthropics_shape(client):
     assert MODEL in ids and page.has_more is False
     assert page.first_id == ids[0] and page.last_id == ids[-1]
     model = client.models.retrieve(MODEL)
-    assert model.type == "model" and model.id == MODEL and model.display_name
+    assert model.type == "model" and model.id == MODEL == model.display_name
     assert model.created_at.year >= 2024
     assert model.model_dump()["max_input_tokens"] == 4096
 
