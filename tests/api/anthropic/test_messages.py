@@ -136,7 +136,12 @@ def test_a_forced_tool_call_and_its_result_make_a_two_step_loop(client, stream):
     history = [*ASK, {"role": "assistant", "content": first.content},
                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                              "content": "Sunny, 21 C"}]}]  # fmt: skip
-    second = create(client, max_tokens=30, messages=history, tools=[WEATHER], tool_choice={"type": "none"})
+    answer = {"max_tokens": 30, "messages": history, "tools": [WEATHER], "tool_choice": {"type": "none"}}
+    if stream:
+        with client.messages.stream(model=MODEL, extra_body=GREEDY, **answer) as events:
+            second = events.get_final_message()
+    else:
+        second = create(client, **answer)
     assert second.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in second.content] == ["text"] and second.content[0].text
 
