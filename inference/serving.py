@@ -71,12 +71,13 @@ class Generation:
         self.n = body.n
         self.thinking = False  # the template opened a <think> block (from the `start` event)
         self.tool_format = "generic"  # how the model writes tool calls (from the `start` event)
-        self.usage = Usage()  # complete once deltas() has ended
+        self.usage = Usage()  # the prompt's once started, complete once deltas() has ended
 
     def started(self, data: dict) -> None:
-        """Take what the worker's `start` event says about the answer to come."""
+        """Take what the worker's `start` event says about the answer to come, and the prompt's size."""
         self.thinking = data.get("thinking", False)
         self.tool_format = data.get("tool_format", self.tool_format)
+        self.usage = Usage(prompt_tokens=data.get("prompt_tokens", 0), cached_tokens=data.get("cached_tokens", 0))
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The answer as it is generated. Raises the request's MinervaError if it fails."""
@@ -171,7 +172,10 @@ async def generation_start(*, request_id: str, endpoint: str, body: GenerationRe
         raise
     if event == "error":
         raise MinervaError.from_dict(data)
-    return Generation(request_id, body, _after((event, data), events))
+    generation = Generation(request_id, body, _after((event, data), events))
+    if event == "start":  # known before any delta is read: a stream's head can carry the prompt's usage
+        generation.started(data)
+    return generation
 
 
 def generation_replay(request_id: str, body: GenerationRequest) -> Generation:
