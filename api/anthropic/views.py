@@ -174,7 +174,7 @@ def message(answer: Answer, generation: Generation, body: MessageCreateRequest) 
         content.append({"type": "thinking", "thinking": choice.reasoning, "signature": SIGNATURE})
     if choice.text:
         content.append({"type": "text", "text": choice.text})
-    content += [{"type": "tool_use", "id": _tool_use_id(call), "name": call["function"]["name"],
+    content += [{"type": "tool_use", "id": _tool_use_id(call["id"]), "name": call["function"]["name"],
                  "input": _input(call["function"]["arguments"])} for call in choice.tool_calls]  # fmt: skip
     return {**_head(generation, body), "content": content,
             "stop_reason": STOP_REASONS.get(choice.finish_reason, "end_turn"), "stop_sequence": None,
@@ -193,8 +193,8 @@ def _usage(usage: Usage, *, generated: bool = True) -> dict:
             "output_tokens": usage.completion_tokens if generated else 0}  # fmt: skip
 
 
-def _tool_use_id(call: dict) -> str:
-    return "toolu_" + call["id"].removeprefix("call_")
+def _tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 def _input(arguments: str):
@@ -221,8 +221,10 @@ class _Blocks:
         return [*events, self._delta({"type": "thinking_delta", "thinking": text})]
 
     def text(self, text: str) -> list[tuple[str, dict]]:
-        if not text:
-            return []
+        if self.open != "text":  # a text block starts at its first non-blank character (beside calls, answers are
+            text = text.lstrip()  # trimmed; blank lines between blocks open none)
+            if not text:
+                return []
         events = [] if self.open == "text" else self._start({"type": "text", "text": ""})
         return [*events, self._delta({"type": "text_delta", "text": text})]
 
@@ -266,11 +268,11 @@ async def _events(generation: Generation, body: MessageCreateRequest) -> AsyncIt
             finish = "length"
             continue
         events = blocks.thinking(delta.reasoning)
-        # The text beside calls is trimmed, as a non-streamed answer's is.
-        events += blocks.text(delta.text.strip() if delta.tool_calls else delta.text)
-        for call in delta.tool_calls:  # today whole calls, at the end of the answer
-            events += blocks.tool_use(_tool_use_id(call), call["function"]["name"])
-            events += blocks.tool_input(call["function"]["arguments"])
+        events += blocks.text(delta.text)
+        for part in delta.tool_call_parts:  # a call's head once its name is known, then its arguments as written
+            if part.id is not None:
+                events += blocks.tool_use(_tool_use_id(part.id), part.name)
+            events += blocks.tool_input(part.arguments)
         for event in events:
             yield event
         finish = delta.finish_reason or finish
