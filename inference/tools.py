@@ -100,6 +100,13 @@ def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[s
     ), triggers if body.tool_call_optional() else []
 
 
+# What makes a subschema say something about its value; one with none of these allows any value.
+CONSTRAINING = {"type", "$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties",
+                "items", "prefixItems", "pattern", "format", "minLength", "maxLength", "minItems", "maxItems",
+                "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "required"}  # fmt: skip
+ANY_TYPE = ["string", "number", "integer", "boolean", "object", "array", "null"]
+
+
 def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None, bounded: bool = False) -> str:
     """GBNF for JSON following `schema` (llama-cpp-python's converter) as rule `rule`, plus `root ::= root`
     when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle, and
@@ -117,6 +124,13 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
         schema_bounds_check(schema)
 
     class Converter(SchemaConverter):
+        def visit(self, schema, name):
+            # A subschema of only annotations ({"description": ...}, or {}) allows any value; the stock converter
+            # refuses the first ("Unrecognized schema") and reads the second as "any object".
+            if isinstance(schema, dict) and not CONSTRAINING & schema.keys():
+                schema = {**schema, "type": ANY_TYPE}
+            return super().visit(schema, name)
+
         def _generate_constant_rule(self, value):
             # The stock converter writes const/enum values with json.dumps' \uXXXX escapes, which GBNF reads as
             # code points: a character beyond the BMP (an emoji) became two lone surrogates, invalid UTF-8, and

@@ -106,16 +106,12 @@ class Tool(_Request):
 
 
 UPPER_BOUNDS = ("maxLength", "maxItems", "maxProperties")
-# What makes a subschema say something about its value; one with none of these (only a description) allows any.
-CONSTRAINING = {"type", "$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties",
-                "items", "prefixItems", "pattern", "format", "minLength", "maxLength"}  # fmt: skip
-ANY_TYPE = ["string", "number", "integer", "boolean", "object", "array", "null"]
 
 
 def _enforceable(node, depth: int = 0):
     """A schema less what a grammar cannot hold an answer to: the keywords the converter would ignore
-    (propertyNames, not, ...), and upper bounds over schema_bounds' limit, which no answer within a context reaches;
-    a subschema of only annotations (any value) gets every type, which the converter takes. The other bounds still
+    (propertyNames, not, ...), and upper bounds over schema_bounds' limit, which no answer within a context reaches.
+    The other bounds still
     apply to what is left (deeper than MAX_DEPTH is left as it is, for them to refuse)."""
     if depth > MAX_DEPTH:
         return node
@@ -134,8 +130,6 @@ def _enforceable(node, depth: int = 0):
             result[key] = {name: _enforceable(sub, depth + 2) for name, sub in value.items()}
         else:
             result[key] = _enforceable(value, depth + 1)
-    if result and not CONSTRAINING & result.keys():  # the converter refuses a schema of only a description
-        result["type"] = ANY_TYPE
     return result
 
 
