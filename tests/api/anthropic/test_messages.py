@@ -302,14 +302,14 @@ def test_an_unknown_model_is_a_404_not_found_error(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_longer_than_the_context_is_a_400_naming_the_sizes(client, stream):
-    long = [{"role": "user", "content": "hello " * 5000}]
+    long = [{"role": "user", "content": "hello " * 9000}]
     with pytest.raises(anthropic.BadRequestError) as caught:
         if stream:
             with client.messages.stream(model=MODEL, max_tokens=20, messages=long) as events:
                 events.get_final_message()
         else:
             create(client, messages=long)
-    assert_error(caught, 400, "invalid_request_error", "maximum context length is 4096 tokens")
+    assert_error(caught, 400, "invalid_request_error", "maximum context length is 8192 tokens")
 
 
 def test_each_request_is_logged_once_with_its_tokens(client):

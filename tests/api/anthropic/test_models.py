@@ -30,7 +30,7 @@ def test_the_client_lists_and_retrieves_models_in_anthropics_shape(client):
     model = client.models.retrieve(MODEL)
     assert model.type == "model" and model.id == MODEL == model.display_name
     assert model.created_at.year >= 2024
-    assert model.model_dump()["max_input_tokens"] == 4096
+    assert model.model_dump()["max_input_tokens"] == 8192
 
 
 def test_the_list_pages_by_limit_and_cursor(client):
