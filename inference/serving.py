@@ -35,6 +35,7 @@ class Delta:
     tool_calls: list[dict] = field(default_factory=list)  # whole calls: {"id", "type", "function": {name, arguments}}
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended the choice, if one did
     ping: bool = False
 
 
@@ -53,6 +54,7 @@ class Choice:
     tool_calls: list[dict] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str = "stop"
+    stop_sequence: str | None = None
 
 
 @dataclass
@@ -118,7 +120,8 @@ class Generation:
                             yield delta
                     calls = calls_fold(parts.get(index, []))
                     finish = "tool_calls" if calls and data["finish_reason"] == "stop" else data["finish_reason"]
-                    yield Delta(index=index, tool_calls=calls, finish_reason=finish)
+                    yield Delta(index=index, tool_calls=calls, finish_reason=finish,
+                                stop_sequence=data.get("stop_sequence"))  # fmt: skip
                 elif event == "error":
                     raise MinervaError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
@@ -142,7 +145,7 @@ class Generation:
             choice.tool_calls += delta.tool_calls
             choice.logprobs += delta.logprobs or []
             if delta.finish_reason:
-                choice.finish_reason = delta.finish_reason
+                choice.finish_reason, choice.stop_sequence = delta.finish_reason, delta.stop_sequence
         tools = self.body.is_chat and self.body.tools_active()
         for choice, text, thought in zip(choices, texts, reasoning, strict=True):
             choice.text = "".join(text)

@@ -177,8 +177,15 @@ def message(answer: Answer, generation: Generation, body: MessageCreateRequest) 
     content += [{"type": "tool_use", "id": _tool_use_id(call["id"]), "name": call["function"]["name"],
                  "input": _input(call["function"]["arguments"])} for call in choice.tool_calls]  # fmt: skip
     return {**_head(generation, body), "content": content,
-            "stop_reason": STOP_REASONS.get(choice.finish_reason, "end_turn"), "stop_sequence": None,
+            **_stop(choice.finish_reason, choice.stop_sequence),
             "usage": _usage(answer.usage)}  # fmt: skip
+
+
+def _stop(finish_reason: str, stop_sequence: str | None) -> dict:
+    """Why the message ended: end_turn, max_tokens, tool_use, or stop_sequence with the one that matched."""
+    if finish_reason == "stop" and stop_sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
+    return {"stop_reason": STOP_REASONS.get(finish_reason, "end_turn"), "stop_sequence": None}
 
 
 def _head(generation: Generation, body: MessageCreateRequest) -> dict:
@@ -259,7 +266,7 @@ async def _events(generation: Generation, body: MessageCreateRequest) -> AsyncIt
     yield "message_start", {"type": "message_start", "message": {
         **_head(generation, body), "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": _usage(generation.usage)}}  # fmt: skip
-    blocks, finish, generated = _Blocks(), "stop", body.max_tokens > 0
+    blocks, finish, stop_sequence, generated = _Blocks(), "stop", None, body.max_tokens > 0
     async for delta in generation.deltas():
         if delta.ping:
             yield "ping", {"type": "ping"}
@@ -276,10 +283,11 @@ async def _events(generation: Generation, body: MessageCreateRequest) -> AsyncIt
         for event in events:
             yield event
         finish = delta.finish_reason or finish
+        stop_sequence = delta.stop_sequence or stop_sequence
     for event in blocks.stop():
         yield event
     yield "message_delta", {"type": "message_delta",
-                            "delta": {"stop_reason": STOP_REASONS.get(finish, "end_turn"), "stop_sequence": None},
+                            "delta": _stop(finish, stop_sequence),
                             "usage": _usage(generation.usage, generated=generated)}  # fmt: skip
     yield "message_stop", {"type": "message_stop"}
 

@@ -597,10 +597,11 @@ class LoadedModel:
             tail = sequence.decoder.flush()
             if tail or sequence.logprobs:
                 events.append((sequence, "token", self._token_event(sequence, tail)))
-            events.append((sequence, "done", {"index": sequence.index, "finish_reason": reason,
-                                              "prompt_tokens": len(sequence.prompt),
-                                              "completion_tokens": sequence.completion_tokens,
-                                              "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+            done = {"index": sequence.index, "finish_reason": reason, "prompt_tokens": len(sequence.prompt),
+                    "completion_tokens": sequence.completion_tokens, "cached_tokens": sequence.cached_tokens}
+            if sequence.decoder.stop.matched is not None:  # which stop string ended it (Anthropic reports it)
+                done["stop_sequence"] = sequence.decoder.stop.matched
+            events.append((sequence, "done", done))
         for follower in self._active:
             if follower.leader is sequence and follower.waiting_for_leader:  # the leader ended before its prompt
                 follower.error = sequence.error

@@ -102,7 +102,7 @@ def test_max_tokens_zero_reads_the_prompt_into_the_cache_and_answers_nothing(cli
     assert create(client, messages=ask, max_tokens=2).usage.cache_read_input_tokens > 0
 
 
-def test_a_stop_sequence_ends_the_text_before_it(client):
+def test_a_stop_sequence_ends_the_text_before_it_and_is_named(client):
     plain = create(client, max_tokens=30, messages=[{"role": "user", "content": "Write a long story."}])
     words = plain.content[0].text.split()
     stop = words[len(words) // 2]
@@ -110,8 +110,12 @@ def test_a_stop_sequence_ends_the_text_before_it(client):
                      stop_sequences=[stop])  # fmt: skip
     before = plain.content[0].text[: plain.content[0].text.index(stop)]
     assert [block.text for block in stopped.content] == ([before] if before else [])
-    # The core reports a stop string and the end of the turn alike (README: stop_sequence).
-    assert stopped.stop_reason == "end_turn" and stopped.stop_sequence is None
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", stop)
+    story = [{"role": "user", "content": "Write a long story."}]
+    with client.messages.stream(model=MODEL, max_tokens=30, stop_sequences=[stop], messages=story,
+                                extra_body=GREEDY) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
 
 
 def test_sampling_and_metadata_are_taken(client):
