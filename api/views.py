@@ -13,6 +13,7 @@ from inference.serving import (
     Answer,
     Embeddings,
     Generation,
+    ToolCallPart,
     embedding_replay,
     embedding_start,
     generation_replay,
@@ -302,14 +303,11 @@ async def _chat_chunks(generation: Generation, body: ChatCompletionRequest) -> A
             yield PING
             continue
         logprobs = ChoiceLogprobs(content=delta.logprobs) if delta.logprobs is not None else None
-        text = _text_delta(delta.reasoning, delta.text) if not delta.tool_calls else None
+        text = _text_delta(delta.reasoning, delta.text)
         if text or logprobs:
             yield chunk([ChunkChoice(index=delta.index, delta=text or ChoiceDelta(), logprobs=logprobs)])
-        if delta.tool_calls:  # the end of an answer that called tools: its text, then the calls
-            if delta.reasoning or delta.text.strip():
-                yield chunk([ChunkChoice(index=delta.index, delta=_text_delta(delta.reasoning, delta.text.strip()))])
-            for tool_delta in _tool_deltas(delta.tool_calls):
-                yield chunk([ChunkChoice(index=delta.index, delta=tool_delta)])
+        for part in delta.tool_call_parts:  # a call's head as soon as its name is known, then its arguments
+            yield chunk([ChunkChoice(index=delta.index, delta=ChoiceDelta(tool_calls=[_tool_delta(part)]))])
         if delta.finish_reason:
             yield chunk([ChunkChoice(index=delta.index, delta=ChoiceDelta(), finish_reason=delta.finish_reason)])
     if _include_usage(body):
@@ -322,16 +320,12 @@ def _text_delta(reasoning: str, content: str) -> ChoiceDelta | None:
     return ChoiceDelta(content=content or None, reasoning_content=reasoning or None, reasoning=reasoning or None)
 
 
-def _tool_deltas(calls: list[dict]) -> list[ChoiceDelta]:
-    """How a parsed answer's calls stream: per call a delta with its id and name (arguments ""), then one with the
-    arguments, as OpenAI streams them."""
-    deltas = []
-    for i, call in enumerate(calls):
-        head = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"],
-                                                                                "arguments": ""}}  # fmt: skip
-        deltas.append(ChoiceDelta(tool_calls=[head]))
-        deltas.append(ChoiceDelta(tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]))
-    return deltas
+def _tool_delta(part: ToolCallPart) -> dict:
+    """A call part as OpenAI streams it: the head with id, type and name (arguments ""), then argument pieces."""
+    if part.id is not None:
+        return {"index": part.index, "id": part.id, "type": "function",
+                "function": {"name": part.name, "arguments": part.arguments}}  # fmt: skip
+    return {"index": part.index, "function": {"arguments": part.arguments}}
 
 
 async def _completion_chunks(generation: Generation, body: CompletionRequest) -> AsyncIterator[str]:

@@ -4,7 +4,6 @@ import base64
 import ctypes
 import json
 import logging
-import os
 import threading
 import time
 
@@ -30,10 +29,12 @@ from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 from core.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import LOADED_KEY, model_generates, model_n_ctx, model_parallel
+from models_app.selectors import LOADED_KEY, memory_budget, model_generates, model_n_ctx, model_parallel
 
 from .engine import (
+    ContextFull,
     ContextOverflow,
+    GrammarDeadEnd,
     ModelCache,
     ModelSpec,
     ModelUnavailable,
@@ -97,6 +98,11 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors and shutting_down:
         error = ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
         return _fail(log, stream, error, sequences)
+    if errors and isinstance(errors[0], ContextFull):
+        return _fail(log, stream, ServiceUnavailable(str(errors[0]), code="context_full"), sequences)
+    if errors and isinstance(errors[0], GrammarDeadEnd):
+        param = "tools" if body.tools_active() else "response_format"
+        return _fail(log, stream, InvalidRequest(str(errors[0]), param=param, code="grammar_dead_end"), sequences)
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)
@@ -315,7 +321,7 @@ def model_cache() -> ModelCache:
     with _cache_lock:
         if _cache is None:
             _cache = ModelCache(
-                budget_bytes=settings.MEMORY_BUDGET or int(_physical_memory() * 0.75),
+                budget_bytes=memory_budget(),
                 default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
                 io_factory=RedisStepIO,
                 on_change=_report_loaded,
@@ -349,12 +355,12 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         n_threads=settings.N_THREADS or None,
         n_batch=settings.N_BATCH,
         chat_template=model.chat_template_override or None,
-        estimated_bytes=estimate_memory(model.metadata, n_ctx * n_parallel),
+        shared_cells=settings.SHARED_CONTEXT,
+        cache_type=settings.KV_CACHE_TYPE,
+        estimated_bytes=estimate_memory(
+            model.metadata, n_ctx if settings.SHARED_CONTEXT else n_ctx * n_parallel, settings.KV_CACHE_TYPE
+        ),
     )
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _tool_format(model: LanguageModel, engine) -> str:

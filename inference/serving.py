@@ -18,20 +18,24 @@ from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 from .reasoning import ReasoningSplitter
 from .services import embedding_create, request_create, request_worker_lost, tokenize_create
 from .streams import TokenStream
-from .tools import ToolCallStream
+from .tool_calls import ToolCallPart, ToolCallStream, calls_fold
 
 
 @dataclass
 class Delta:
-    """What one choice adds to its answer. `finish_reason` is set on a choice's last delta ("tool_calls" when it
-    called tools); `ping` marks a quiet interval (nothing else is set)."""
+    """What one choice adds to its answer, in order: reasoning, text, then parts of tool calls (a call's head as
+    soon as its name is known, then pieces of its arguments as they are written: what streaming surfaces send).
+    A choice's last delta has `finish_reason` ("tool_calls" when it called tools) and `tool_calls`, its calls
+    whole (for surfaces that send calls whole). `ping` marks a quiet interval (nothing else is set)."""
 
     index: int = 0
     text: str = ""
     reasoning: str = ""
+    tool_call_parts: list[ToolCallPart] = field(default_factory=list)
     tool_calls: list[dict] = field(default_factory=list)  # whole calls: {"id", "type", "function": {name, arguments}}
     logprobs: list[dict] | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended the choice, if one did
     ping: bool = False
 
 
@@ -50,6 +54,7 @@ class Choice:
     tool_calls: list[dict] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str = "stop"
+    stop_sequence: str | None = None
 
 
 @dataclass
@@ -68,17 +73,19 @@ class Generation:
         self.n = body.n
         self.thinking = False  # the template opened a <think> block (from the `start` event)
         self.tool_format = "generic"  # how the model writes tool calls (from the `start` event)
-        self.usage = Usage()  # complete once deltas() has ended
+        self.usage = Usage()  # the prompt's once started, complete once deltas() has ended
 
     def started(self, data: dict) -> None:
-        """Take what the worker's `start` event says about the answer to come."""
+        """Take what the worker's `start` event says about the answer to come, and the prompt's size."""
         self.thinking = data.get("thinking", False)
         self.tool_format = data.get("tool_format", self.tool_format)
+        self.usage = Usage(prompt_tokens=data.get("prompt_tokens", 0), cached_tokens=data.get("cached_tokens", 0))
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The answer as it is generated. Raises the request's MinervaError if it fails."""
         splitters: dict[int, ReasoningSplitter] = {}  # per choice (chats only): <think> text goes to reasoning
-        tool_streams: dict[int, ToolCallStream] = {}  # per choice, with tools: text that may be a call is held
+        tool_streams: dict[int, ToolCallStream] = {}  # per choice, with tools: calls read out of the text
+        parts: dict[int, list[ToolCallPart]] = {}  # per choice: every call part so far
         done: list[dict] = []
         chat, tools = self.body.is_chat, self.body.is_chat and self.body.tools_active()
         try:
@@ -95,24 +102,26 @@ class Generation:
                     if index not in splitters:
                         splitters[index] = ReasoningSplitter(thinking=self.thinking)
                         if tools:
-                            tool_streams[index] = ToolCallStream(self.tool_format)
+                            tool_streams[index], parts[index] = ToolCallStream(self.tool_format), []
                     reasoning, text = splitters[index].feed(data["text"])
-                    if index in tool_streams:
-                        text = tool_streams[index].feed(text)
-                    if reasoning or text or "logprobs" in data:
-                        yield Delta(index=index, text=text, reasoning=reasoning, logprobs=data.get("logprobs"))
+                    items = tool_streams[index].feed(text) if index in tool_streams else [text]
+                    for delta in _in_order(index, reasoning, items, data.get("logprobs")):
+                        parts.get(index, []).extend(delta.tool_call_parts)
+                        yield delta
                 elif event == "done":
                     index = data["index"]
                     done.append(data)
-                    reasoning, text, calls = "", "", []
                     if index in splitters:
                         reasoning, text = splitters[index].flush()
-                        if index in tool_streams:
-                            text = tool_streams[index].feed(text)
-                            content, calls = tool_streams[index].finish()
-                            text += content or ""
-                    finish = "tool_calls" if calls else data["finish_reason"]
-                    yield Delta(index=index, text=text, reasoning=reasoning, tool_calls=calls, finish_reason=finish)
+                        stream = tool_streams.get(index)
+                        items = stream.feed(text) + stream.finish() if stream else [text]
+                        for delta in _in_order(index, reasoning, items, None):
+                            parts.get(index, []).extend(delta.tool_call_parts)
+                            yield delta
+                    calls = calls_fold(parts.get(index, []))
+                    finish = "tool_calls" if calls and data["finish_reason"] == "stop" else data["finish_reason"]
+                    yield Delta(index=index, tool_calls=calls, finish_reason=finish,
+                                stop_sequence=data.get("stop_sequence"))  # fmt: skip
                 elif event == "error":
                     raise MinervaError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
@@ -136,7 +145,7 @@ class Generation:
             choice.tool_calls += delta.tool_calls
             choice.logprobs += delta.logprobs or []
             if delta.finish_reason:
-                choice.finish_reason = delta.finish_reason
+                choice.finish_reason, choice.stop_sequence = delta.finish_reason, delta.stop_sequence
         tools = self.body.is_chat and self.body.tools_active()
         for choice, text, thought in zip(choices, texts, reasoning, strict=True):
             choice.text = "".join(text)
@@ -167,7 +176,10 @@ async def generation_start(*, request_id: str, endpoint: str, body: GenerationRe
         raise
     if event == "error":
         raise MinervaError.from_dict(data)
-    return Generation(request_id, body, _after((event, data), events))
+    generation = Generation(request_id, body, _after((event, data), events))
+    if event == "start":  # known before any delta is read: a stream's head can carry the prompt's usage
+        generation.started(data)
+    return generation
 
 
 def generation_replay(request_id: str, body: GenerationRequest) -> Generation:
@@ -193,6 +205,20 @@ async def _watched(request_id: str, events: AsyncIterator[tuple[str, dict]], *,
         status_code = 200 if stream and started else WorkerLost.status
         await sync_to_async(request_worker_lost)(request_id=request_id, status_code=status_code)
         raise
+
+
+def _in_order(index: int, reasoning: str, items: list, logprobs: list[dict] | None) -> list[Delta]:
+    """Deltas for what one token added, in order: reasoning, then text and call parts as the stream read them
+    (a delta's text comes before its call parts, so text after a call starts a new delta)."""
+    deltas = [Delta(index=index, reasoning=reasoning, logprobs=logprobs)]
+    for item in items:
+        if isinstance(item, ToolCallPart):
+            deltas[-1].tool_call_parts.append(item)
+        elif deltas[-1].tool_call_parts:
+            deltas.append(Delta(index=index, text=item))
+        else:
+            deltas[-1].text += item
+    return [d for d in deltas if d.text or d.reasoning or d.tool_call_parts or d.logprobs is not None]
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""Tool calling: the syntaxes models call tools in, the grammars that hold a model to them, and the parsers that
-turn the model's text back into tool calls (OpenAI's shape: id, type, function name and arguments as JSON text). The
-worker uses it to prompt and constrain the model, the view side (inference/serving.py) to parse its answer.
+"""Tool calling: the syntaxes models call tools in and the grammars that hold a model to them. The worker uses it to
+prompt and constrain the model; inference/tool_calls.py reads the calls back out of the answer as it streams.
 
 Formats (picked from the chat template by `tool_format_for`, overridable per model in admin):
 - generic: for templates that know no tools (like llama-server's generic format). The tools are described in the
@@ -19,7 +18,6 @@ hold the answer from its first token."""
 import json
 import math
 import re
-import uuid
 
 from core.generation import GenerationRequest
 
@@ -102,6 +100,13 @@ def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[s
     ), triggers if body.tool_call_optional() else []
 
 
+# What makes a subschema say something about its value; one with none of these allows any value.
+CONSTRAINING = {"type", "$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties",
+                "items", "prefixItems", "pattern", "format", "minLength", "maxLength", "minItems", "maxItems",
+                "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "required"}  # fmt: skip
+ANY_TYPE = ["string", "number", "integer", "boolean", "object", "array", "null"]
+
+
 def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = None, bounded: bool = False) -> str:
     """GBNF for JSON following `schema` (llama-cpp-python's converter) as rule `rule`, plus `root ::= root`
     when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle, and
@@ -119,6 +124,13 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
         schema_bounds_check(schema)
 
     class Converter(SchemaConverter):
+        def visit(self, schema, name):
+            # A subschema of only annotations ({"description": ...}, or {}) allows any value; the stock converter
+            # refuses the first ("Unrecognized schema") and reads the second as "any object".
+            if isinstance(schema, dict) and not CONSTRAINING & schema.keys():
+                schema = {**schema, "type": ANY_TYPE}
+            return super().visit(schema, name)
+
         def _generate_constant_rule(self, value):
             # The stock converter writes const/enum values with json.dumps' \uXXXX escapes, which GBNF reads as
             # code points: a character beyond the BMP (an emoji) became two lone surrogates, invalid UTF-8, and
@@ -185,162 +197,3 @@ def _up_to(item: str, n: int) -> str:
     whole = f"({item}{{{block}}})"
     fewer = f"{whole}{{0,{blocks - 1}}} {item}{{0,{block - 1}}}"
     return f"({fewer} | {whole}{{{blocks}}}" + (f" {item}{{0,{rest}}})" if rest else ")")
-
-
-def parse_tool_calls(tool_format: str, text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) from a model's answer. Text around the calls stays content; a call that does not
-    parse (cut off by max_tokens, say) stays content too, so nothing the model wrote is lost."""
-    if tool_format == "generic":
-        return _parse_generic(text)
-    if tool_format == "hermes":
-        return _parse_hermes(text)
-    if tool_format == "mistral":
-        return _parse_mistral(text)
-    return _parse_llama3(text)
-
-
-class ToolCallStream:
-    """Streams an answer's free text as it comes and holds back what may be a tool call; `finish` parses what it
-    held. The generic format's answer is JSON from its first token, so all of it is held."""
-
-    def __init__(self, tool_format: str):
-        self.tool_format = tool_format
-        self.held = ""
-        self.holding = tool_format == "generic"  # a call has (or may have) started: hold the rest
-        self.free = False  # llama3: the answer did not start with a call, so it is all text
-
-    def feed(self, text: str) -> str:
-        """Text that can go to the client now."""
-        if self.holding:
-            self.held += text
-            return ""
-        if self.free:
-            return text
-        self.held += text
-        if self.tool_format == "llama3":
-            start = self.held.lstrip()
-            if not start:
-                return ""
-            if start.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(start):
-                self.holding = start.startswith(("{", _PYTHON_TAG))
-                return ""
-            self.free, out, self.held = True, self.held, ""
-            return out
-        trigger = _TRIGGER[self.tool_format]
-        at = self.held.find(trigger)
-        if at >= 0:
-            self.holding, out, self.held = True, self.held[:at], self.held[at:]
-            return out
-        keep = next((k for k in range(min(len(trigger) - 1, len(self.held)), 0, -1)
-                     if trigger.startswith(self.held[-k:])), 0)  # fmt: skip
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return out
-
-    def finish(self) -> tuple[str | None, list[dict]]:
-        """The rest of the content, and the calls."""
-        return parse_tool_calls(self.tool_format, self.held) if self.held else (None, [])
-
-
-def new_call(name: str, arguments) -> dict:
-    """An OpenAI tool call; arguments are always a JSON string ("{}" when there are none)."""
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments or "{}"}}  # fmt: skip
-
-
-def _parse_generic(text: str) -> tuple[str | None, list[dict]]:
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        return text, []
-    if isinstance(answer, dict) and isinstance(answer.get("tool_calls"), list):
-        calls = [_call(c, "arguments") for c in answer["tool_calls"]]
-        if calls and all(calls):
-            return None, calls
-    if isinstance(answer, dict) and isinstance(answer.get("response"), str):
-        return answer["response"], []
-    return text, []
-
-
-_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
-
-
-def _parse_hermes(text: str) -> tuple[str | None, list[dict]]:
-    calls, kept, end = [], [], 0
-    for match in _HERMES_CALL.finditer(text):
-        call = _call(_json(match.group(1)), "arguments")
-        if call is None:
-            continue  # not a call after all: it stays in the content
-        kept.append(text[end : match.start()])
-        end = match.end()
-        calls.append(call)
-    kept.append(text[end:])
-    return _content("".join(kept)), calls
-
-
-def _parse_mistral(text: str) -> tuple[str | None, list[dict]]:
-    at = text.find("[TOOL_CALLS]")
-    if at < 0:
-        return _content(text), []
-    rest = text[at + len("[TOOL_CALLS]") :].lstrip()
-    calls: list[dict] = []
-    if rest.startswith("["):  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
-        value, end = _json_prefix(rest)
-        if isinstance(value, list):
-            calls = [_call(c, "arguments") for c in value]
-            if calls and all(calls):
-                return _content(text[:at] + rest[end:]), calls
-        return _content(text), []
-    # [TOOL_CALLS]name[ARGS]{...}[TOOL_CALLS]name[ARGS]{...}
-    for chunk in rest.split("[TOOL_CALLS]"):
-        name, sep, arguments = chunk.partition("[ARGS]")
-        value, end = _json_prefix(arguments.strip())
-        if not sep or not name.strip() or not isinstance(value, dict):
-            return _content(text), []
-        calls.append(new_call(name.strip(), value))
-    return _content(text[:at]), calls
-
-
-def _parse_llama3(text: str) -> tuple[str | None, list[dict]]:
-    rest = text.strip()
-    if rest.startswith(_PYTHON_TAG):
-        rest = rest[len(_PYTHON_TAG) :].strip()
-    calls = []
-    while rest.startswith("{"):  # one call, or several separated by ";" or new lines
-        value, end = _json_prefix(rest)
-        call = _call(value, "parameters") or _call(value, "arguments")
-        if call is None:
-            break
-        calls.append(call)
-        rest = rest[end:].lstrip().lstrip(";").lstrip()
-    if not calls:
-        return _content(text), []
-    return _content(rest), calls
-
-
-def _call(value, args_key: str) -> dict | None:
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
-        return None
-    if args_key not in value and "arguments" in value:
-        args_key = "arguments"
-    return new_call(value["name"], value.get(args_key))
-
-
-def _json(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _json_prefix(text: str):
-    """The JSON value text starts with and where it ends, or (None, 0)."""
-    try:
-        return json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        return None, 0
-
-
-def _content(text: str) -> str | None:
-    return text.strip() or None

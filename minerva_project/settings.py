@@ -154,7 +154,13 @@ SSE_PING_SECONDS = env_int("SSE_PING_SECONDS", 15, minimum=1)  # quiet seconds b
 STREAM_TTL = env_int("STREAM_TTL", 3600, minimum=10)  # seconds a finished request's Redis keys live
 STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept per request stream
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")
-N_CTX = env_int("N_CTX", 4096, minimum=0)  # 0 = the model's trained context length
+# The most tokens one request may have (a model's slots share them); 0 = the model's trained context, lowered only
+# as far as the memory budget requires (models_app.selectors.model_n_ctx).
+N_CTX = env_int("N_CTX", 0, minimum=0)
+KV_CACHE_TYPE = env_str("KV_CACHE_TYPE", "f16")  # f16, q8_0 or q4_0: the KV cache's type (q8_0 halves it)
+if KV_CACHE_TYPE not in ("f16", "q8_0", "q4_0"):
+    raise ImproperlyConfigured(f"MINERVA_KV_CACHE_TYPE must be f16, q8_0 or q4_0, got {KV_CACHE_TYPE!r}")
+SHARED_CONTEXT = env_bool("SHARED_CONTEXT", True)  # a model's slots share one KV cache (off: n_ctx cells each)
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)

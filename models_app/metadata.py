@@ -453,11 +453,29 @@ class _open_regular:
         self.file.close()
 
 
-def estimate_memory(summary: dict, n_ctx_total: int) -> int:
-    """Bytes a loaded model needs: its files (weights) plus an f16 KV cache of `n_ctx_total` cells."""
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # ggml's block sizes per element
+
+
+def kv_bytes_per_token(summary: dict, cache_type: str = "f16") -> int:
+    """Bytes of KV cache one token (one cell) takes: every layer's keys and values for its KV heads."""
     layers, embd = summary.get("block_count") or 0, summary.get("embedding_length") or 0
     heads = summary.get("head_count") or 1
     heads_kv = summary.get("head_count_kv") or heads
     k = summary.get("key_length") or embd // heads
     v = summary.get("value_length") or embd // heads
-    return int(summary.get("file_size") or 0) + layers * n_ctx_total * heads_kv * (k + v) * 2
+    return int(layers * heads_kv * (k + v) * KV_BYTES_PER_VALUE[cache_type])
+
+
+def estimate_memory(summary: dict, n_cells: int, cache_type: str = "f16") -> int:
+    """Bytes a loaded model needs: its files (weights) plus a KV cache of `n_cells` cells."""
+    return int(summary.get("file_size") or 0) + n_cells * kv_bytes_per_token(summary, cache_type)
+
+
+def context_that_fits(summary: dict, trained: int, budget: int, cache_type: str = "f16") -> int:
+    """The largest context, up to the trained one, whose KV cache fits beside the weights in half of `budget`
+    (the other half leaves room for a second model and llama.cpp's compute buffers), in steps of 256 tokens;
+    at least 2,048 (or the trained context, if smaller)."""
+    per_token = kv_bytes_per_token(summary, cache_type)
+    room = budget // 2 - int(summary.get("file_size") or 0)
+    fits = room // per_token if per_token else trained
+    return max(min(trained, fits // 256 * 256), min(trained, 2048))

@@ -1,13 +1,14 @@
 """Looking models up."""
 
 import logging
+import os
 
 from django.conf import settings
 from django.db.models import Count, Max, Q
 
 from core.errors import ModelNotFound
 
-from .metadata import ENCODER_ARCHITECTURES
+from .metadata import ENCODER_ARCHITECTURES, context_that_fits
 from .models import LanguageModel, ModelAlias
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,19 @@ def model_get(name: str) -> LanguageModel:
 
 
 def model_n_ctx(model: LanguageModel) -> int:
-    """The context size the model is served with: its own setting, else MINERVA_N_CTX, capped by training."""
-    n_ctx = model.n_ctx or settings.N_CTX or model.context_length or 2048
-    return min(n_ctx, model.context_length) if model.context_length else n_ctx
+    """The context the model is served with (the most tokens one request may have; its slots share them): its
+    own setting, else MINERVA_N_CTX, else its trained context lowered only as far as the memory budget requires
+    (metadata.context_that_fits); never more than it was trained for."""
+    trained = model.context_length or 0
+    n_ctx = model.n_ctx or settings.N_CTX
+    if not n_ctx:
+        n_ctx = context_that_fits(model.metadata or {}, trained or 4096, memory_budget(), settings.KV_CACHE_TYPE)
+    return min(n_ctx, trained) if trained else n_ctx
+
+
+def memory_budget() -> int:
+    """Bytes a worker may fill with loaded models: MINERVA_MEMORY_BUDGET, else 75% of physical memory."""
+    return settings.MEMORY_BUDGET or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
 
 
 def model_generates(model: LanguageModel) -> bool:

@@ -349,7 +349,7 @@ async def _lines(generation: Generation, body: ChatRequest | GenerateRequest, *,
         if delta.ping:  # a quiet interval (queue, load, a long prompt): an empty line keeps proxies' timers alive
             yield line()
             continue
-        if first is None and (delta.text or delta.reasoning or delta.tool_calls or delta.logprobs):
+        if first is None and (delta.text or delta.reasoning or delta.tool_call_parts or delta.logprobs):
             first = time.monotonic()
         if delta.tool_calls:  # the end of an answer that called tools: its text, then the calls
             calls = [{"function": {"name": c["function"]["name"], "arguments": _arguments(c["function"])}}

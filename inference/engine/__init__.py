@@ -3,8 +3,10 @@
 from .cache import ModelCache, ModelSpec, ModelUnavailable, parse_keep_alive
 from .embed import EmbeddingModel, EmbeddingRequest, embedding_context_bytes
 from .llama import (
+    ContextFull,
     ContextOverflow,
     EngineError,
+    GrammarDeadEnd,
     LoadedModel,
     PromptError,
     SamplingParams,
@@ -13,10 +15,12 @@ from .llama import (
 )
 
 __all__ = [
+    "ContextFull",
     "ContextOverflow",
     "EmbeddingModel",
     "EmbeddingRequest",
     "EngineError",
+    "GrammarDeadEnd",
     "LoadedModel",
     "ModelCache",
     "ModelSpec",

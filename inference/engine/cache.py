@@ -39,6 +39,8 @@ class ModelSpec:
     n_threads: int | None = None
     n_batch: int = 512
     chat_template: str | None = None  # replaces the file's own
+    shared_cells: bool = True  # the slots share one KV cache of n_ctx cells (LoadedModel)
+    cache_type: str = "f16"  # the KV cache's type: f16, q8_0 or q4_0
     estimated_bytes: int = 0
     embedding: bool = False
 
@@ -119,6 +121,7 @@ class ModelCache:
         return LoadedModel(
                     spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
                     n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
+                    shared_cells=spec.shared_cells, cache_type=spec.cache_type,
                     io=self.io_factory() if self.io_factory else None,
                 )  # fmt: skip
 

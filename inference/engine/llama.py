@@ -33,6 +33,9 @@ _logger.set_verbose(False)  # llama.cpp logs every tensor of every graph otherwi
 
 
 PARALLEL_SAMPLING_MIN = 4  # sequences in a step before sampling goes to the thread pool
+# KV cache types (llama.cpp's names): f16 is exact; q8_0 halves the cache, q4_0 quarters it (both need flash
+# attention, which llama.cpp turns on where the backend has it).
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 class PromptError(Exception):
@@ -53,6 +56,19 @@ class ContextOverflow(Exception):
 
 class EngineError(Exception):
     """llama.cpp failed to decode a batch."""
+
+
+class ContextFull(Exception):
+    """The slots' shared KV cells are all in use: the newest sequence gives way (the client may retry)."""
+
+
+class GrammarDeadEnd(Exception):
+    """The request's grammar allows no token the model can write next (say, a pattern that requires a NUL
+    character, which llama.cpp never samples): the request's fault, and it ends with an error."""
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
 
 @dataclass
@@ -129,7 +145,12 @@ class NullIO:
 class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
-                 chat_template: str | None = None):  # fmt: skip
+                 chat_template: str | None = None, shared_cells: bool = True,
+                 cache_type: str = "f16"):  # fmt: skip
+        """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
+        n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
+        the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
+        Without, each slot has n_ctx cells of its own."""
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
@@ -140,11 +161,13 @@ class LoadedModel:
         self.n_parallel = n_parallel
         self.n_batch = n_batch = max(n_batch, n_parallel)  # every generating sequence needs its token in a step
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx * n_parallel
+        self.shared_cells = shared_cells and n_parallel > 1
+        cparams.n_ctx = n_ctx if self.shared_cells else n_ctx * n_parallel
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, 512)
         cparams.n_seq_max = n_parallel
-        cparams.kv_unified = False  # each slot attends only over its own cells
+        cparams.kv_unified = self.shared_cells
+        cparams.type_k = cparams.type_v = KV_CACHE_TYPES[cache_type]
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         cparams.no_perf = True
         # llama.cpp's default is 4 threads; on a 2-core machine that oversubscribes and triples the time per token.
@@ -153,6 +176,7 @@ class LoadedModel:
         self.ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_cells = llama_cpp.llama_n_ctx(self.ctx)  # KV cells in all
         self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = set(self.eog_tokens)
         control = [self.model.token_get_text(t) for t in range(self.n_vocab)
@@ -355,10 +379,41 @@ class LoadedModel:
                 follower.batch_index = leader.batch_index
                 follower.waiting_for_leader = False
 
+    def _make_room(self) -> int:
+        """With shared cells: free enough of them for this step's tokens, and return how many prompt tokens the
+        step may add. Idle slots' cached prefixes go first (least recently used first); if the generating
+        sequences still do not each have a cell, the newest sequence ends with ContextFull."""
+        if not self.shared_cells:
+            return self.n_batch
+        generating = sum(1 for s in self._active if not s.pending and not s.waiting_for_leader)
+        prompt = sum(len(s.pending) for s in self._active)
+        want = generating + min(prompt, self.n_batch)
+        free = self.n_cells - sum(len(slot.tokens) for slot in self.slots)
+        idle = sorted((slot for slot in self.slots if slot.sequence is None and slot.tokens), key=lambda s: s.last_used)
+        for slot in idle:
+            if free >= want:
+                break
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+            free, slot.tokens = free + len(slot.tokens), []
+        # A prompt waits for cells while sequences generate (they end, or fill up and meet the line below); with
+        # nothing generating it could wait forever.
+        while self._active and (free < generating or (free <= 0 < prompt and not generating)):
+            victim = max(self._active, key=lambda s: s.submitted)
+            victim.error = ContextFull(
+                f"The model's context is shared by its {self.n_parallel} slots ({self.n_cells} tokens) and is full "
+                "with other requests; try again shortly."
+            )
+            free += len(victim.slot.tokens) if victim.slot else 0
+            generating -= 0 if victim.pending or victim.waiting_for_leader else 1
+            prompt -= len(victim.pending)
+            self._finish(victim, None, [])
+        return max(free - generating, 0)
+
     def _step(self) -> None:
         started = time.perf_counter()
         batch = self._batch
         batch.clear()
+        room = self._make_room()  # prompt tokens this step may add
         # Generating sequences first (one token each), then prompt chunks in arrival order.
         for sequence in self._active:
             sequence.batch_index = -1
@@ -369,11 +424,12 @@ class LoadedModel:
                 sequence.slot.tokens.append(sequence.next_token)
                 sequence.n_past += 1
         for sequence in self._active:
-            if sequence.pending and batch.room():
+            if sequence.pending and batch.room() and room:
                 # The prompt's last token goes in a step of its own, as it does when the rest of the prompt comes
                 # from the prefix cache: its logits (computed in a smaller batch) then do not depend on the cache,
                 # and temperature 0 gives the same text for the same request, cached or not.
-                chunk = (sequence.pending[:-1] or sequence.pending)[: batch.room()]
+                chunk = (sequence.pending[:-1] or sequence.pending)[: min(batch.room(), room)]
+                room -= len(chunk)
                 sequence.pending = sequence.pending[len(chunk) :]
                 last = batch.add(chunk, sequence.n_past, sequence.slot.id, not sequence.pending)
                 sequence.n_past += len(chunk)
@@ -399,6 +455,9 @@ class LoadedModel:
                                                    "thinking": thinking, **sequence.info}))  # fmt: skip
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
+            if token < 0:  # a grammar dead end (its error is set)
+                self._finish(sequence, None, events)
+                continue
             if token in self._eog:
                 self._finish(sequence, "stop", events)
                 continue
@@ -461,6 +520,8 @@ class LoadedModel:
         pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
 
         def sample(sequence: Sequence) -> int:
+            if sequence.params.grammar:
+                return self._sample_checked(sequence)
             return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
 
         if len(sequences) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
@@ -468,6 +529,33 @@ class LoadedModel:
         for sequence in sequences:  # the first read of an output row may reorder llama.cpp's buffers: do it here
             llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
         return list(self._sampling_pool.map(sample, sequences))
+
+    def _sample_checked(self, sequence: Sequence) -> int:
+        """llama_sampler_sample, step by step, for a sequence under a grammar. When the grammar rejects every
+        token, llama.cpp's samplers still pick one, and the grammar's accept then throws a C++ exception that
+        aborts the whole worker; here the pick is checked first, and a dead end is this sequence's error (-1)."""
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index), shape=(self.n_vocab,)
+        )
+        candidates = np.empty(self.n_vocab, _TOKEN_DATA)
+        candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=self.n_vocab, selected=-1, sorted=False,
+        )  # fmt: skip
+        llama_cpp.llama_sampler_apply(sequence.sampler.sampler, ctypes.byref(array))
+        chosen = array.data[array.selected] if 0 <= array.selected < array.size else None
+        if chosen is None or not math.isfinite(chosen.logit):
+            sequence.error = GrammarDeadEnd(
+                "The output format this request asks for (its JSON schema, pattern or tools) cannot be continued: "
+                "its grammar allows no token the model can write next (for example, a pattern that requires a NUL "
+                "character)."
+            )
+            return -1
+        llama_cpp.llama_sampler_accept(sequence.sampler.sampler, chosen.id)
+        return chosen.id
 
     def _token_event(self, sequence: Sequence, text: str) -> dict:
         event = {"index": sequence.index, "text": text}
@@ -509,10 +597,11 @@ class LoadedModel:
             tail = sequence.decoder.flush()
             if tail or sequence.logprobs:
                 events.append((sequence, "token", self._token_event(sequence, tail)))
-            events.append((sequence, "done", {"index": sequence.index, "finish_reason": reason,
-                                              "prompt_tokens": len(sequence.prompt),
-                                              "completion_tokens": sequence.completion_tokens,
-                                              "cached_tokens": sequence.cached_tokens}))  # fmt: skip
+            done = {"index": sequence.index, "finish_reason": reason, "prompt_tokens": len(sequence.prompt),
+                    "completion_tokens": sequence.completion_tokens, "cached_tokens": sequence.cached_tokens}
+            if sequence.decoder.stop.matched is not None:  # which stop string ended it (Anthropic reports it)
+                done["stop_sequence"] = sequence.decoder.stop.matched
+            events.append((sequence, "done", done))
         for follower in self._active:
             if follower.leader is sequence and follower.waiting_for_leader:  # the leader ended before its prompt
                 follower.error = sequence.error

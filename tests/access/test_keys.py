@@ -58,6 +58,8 @@ def test_every_url_needs_a_key_except_health_ready_and_the_admin_login(client, k
             assert response["WWW-Authenticate"].startswith("Bearer"), path
             if path.startswith("api/"):  # Ollama's API: its own error shape
                 assert "API key" in response.json()["error"], path
+            elif path.startswith("v1/messages"):  # Anthropic's API: its own error shape
+                assert response.json()["error"]["type"] == "authentication_error", path
             else:
                 assert response.json()["error"]["code"] == "invalid_api_key", path
 

@@ -12,7 +12,7 @@ from tests.openapi import assert_schema
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-LONG = "hello " * 5000  # ~5000 tokens: more than the default 4096-token context
+LONG = "hello " * 9000  # ~9000 tokens: more than SmolLM2's 8192-token context
 
 # (name, method, path, raw body, status, error type, code, param)
 CASES = [
@@ -108,7 +108,7 @@ async def test_bad_input_gets_an_openai_error(async_client, smollm2, method, pat
 
 async def test_context_length_error_says_the_limit(async_client, smollm2):
     response = await send(async_client, "post", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": LONG}]})
-    assert response.json()["error"]["message"].startswith("This model's maximum context length is 4096 tokens.")
+    assert response.json()["error"]["message"].startswith("This model's maximum context length is 8192 tokens.")
 
 
 async def test_a_body_over_the_limit_is_413(async_client, smollm2, settings):

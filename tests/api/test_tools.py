@@ -128,7 +128,7 @@ async def test_hermes_required_calls_are_forced_into_tool_call_tags_and_parsed(a
         jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
 
 
-async def test_hermes_streamed_calls_arrive_delta_by_delta_equal_to_the_non_streamed_ones(async_client, hermes):
+async def test_hermes_streamed_calls_arrive_as_they_are_written_equal_to_the_non_streamed_ones(async_client, hermes):
     request = body(tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False)
     plain = (await post(async_client, "/v1/chat/completions", request)).json()
     chunks = stream_chunks(
@@ -136,11 +136,12 @@ async def test_hermes_streamed_calls_arrive_delta_by_delta_equal_to_the_non_stre
     )
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
-    assert all(set(d) == {"tool_calls"} for d in deltas)  # no stray content: the call was held back whole
+    assert all(set(d) == {"tool_calls"} for d in deltas)  # no stray content: <tool_call> itself is not text
     head, *rest = [d["tool_calls"][0] for d in deltas]
     assert head == {"index": 0, "id": head["id"], "type": "function",
                     "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
     assert head["id"].startswith("call_") and rest and all(d.keys() == {"index", "function"} for d in rest)
+    assert len(rest) > 3  # the arguments stream token by token, not as one piece at the end
     (expected,) = plain["choices"][0]["message"]["tool_calls"]
     assert "".join(d["function"]["arguments"] for d in rest) == expected["function"]["arguments"]
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "tool_calls", "logprobs": None} or (

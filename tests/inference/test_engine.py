@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from inference.engine import ContextOverflow, LoadedModel, PromptError, SamplingParams
+from inference.engine import ContextFull, ContextOverflow, LoadedModel, PromptError, SamplingParams
 from models_app.bundled import default_model_path
 
 
@@ -50,7 +50,25 @@ def run(model, key, prompt, params):
     return sequence
 
 
-def test_concurrent_requests_produce_exactly_the_text_they_produce_alone(model, io):
+def test_with_a_context_per_slot_concurrent_requests_produce_exactly_the_text_they_produce_alone(io):
+    # Each slot's cells apart (MINERVA_SHARED_CONTEXT=off): a request's rows are computed the same, batched or not.
+    # With shared cells the attention runs over one buffer, and a tiny model's near-ties can flip (README).
+    model = LoadedModel(str(default_model_path()), n_ctx=512, n_parallel=4, io=io, shared_cells=False)
+    try:
+        _same_text_alone_and_together(model, io)
+        # And each of n choices is what a single request with its sampler gives on a copy of the prompt's cells.
+        prompt = model.chat_prompt([{"role": "user", "content": "Invent a name for a cat."}])
+        params = SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+        group = model.submit_many("split-n3", prompt, params, 3)
+        assert all(sequence.wait(60) for sequence in group)
+        run(model, "split-n3-alone", prompt, params)
+        first = "".join(d["text"] for e, d in io.events["split-n3"] if e == "token" and d["index"] == 0)
+        assert io.text("split-n3-alone") == first != ""
+    finally:
+        model.close()
+
+
+def _same_text_alone_and_together(model, io):
     prompts = [model.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
     params = [SamplingParams(temperature=0.9, seed=i, max_tokens=20 + 8 * i) for i in range(4)]
     for i in range(4):
@@ -61,6 +79,31 @@ def test_concurrent_requests_produce_exactly_the_text_they_produce_alone(model, 
     for i in range(4):
         assert io.text(f"together-{i}") == io.text(f"alone-{i}") != ""
         assert together[i].completion_tokens == 20 + 8 * i or together[i].finish_reason == "stop"
+
+
+def test_the_slots_share_one_context_so_one_request_may_fill_it(model, io):
+    assert (model.n_ctx, model.n_cells) == (512, 512)  # not 4 x 512 cells reserved up front
+    for i in range(3):  # three slots keep ~150-token prompts cached
+        run(model, f"cached-{i}", model.text_prompt(f"{i} " + "alpha beta " * 70), SamplingParams(max_tokens=2))
+    prompt = model.text_prompt("gamma delta " * 200)  # ~400 tokens: room only once idle caches give way
+    sequence = run(model, "fills", prompt, SamplingParams(max_tokens=60, ignore_eos=True))
+    assert sequence.error is None and sequence.completion_tokens == 60
+    assert sum(len(slot.tokens) for slot in model.slots) <= model.n_cells
+
+
+def test_when_generating_sequences_fill_the_shared_context_the_newest_gives_way(io):
+    model = LoadedModel(str(default_model_path()), n_ctx=256, n_parallel=2, io=io)
+    try:
+        prompt = model.text_prompt("Once upon a time")
+        older = model.submit("older", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        while not io.text("older"):
+            threading.Event().wait(0.01)
+        newer = model.submit("newer", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        assert older.wait(60) and newer.wait(60)
+        assert isinstance(newer.error, ContextFull) and "full" in str(newer.error)
+        assert older.error is None and older.completion_tokens == 200
+    finally:
+        model.close()
 
 
 def test_events_are_start_tokens_then_done(model, io):
@@ -191,9 +234,6 @@ def test_n_completions_share_one_prompt_decode_and_sample_independently(model, i
     assert all(texts.values()) and len(set(texts.values())) == 3
     assert [e for e, _ in io.events["n3"]].count("start") == 1
     assert sorted(d["index"] for e, d in io.events["n3"] if e == "done") == [0, 1, 2]
-    # Each choice is what a single request with its sampler would give on a copy of the same prompt cells.
-    alone = run(model, "n3-alone", prompt, params)
-    assert io.text("n3-alone") == texts[0] and alone.completion_tokens == 12
 
 
 def test_n_greater_than_the_slots_is_refused(model):

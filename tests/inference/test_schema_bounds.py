@@ -200,3 +200,13 @@ def test_realistic_schemas_pass_untouched():
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4096}, "tags": tags}}
     schema_bounds_check(schema)
     json_schema_grammar(schema)
+
+
+def test_a_subschema_of_only_annotations_allows_any_value_rather_than_being_refused():
+    # Claude Code's tools have such properties; the stock converter refused them ("Unrecognized schema") and
+    # read {} as "any object".
+    grammar = json_schema_grammar({"type": "object", "properties": {"a": {"description": "anything"}, "b": {}},
+                                   "required": ["a", "b"]})  # fmt: skip
+    for rule in ("a", "b"):
+        (line,) = [line for line in grammar.splitlines() if line.startswith(f"{rule} ::= ")]
+        assert all(kind in line for kind in ("string", "number", "boolean", "array", "null")), line

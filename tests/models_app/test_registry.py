@@ -12,6 +12,7 @@ from django.core.management import call_command
 
 from core.errors import ModelNotFound
 from models_app.bundled import default_model_path
+from models_app.metadata import kv_bytes_per_token
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_n_ctx
 from models_app.services import RegistryError, model_register, models_scan
@@ -31,9 +32,29 @@ def test_the_default_model_is_registered_with_its_metadata():
     models_scan()
     model = model_get("smollm2-135m-instruct")
     assert (model.context_length, model.quantization, model.format) == (8192, "Q4_1", "gguf")
-    assert model_n_ctx(model) == 4096  # MINERVA_N_CTX caps it
+    assert model_n_ctx(model) == 8192  # its trained context: the memory budget holds its KV cache
     assert model.queue == "minerva.model.smollm2-135m-instruct"
     assert model.metadata["vocab_size"] == 49152
+
+
+def test_a_models_context_is_its_trained_one_unless_set_or_the_memory_budget_is_too_small(settings):
+    models_scan()
+    model = model_get("smollm2-135m-instruct")
+    settings.N_CTX = 2048
+    assert model_n_ctx(model) == 2048  # MINERVA_N_CTX sets it
+    settings.N_CTX = 100_000
+    assert model_n_ctx(model) == 8192  # never past what the model was trained for
+    settings.N_CTX = 0
+    # SmolLM2 takes 30 layers x 3 KV heads x (64 + 64) x 2 bytes = 23,040 bytes of f16 KV cache per token; half
+    # the budget must hold the weights and the cache.
+    per_token = kv_bytes_per_token(model.metadata)
+    assert per_token == 23_040
+    settings.MEMORY_BUDGET = 2 * (model.file_size + 5000 * per_token)
+    assert model_n_ctx(model) == 4864  # 5,000 tokens fit; in steps of 256
+    settings.KV_CACHE_TYPE = "q8_0"  # about half the bytes per token: the trained context fits again
+    assert model_n_ctx(model) == 8192
+    settings.MEMORY_BUDGET = model.file_size  # nothing fits: the floor still serves 2,048
+    assert model_n_ctx(model) == 2048
 
 
 def test_a_scan_finds_gguf_split_and_safetensors_models(models_dir):
@@ -132,7 +153,7 @@ async def test_v1_models_entries_carry_meta_and_stay_small(async_client, models_
     assert [m["id"] for m in data["data"]] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
     assert data["data"][0]["meta"]["architecture"] == "bert" and data["data"][0]["context_length"] == 512
     entry = data["data"][1]
-    assert entry["max_model_len"] == entry["context_length"] == 4096
+    assert entry["max_model_len"] == entry["context_length"] == 8192
     expected = {
         "format": "gguf",
         "architecture": "llama",
