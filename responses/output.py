@@ -88,13 +88,10 @@ class OutputBuilder:
             events += self._write("reasoning", delta.reasoning)
         if delta.text:
             events += self._text(delta.text)
-        # Today the core hands over each call whole at the end of the answer; a core that streams the arguments
-        # in fragments would call _start / _write / _close per fragment instead.
-        for call in delta.tool_calls:
-            events += self._close()
-            events += self._start("function_call", name=call["function"]["name"])
-            events += self._write("function_call", call["function"]["arguments"])
-            events += self._close()
+        for part in delta.tool_call_parts:  # a call's head once its name is known, then its arguments as written
+            if part.id is not None:
+                events += self._close() + self._start("function_call", name=part.name)
+            events += self._write("function_call", part.arguments)
         if delta.finish_reason:
             self.finish_reason = delta.finish_reason
         return events
