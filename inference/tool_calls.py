@@ -512,7 +512,9 @@ class ToolCallStream:
 def _call_name(tool_format: str, text: str) -> str | None:
     """The function's name in the text before a call's arguments (Kimi's is in its call id, `functions.name:0`)."""
     name = text.strip()
-    if tool_format == "kimi_k2":
+    if tool_format == "mistral":  # Mistral Small 3.2: name[CALL_ID]id[ARGS]
+        name = name.split("[CALL_ID]")[0]
+    elif tool_format == "kimi_k2":
         name = re.sub(r"^functions\.|:\d+$", "", name)
     if not name or len(name) > _NAME_LIMIT or any(ch in name for ch in _SPACE + '<>"{}'):
         return None

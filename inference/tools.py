@@ -47,7 +47,7 @@ _PYTHON_TAG = "<|python_tag|>"
 _LLAMA3_TRIGGER = r'^\s*(\{\s*"name")[\s\S]*$'  # a call is the whole answer: an object that starts with "name"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _DSML = "｜DSML｜"
-_SEP = '"\\n"?'  # what may stand between two tags in a grammar: a newline (the templates write one, or none)
+_SEP = '"\\n"{0,2}'  # what may stand between two tags in a grammar: the templates write a newline or two, or none
 
 
 @dataclass(frozen=True)
@@ -223,25 +223,7 @@ def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None
             answer = {"anyOf": [answer, words]}
         return json_schema_grammar(answer, bounded=True), []
     if tool_format in ("hermes", "mistral", "llama3"):
-        args_key = "parameters" if tool_format == "llama3" else "arguments"
-        calls = [
-            {
-                "type": "object",
-                "properties": {"name": {"const": t.name}, args_key: t.parameters or {"type": "object"}},
-                "required": ["name", args_key],
-            }
-            for t in tools
-        ]
-        schemas = {"call": {"anyOf": calls} if len(calls) > 1 else calls[0]}
-        if tool_format == "hermes":
-            one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
-            calls_rule = f'{one} ("\\n"? {one})*' if many else one
-        elif tool_format == "mistral":
-            calls_rule = '"[TOOL_CALLS]" "[" call ("," " "? call)* "]"' if many else '"[TOOL_CALLS]" "[" call "]"'
-        else:  # llama3: one call per turn, as its template renders them
-            calls_rule = "call"
-        triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(JSON_TRIGGER[tool_format])]
-        structure = [f"calls ::= {calls_rule}"]
+        schemas, structure, triggers = _json_rules(tools, tool_format, many)
     else:
         schemas, structure, triggers = _native_rules(tools, tool_format, many)
     root = "calls"
@@ -263,6 +245,36 @@ def _calls_array(body: GenerationRequest) -> dict:
     ]  # fmt: skip
     call = {"anyOf": calls} if len(calls) > 1 else calls[0]
     return {"type": "array", "items": call, "minItems": 1} | ({} if body.parallel_tool_calls else {"maxItems": 1})
+
+
+def _json_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str], list[str]]:
+    """hermes, mistral and llama3, whose calls are JSON objects: like _native_rules."""
+    args_key = "parameters" if tool_format == "llama3" else "arguments"
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, args_key: t.parameters or {"type": "object"}},
+            "required": ["name", args_key],
+        }
+        for t in tools
+    ]
+    schemas = {"call": {"anyOf": calls} if len(calls) > 1 else calls[0]}
+    rules = []
+    if tool_format == "hermes":
+        one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
+        rules.append(f'calls ::= {one} ("\\n"? {one})*' if many else f"calls ::= {one}")
+    elif tool_format == "mistral":  # an array of calls (Nemo), or each call as name[ARGS]{...} (Devstral, 3.2)
+        array = '"[" call ("," " "? call)* "]"' if many else '"[" call "]"'
+        named = '(named ("[TOOL_CALLS]" named)*)' if many else "named"
+        rules += [f'calls ::= "[TOOL_CALLS]" ({array} | {named})',
+                  f"named ::= ({' | '.join(f'tool-{i}' for i in range(len(tools)))})"]  # fmt: skip
+        for i, tool in enumerate(tools):
+            schemas[f"tool-{i}-args"] = tool.parameters or {"type": "object"}
+            rules.append(f'tool-{i} ::= {_lit(tool.name)} ("[CALL_ID]" [a-zA-Z0-9]+)? "[ARGS]" tool-{i}-args')
+    else:  # llama3: one call per turn, as its template renders them
+        rules.append("calls ::= call")
+    triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(JSON_TRIGGER[tool_format])]
+    return schemas, rules, triggers
 
 
 def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str], list[str]]:
