@@ -75,11 +75,13 @@ class ReasoningSplitter:
 
 
 # Harmony: each message is a header (`<|start|>assistant`, `<|channel|>NAME`, maybe ` to=RECIPIENT` and a content
-# type) up to `<|message|>`, then its text up to `<|end|>` (or the next `<|start|>`; `<|return|>` and `<|call|>` end
-# the generation). The generation prompt ends in `<|start|>assistant`, so the answer starts with a header.
+# type) up to `<|message|>`, then its text up to `<|end|>` (or the next header when the model skips it; `<|return|>`
+# and `<|call|>` end the generation). The generation prompt ends in `<|start|>assistant`, so the answer starts with a
+# header.
 MESSAGE = "<|message|>"
 _HEADERS = ("<|start|>", "<|channel|>", "to=")
-_BODY_ENDS = ("<|end|>", "<|start|>", "<|return|>", "<|call|>")
+_BODY_ENDS = ("<|end|>", "<|start|>", "<|channel|>", "<|return|>", "<|call|>")  # the last two end the generation
+_NEXT_HEADER = ("<|start|>", "<|channel|>")  # a body that ends in these is followed by a header (no <|end|>)
 _HEADER_LIMIT = 512  # characters of a header without <|message|>: past this, the model is not writing Harmony
 
 
@@ -120,7 +122,7 @@ class HarmonySplitter:
                 self.pending = self.pending[len(self.pending) - keep :]
                 break
             out[self.route].append(self.pending[:end])
-            self.pending = self.pending[end + (len(tag) if tag != "<|start|>" else 0) :]
+            self.pending = self.pending[end + (0 if tag in _NEXT_HEADER else len(tag)) :]
             self.state = "header"
         return "".join(out["reasoning"]), "".join(out["content"])
 

@@ -53,6 +53,7 @@ from .services import _params, embedding_token_budget, request_model, request_to
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .tools import (
     MARKERS,
+    THINK_CLOSE,
     THINK_OPEN,
     json_schema_grammar,
     offered_tools,
@@ -492,10 +493,12 @@ def _tool_calls_as_answer(calls) -> str:
 
 def _think(engine, prompt: list[int]) -> str | None:
     """How a thought may come before a required call: "open" when the prompt leaves the model inside <think>,
-    "optional" when its template knows <think> (the model may open one), else None."""
+    "optional" when its template knows <think> (the model may open one), None when it knows none or closed it
+    (DeepSeek's `<think></think>` when thinking is off)."""
     if engine.chat_template is None or THINK_OPEN not in engine.chat_template.source:
         return None
-    return "open" if engine.detokenize(prompt[-4:]).rstrip().endswith(THINK_OPEN) else "optional"
+    end = engine.detokenize(prompt[-4:]).rstrip()
+    return "open" if end.endswith(THINK_OPEN) else None if end.endswith(THINK_CLOSE) else "optional"
 
 
 def _preserved_tokens(engine, syntax: str | None, tool_format: str | None) -> frozenset[int]:

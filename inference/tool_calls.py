@@ -582,7 +582,9 @@ class _XmlReader:
         if s.call_open:
             at = rest.find(s.call_name_end)
             end = at + len(s.call_name_end)
-        else:  # GLM: the name ends at a newline, its first argument or the block's end
+        else:  # GLM: the name (after any whitespace) ends at a newline, its first argument or the block's end
+            rest = rest.lstrip(_SPACE)
+            self.pos = len(text) - len(rest)
             at = end = min((i for i in (rest.find("\n"), rest.find(s.arg_open), rest.find(s.block_close)) if i >= 0),
                            default=-1)  # fmt: skip
         if at < 0:
@@ -632,7 +634,7 @@ class _XmlReader:
         self._expect(text, {self.syntax.value_open: "value_start"})
 
     def _value_start(self, text: str, parts: list) -> None:
-        if self.syntax.newlines:  # Qwen3-Coder: the newline after <parameter=key> is not the value's
+        if self.syntax.newline:  # Qwen3-Coder: the newline after <parameter=key> is not the value's
             if self.pos >= len(text):
                 return
             self.pos += text[self.pos] == "\n"
@@ -645,14 +647,12 @@ class _XmlReader:
         if at < 0:
             self.scanned = len(text)
             if self.kind == "string":  # out as it is written, but for what may be the closing tag
-                end = len(text) - _held(text[self.value_start :], s.arg_close, s.newlines)
+                end = len(text) - _held(text[self.value_start :], s.arg_close)
                 if end > self.sent:
                     parts.append(ToolCallPart(self.index, arguments=_escaped(text[self.sent : end])))
                     self.sent = end
             return
         value = text[self.value_start : at]
-        if s.newlines and value.endswith("\n"):
-            value = value[:-1]
         if self.kind == "string":
             parts.append(ToolCallPart(self.index, arguments=_escaped(value[self.sent - self.value_start :]) + '"'))
         else:
@@ -661,12 +661,9 @@ class _XmlReader:
         self.state = "args"
 
 
-def _held(value: str, close: str, newline: bool) -> int:
-    """How many characters at the end of a value being written may still be the start of its closing tag (with
-    the newline before it, for Qwen3-Coder)."""
-    tags = (close, "\n" + close) if newline else (close,)
-    return next((k for k in range(min(len(value), len(close)), 0, -1)
-                 if any(tag.startswith(value[-k:]) for tag in tags)), 0)  # fmt: skip
+def _held(value: str, close: str) -> int:
+    """How many characters at the end of a value being written may still be the start of its closing tag."""
+    return next((k for k in range(min(len(value), len(close) - 1), 0, -1) if close.startswith(value[-k:])), 0)
 
 
 def _escaped(text: str) -> str:

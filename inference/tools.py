@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from core.generation import GenerationRequest
 
+from .reasoning import THOUGHT_ENDS
 from .schema_bounds import grammar_bounds_check, schema_bounds_check
 
 TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral", "qwen3_coder", "glm", "minimax_m2", "deepseek_v3_1",
@@ -64,7 +65,8 @@ class XmlSyntax:
     arg_name_end: str
     arg_close: str
     value_open: str = ""  # GLM's <arg_value>, after the name's </arg_key>
-    newlines: bool = False  # Qwen3-Coder writes a value between newlines that are not part of it
+    newline: bool = False  # Qwen3-Coder: a newline after the opening tag, not the value's (one before the close is
+    # the closing tag's: its arg_close is "\n</parameter>", as llama.cpp reads it)
     typed: bool = False  # DSML: the argument's tag says string="true" or "false"
 
 
@@ -86,7 +88,7 @@ def _dsml(block: str) -> XmlSyntax:
 # fmt: off
 XML = {
     "qwen3_coder": XmlSyntax("<tool_call>", "</tool_call>", "<function=", ">", "</function>", "<parameter=", ">",
-                             "</parameter>", newlines=True),
+                             "\n</parameter>", newline=True),
     "glm": XmlSyntax("<tool_call>", "</tool_call>", "", "\n", "", "<arg_key>", "</arg_key>", "</arg_value>",
                      value_open="<arg_value>"),
     "minimax_m2": XmlSyntax("<minimax:tool_call>", "</minimax:tool_call>", '<invoke name="', '">', "</invoke>",
@@ -230,9 +232,11 @@ def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None
     if tool_format == "harmony" and not lazy:
         root = "messages calls"  # its thought is a channel of its own (see _native_rules)
     elif think in ("open", "optional") and not lazy:
-        thought = f"{_until('thought-text', THINK_CLOSE, structure)} {_lit(THINK_CLOSE)} [ \\t\\n]*"
+        # A thought ends at </think>, or for the models that call tools straight from their thinking, at the call.
+        ends = THOUGHT_ENDS.get(tool_format, ())
+        closed = f"({_lit(THINK_CLOSE)} [ \\t\\n]*){'?' if ends else ''}"
+        structure.append(f"thought ::= {_until('thought-text', (THINK_CLOSE, *ends), structure)} {closed}")
         root = "thought calls" if think == "open" else f"([ \\t\\n]* {_lit(THINK_OPEN)} thought)? calls"
-        structure.append(f"thought ::= {thought}")
     grammar = _grammar(schemas, [f"root ::= {root}", *structure])
     return grammar, triggers if lazy else []
 
@@ -284,9 +288,9 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
     rules: list[str] = []
     if tool_format in XML:
         syntax = XML[tool_format]
-        value_rule = _until("xml-value", ("\n" if syntax.newlines else "") + syntax.arg_close, rules)
+        value_rule = _until("xml-value", (syntax.arg_close,), rules)
         opened = f"{_SEP} {_lit(syntax.value_open)}" if syntax.value_open else ""  # GLM's </arg_key> <arg_value>
-        nl = '"\\n"' if syntax.newlines else ""  # Qwen3-Coder: <parameter=key>\nvalue\n</parameter>
+        nl = '"\\n"' if syntax.newline else ""  # Qwen3-Coder: <parameter=key>\nvalue\n</parameter>
         close = f"{_lit(syntax.arg_close)} {_SEP}"
         names = []
         for i, tool in enumerate(tools):
@@ -298,17 +302,20 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
             for k, (key, schema) in enumerate(properties.items()):
                 kind = value_kind(schema)
                 value = value_rule
-                if kind == "json":
+                choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+                if kind == "string" and choices:  # one of the values, written as they are
+                    value = f"({' | '.join(_lit(choice) for choice in choices)})"
+                elif kind == "json":
                     value = f"tool-{i}-arg-{k}-value"
                     schemas[value] = schema
                 head = key + (f'" string="{"false" if kind == "json" else "true"}' if syntax.typed else "")
                 rules.append(f"tool-{i}-arg-{k} ::= {_lit(syntax.arg_open + head + syntax.arg_name_end)} {opened} "
-                             f"{nl} {value} {nl} {close}")  # fmt: skip
+                             f"{nl} {value} {close}")  # fmt: skip
                 (args if key in required else optional).append(f"tool-{i}-arg-{k}")
             if not properties and params.get("additionalProperties", True) is not False:  # any argument, as text
                 name_end = ('" string="true' if syntax.typed else "") + syntax.arg_name_end
                 rules.append(f"tool-{i}-any ::= {_lit(syntax.arg_open)} [^\"<>\\n]+ {_lit(name_end)} {opened} "
-                             f"{nl} {value_rule} {nl} {close}")  # fmt: skip
+                             f"{nl} {value_rule} {close}")  # fmt: skip
                 optional.append(f"tool-{i}-any")
             arguments = " ".join(args + ([f"({' | '.join(optional)})*"] if optional else []))
             if syntax.call_open:
@@ -318,7 +325,8 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
                 rules.append(f"tool-{i} ::= {_lit(tool.name)} {_SEP} {arguments}")
         call = f"({' | '.join(names)})"
         several = many and syntax.call_open and tool_format != "qwen3_coder"  # calls in one block
-        block = f"{_lit(syntax.block_open)} {_SEP} {call}{'+' if several else ''} {_lit(syntax.block_close)}"
+        after_open = _SEP if syntax.call_open else ""  # GLM writes the name right after <tool_call>
+        block = f"{_lit(syntax.block_open)} {after_open} {call}{'+' if several else ''} {_lit(syntax.block_close)}"
         rules.append(f"calls ::= {block} ({_SEP} {block})*" if many and not several else f"calls ::= {block}")
         return schemas, rules, [re.escape(syntax.block_open)]
     syntax = NAMED[tool_format]
@@ -342,7 +350,7 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
                          f"{_lit(syntax.call_close)}")  # fmt: skip
     call = f"({' | '.join(names)})"
     if tool_format == "harmony":  # one call per turn: <|call|> ends it (an end-of-generation token)
-        until_end = _until("harmony-text", "<|end|>", rules)
+        until_end = _until("harmony-text", ("<|end|>",), rules)
         rules += ["calls ::= " + call,
                   f'messages ::= (("<|channel|>analysis" | "<|channel|>commentary") "<|message|>" {until_end} '
                   '"<|end|>" "<|start|>assistant")*']  # fmt: skip
@@ -360,31 +368,47 @@ def _lit(text: str) -> str:
     return f'"{escaped.replace(chr(9), chr(92) + "t")}"'
 
 
-def _until(name: str, delimiter: str, rules: list[str]) -> str:
-    """A rule `name` for any text that does not contain `delimiter` (added to `rules`, once): the complement of
-    the automaton that finds it, one rule per state, as llama.cpp's peg parser writes its `until`."""
+def _until(name: str, delimiters: tuple[str, ...], rules: list[str]) -> str:
+    """A rule `name` for any text that contains none of `delimiters` (added to `rules`, once): the complement of
+    the Aho-Corasick automaton that finds them, one rule per state, as llama.cpp's peg parser writes its `until`."""
     if any(rule.startswith(f"{name} ::= ") for rule in rules):
         return name
-    n = len(delimiter)
-    fail = [0] * (n + 1)  # KMP: the longest proper border of delimiter[:q]
-    for q in range(2, n + 1):
-        k = fail[q - 1]
-        while k and delimiter[k] != delimiter[q - 1]:
-            k = fail[k]
-        fail[q] = k + 1 if delimiter[k] == delimiter[q - 1] else 0
+    goto: list[dict[str, int]] = [{}]  # the trie of the delimiters
+    terminal = [False]
+    for delimiter in delimiters:
+        q = 0
+        for ch in delimiter:
+            if ch not in goto[q]:
+                goto.append({})
+                terminal.append(False)
+                goto[q][ch] = len(goto) - 1
+            q = goto[q][ch]
+        terminal[q] = True
+    fail = [0] * len(goto)
+    queue = list(goto[0].values())
+    for q in queue:  # breadth first: a state's failure link is known before its children's
+        for ch, child in goto[q].items():
+            f = fail[q]
+            while f and ch not in goto[f]:
+                f = fail[f]
+            fail[child] = goto[f][ch] if ch in goto[f] and goto[f][ch] != child else 0
+            terminal[child] = terminal[child] or terminal[fail[child]]
+            queue.append(child)
 
     def step(q: int, ch: str) -> int:
-        while q and (q == n or delimiter[q] != ch):
+        while q and ch not in goto[q]:
             q = fail[q]
-        return q + 1 if delimiter[q] == ch else 0
+        return goto[q].get(ch, 0)
 
-    alphabet = sorted(set(delimiter))
-    for q in range(n):
+    alphabet = sorted({ch for delimiter in delimiters for ch in delimiter})
+    for q in range(len(goto)):
+        if terminal[q]:
+            continue  # a delimiter was found: no way on
         to: dict[int, list[str]] = {}
         for ch in alphabet:
             to.setdefault(step(q, ch), []).append(ch)
         specific = [ch for d, chars in to.items() if d for ch in chars]
-        alternatives = [f"{_char_class(chars)} {name}-{d}" for d, chars in sorted(to.items()) if 0 < d < n]
+        alternatives = [f"{_char_class(chars)} {name}-{d}" for d, chars in sorted(to.items()) if d and not terminal[d]]
         alternatives.append(f"{_char_class(specific, negate=True)} {name}-0")
         rules.append(f"{name}-{q} ::= | " + " | ".join(alternatives))
     rules.append(f"{name} ::= {name}-0")
