@@ -343,7 +343,7 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
                          f'" to=functions." {name} "<|channel|>" ("commentary" | "analysis") {kind}) "<|message|>" '
                          f"tool-{i}-args")  # fmt: skip
         elif tool_format == "kimi_k2":
-            rules.append(f'tool-{i} ::= {_lit(syntax.call_open + "functions." + tool.name + ":")} [0-9]+ '
+            rules.append(f'tool-{i} ::= {_lit(syntax.call_open + "functions." + tool.name + ":")} [0-9]{{1,4}} '
                          f"{_lit(syntax.name_end)} tool-{i}-args {_lit(syntax.call_close)}")  # fmt: skip
         else:
             rules.append(f"tool-{i} ::= {_lit(syntax.call_open + tool.name + syntax.name_end)} tool-{i}-args "
