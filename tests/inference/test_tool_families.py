@@ -18,6 +18,7 @@ from core.generation import GenerationRequest
 from inference.engine.template import ChatTemplate, ChatTemplateError
 from inference.reasoning import reasoning_splitter
 from inference.run import _prompt
+from inference.serving import Generation
 from inference.tool_calls import ToolCallPart, ToolCallStream, calls_fold
 from inference.tools import TOOL_FORMATS, tool_format_for, tool_grammar
 from models_app.bundled import default_model_path
@@ -358,3 +359,34 @@ def test_a_template_that_needs_what_the_renderer_lacks_is_a_clear_refusal():
     # has the request's side.
     with pytest.raises(ChatTemplateError, match="'append', which the sandbox forbids"):
         _prompt(Engine((TEMPLATES / "Kimi-K2-Instruct.jinja").read_text()), request(), "kimi_k2", "kimi_k2")
+
+
+async def worker_events(start: dict, text: str, size: int):
+    """What a worker publishes for `text` (in tokens of `size` characters) after a `start` event."""
+    yield "start", start
+    for i in range(0, len(text), size):
+        yield "token", {"index": 0, "text": text[i : i + size]}
+    yield "done", {"index": 0, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+
+
+@pytest.mark.parametrize("size", [1, 4])
+async def test_gpt_oss_channels_reach_the_view_as_reasoning_and_a_streamed_call(size):
+    body = request(tool_choice="auto")
+    start = {"tool_format": "harmony", "reasoning": "harmony", "thinking": False}  # as inference/run.py sends it
+    generation = Generation("req", body, worker_events(start, HARMONY, size))
+    deltas = [d async for d in generation.deltas()]
+    assert "".join(d.reasoning for d in deltas) == "I will write the file."
+    assert "".join(d.text for d in deltas) == ""
+    parts = [p for d in deltas for p in d.tool_call_parts]
+    assert parts[0].name == "write" and len([p for p in parts if p.arguments]) > 1
+    (last,) = [d for d in deltas if d.finish_reason]
+    assert last.finish_reason == "tool_calls" and json.loads(last.tool_calls[0]["function"]["arguments"]) == WRITE_ARGS
+    answer = await Generation("req", body, worker_events(start, HARMONY, size)).collect()
+    assert answer.choices[0].reasoning == "I will write the file." and answer.choices[0].text is None
+
+
+async def test_without_the_harmony_start_the_view_splits_think_tags_as_before():
+    body = GenerationRequest(model="m", messages=CONVERSATION)
+    text = "<think>Plan.</think>Hello."
+    answer = await Generation("req", body, worker_events({"thinking": False}, text, 3)).collect()
+    assert (answer.choices[0].reasoning, answer.choices[0].text) == ("Plan.", "Hello.")
