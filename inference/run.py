@@ -446,7 +446,7 @@ def _call_ids(body: GenerationRequest, syntax: str | None) -> dict[str, str]:
     ids: dict[str, str] = {}
     for m in body.messages:
         for index, call in enumerate(m.tool_calls):
-            if syntax == "mistral":
+            if syntax == "mistral" and not (len(call.id) == 9 and call.id.isalnum()):
                 ids[call.id] = hashlib.sha256(call.id.encode()).hexdigest()[:9]
             elif syntax == "kimi_k2":
                 ids[call.id] = f"functions.{call.name}:{index}"

@@ -275,3 +275,14 @@ def test_a_preserved_end_of_generation_token_still_ends_the_answer_without_text(
     )
     sequence = run(model, "special-eog", model.text_prompt("Hello"), params)
     assert sequence.finish_reason == "stop" and sequence.completion_tokens == 0 and io.text("special-eog") == ""
+
+
+def test_a_lazy_grammar_wakes_on_a_special_tokens_text(model, io):
+    # llama.cpp's grammar sees a special token's text (<|im_start|>), so a trigger on a format's special marker
+    # (Kimi's <|tool_call_begin|>, gpt-oss's <|channel|>) wakes it, preserved or not.
+    (im_start,) = model.model.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    params = SamplingParams(max_tokens=20, temperature=0, logit_bias={im_start: 100.0},
+                            grammar='root ::= "<|im_start|>" " held."', grammar_triggers=[r"<\|im_start\|>"],
+                            preserved_tokens=frozenset({im_start}))  # fmt: skip
+    sequence = run(model, "special-trigger", model.text_prompt("Hello"), params)
+    assert io.text("special-trigger") == "<|im_start|> held." and sequence.finish_reason == "stop"
