@@ -435,7 +435,7 @@ def _template_messages(body: GenerationRequest, tool_format: str | None = None, 
         if m.tool_call_id:
             message["tool_call_id"] = ids.get(m.tool_call_id, m.tool_call_id)
         rest.append(message)
-    if syntax == "harmony":
+    if syntax in ("harmony", "llama3"):  # their templates render one call per assistant turn
         rest = _one_call_per_turn(rest)
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
 
@@ -455,7 +455,8 @@ def _call_ids(body: GenerationRequest, syntax: str | None) -> dict[str, str]:
 
 def _one_call_per_turn(messages: list[dict]) -> list[dict]:
     """gpt-oss's template renders one call per assistant turn (Harmony has no parallel calls) and names a result
-    after the call before it: a turn with several calls becomes one turn per call, each followed by its result."""
+    after the call before it; Llama 3.1's refuses a turn with more: a turn with several calls becomes one turn per
+    call, each followed by its result."""
     out: list[dict] = []
     i = 0
     while i < len(messages):

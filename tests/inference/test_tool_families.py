@@ -85,6 +85,9 @@ KIMI = KIMI_WRITE.replace("<|tool_calls_section_end|>", "<|tool_call_begin|>func
 # Harmony has no parallel calls (<|call|>, an end-of-generation token, ends the turn): a thought, then one call.
 HARMONY = ("<|channel|>analysis<|message|>I will write the file.<|end|><|start|>assistant<|channel|>commentary "
            f"to=functions.write <|constrain|>json<|message|>{ARGS}")  # fmt: skip
+HERMES_WRITE = f'<tool_call>\n{{"name": "write", "arguments": {ARGS}}}\n</tool_call>'
+HERMES = HERMES_WRITE + '\n<tool_call>\n{"name": "ls", "arguments": {}}\n</tool_call>'
+LLAMA3 = f'{{"name": "write", "parameters": {ARGS}}}'  # one call a turn
 MISTRAL_WRITE = f"[TOOL_CALLS]write[ARGS]{ARGS}"
 MISTRAL = MISTRAL_WRITE + "[TOOL_CALLS]ls[ARGS]{}"
 
@@ -130,6 +133,12 @@ FAMILIES = {
     "Kimi K2": Family("moonshotai-Kimi-K2", "kimi_k2", KIMI_WRITE, KIMI, (KIMI, "## Return of functions.write:0")),
     "MiniMax M2": Family("MiniMax-M2", "minimax_m2", MINIMAX_WRITE, MINIMAX, (
         "<think>\nI will write the file.\n</think>", MINIMAX, "<response>written</response>")),
+    "Qwen2.5": Family("Qwen-Qwen2.5-7B-Instruct", "hermes", HERMES_WRITE, HERMES, (
+        HERMES + "<|im_end|>", "<tool_response>\nwritten\n</tool_response>", '{"type": "function", "function": {')),
+    "Llama 3.1": Family("meta-llama-Llama-3.1-8B-Instruct", "llama3", LLAMA3, LLAMA3, (
+        # one turn per call (its template refuses more), each followed by its result
+        LLAMA3 + '<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"written"<|eot_id|>',
+        '{"name": "ls", "parameters": {}}<|eot_id|><|start_header_id|>ipython', '"name": "write"')),
     "Devstral": Family("unsloth-mistral-Devstral-Small-2507", "mistral", MISTRAL_WRITE, MISTRAL, (
         MISTRAL + "</s>[TOOL_RESULTS]written[/TOOL_RESULTS]",)),
 }  # fmt: skip
@@ -155,10 +164,11 @@ class Engine:
 
 
 def lead(family: Family) -> str:
-    """Words before the calls, as the family writes them (gpt-oss: a preamble on the commentary channel)."""
+    """Words before the calls, as the family writes them (gpt-oss: a preamble on the commentary channel; Llama 3:
+    none, its answer is a call only if it starts with one)."""
     if family.tool_format == "harmony":
         return "<|channel|>commentary<|message|>Let me do it.<|end|><|start|>assistant"
-    return "Let me do it.\n"
+    return "" if family.tool_format == "llama3" else "Let me do it.\n"
 
 
 def answer(family: Family, pieces: list[str]) -> tuple[str, str, list[ToolCallPart]]:
@@ -176,7 +186,7 @@ def answer(family: Family, pieces: list[str]) -> tuple[str, str, list[ToolCallPa
 
 
 def expected_calls(family: Family) -> list[tuple[str, dict]]:
-    return [("write", WRITE_ARGS)] if family.tool_format == "harmony" else [("write", WRITE_ARGS), ("ls", {})]
+    return [("write", WRITE_ARGS)] if family.one == family.calls else [("write", WRITE_ARGS), ("ls", {})]
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=IDS)
@@ -205,7 +215,7 @@ def test_the_familys_call_text_parses_to_openai_tool_calls(family):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == expected_calls(family)
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
     assert len({c["id"] for c in calls}) == len(calls)
-    assert content == "Let me do it."
+    assert content == ("Let me do it." if lead(family) else "")
     assert reasoning == ("I will write the file." if family.tool_format == "harmony" else "")  # its analysis channel
 
 
@@ -304,8 +314,8 @@ def test_parallel_tool_calls_false_allows_one_call(vocab):
 def test_an_auto_grammar_lets_words_through_and_holds_the_call_once_it_starts(family, vocab):
     grammar, triggers = tool_grammar(request(tool_choice="auto"), family.tool_format)
     assert triggers
-    words = "Let me write it. Then I'll list the files.\n\n"
-    assert grammar_walk(vocab, grammar, triggers, words) == "accepted"  # nothing woke the grammar
+    assert grammar_walk(vocab, grammar, triggers, "Let me write it. Then I'll list the files.") == "accepted"
+    words = "Let me write it. Then I'll list the files.\n\n" if lead(family) else ""  # Llama 3: a call or words
     assert grammar_walk(vocab, grammar, triggers, words + family.calls) == "accepted"
     cut = family.calls.rindex("write") + len("write")  # the call started: a wrong turn is refused
     assert grammar_walk(vocab, grammar, triggers, words + family.calls[:cut] + "!!nonsense") == "refused"
