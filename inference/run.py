@@ -2,8 +2,10 @@
 
 import base64
 import ctypes
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
 
@@ -49,7 +51,16 @@ from .metrics import metrics_record
 from .models import RequestLog
 from .services import _params, embedding_token_budget, request_model, request_token_budget
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
-from .tools import json_schema_grammar, offered_tools, tool_format_for, tool_grammar, tool_instruction
+from .tools import (
+    MARKERS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    json_schema_grammar,
+    offered_tools,
+    tool_format_for,
+    tool_grammar,
+    tool_instruction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +84,14 @@ def request_run(*, log_id: int, payload: dict) -> None:
         if body.load_only:
             return _load_only(log, stream, model, keep_alive)
         with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
-            tool_format = _tool_format(model, engine) if body.is_chat and body.tools_active() else None
-            prompt = _prompt(engine, body, tool_format)
-            sampling = _sampling(body, model.default_params, tool_format)
-            info = {"tool_format": tool_format} if tool_format else None
+            syntax = _tool_format(model, engine) if body.is_chat else None  # the template's, tools or not
+            tool_format = syntax if body.tools_active() else None
+            prompt = _prompt(engine, body, tool_format, syntax)
+            sampling = _sampling(body, model.default_params, tool_format, think=_think(engine, prompt),
+                                 preserved=_preserved_tokens(engine, syntax, tool_format))  # fmt: skip
+            info = {"tool_format": tool_format} if tool_format else {}
+            if syntax == "harmony":  # the view splits the answer's channels (inference/reasoning.py)
+                info["reasoning"] = "harmony"
             sequences = engine.submit_many(log.request_id, prompt, sampling, body.n, info=info)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()
@@ -261,8 +276,9 @@ def tokenize_run(*, log_id: int, payload: dict) -> None:
 def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
     llama = engine.model  # llama-cpp-python's LlamaModel, of a generating or an embedding context alike
     if body.chat is not None:
-        tool_format = _tool_format(model, engine) if body.chat.tools_active() else None
-        return {"count": len(_prompt(engine, body.chat, tool_format))}
+        syntax = _tool_format(model, engine)
+        tool_format = syntax if body.chat.tools_active() else None
+        return {"count": len(_prompt(engine, body.chat, tool_format, syntax))}
     if body.content is not None:
         tokens = llama.tokenize(body.content.encode(), add_bos=body.add_special, special=body.parse_special)
         if not body.with_pieces:
@@ -368,45 +384,101 @@ def _tool_format(model: LanguageModel, engine) -> str:
     return model.tool_format or tool_format_for(engine.chat_template.source if engine.chat_template else None)
 
 
-def _prompt(engine, body: GenerationRequest, tool_format: str | None) -> list[int]:
+def _prompt(engine, body: GenerationRequest, tool_format: str | None, syntax: str | None = None) -> list[int]:
+    """The prompt's tokens: a chat through the model's template (tools in its `tools` variable, earlier calls in
+    its family's syntax `syntax`), or a completion's text or tokens."""
     if body.is_chat:
         template_vars = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
         if tool_format not in (None, "generic"):
             template_vars["tools"] = offered_tools(body)
-        return engine.chat_prompt(_template_messages(body, tool_format), **template_vars)
+        source = engine.chat_template.source if engine.chat_template else ""
+        describe = tool_format == "generic" or (tool_format == "deepseek_v3_1" and not _TOOLS.search(source))
+        messages = _template_messages(body, tool_format, syntax=syntax, describe_tools=describe)
+        return engine.chat_prompt(messages, **template_vars)
     if isinstance(body.prompt, str):
         return engine.text_prompt(body.prompt)
     return list(body.prompt or [])
 
 
-def _template_messages(body: GenerationRequest, tool_format: str | None = None) -> list[dict]:
+_TOOLS = re.compile(r"\btools\b")  # a template that never names `tools` does not render them
+
+
+def _template_messages(body: GenerationRequest, tool_format: str | None = None, *, syntax: str | None = None,
+                       describe_tools: bool | None = None) -> list[dict]:  # fmt: skip
     """Messages as chat templates expect them: plain-text content, and one system message at the front
-    (several are merged, since Qwen-style templates reject any other). Earlier tool calls go back in the request's
-    tool format: as the template's own `tool_calls` (arguments as objects, which is what templates' `tojson`
-    expects), or for the generic format as the JSON answer."""
+    (several are merged, since Qwen-style templates reject any other). Earlier tool calls go back in the template's
+    syntax (`syntax`, else `tool_format`): as the template's own `tool_calls` (arguments as objects, which is what
+    templates' `tojson` expects, and ids as the family writes them), or for the generic format as the JSON answer.
+    `describe_tools` (the generic format's default): the tools are described in the system message."""
+    syntax = syntax or tool_format
     system = [m.content for m in body.messages if m.role == "system"]
-    if tool_format == "generic":
-        system.append(tool_instruction(body))
+    if describe_tools if describe_tools is not None else tool_format == "generic":
+        system.append(tool_instruction(body, tool_format))
+    ids = _call_ids(body, syntax)
     rest = []
     for m in body.messages:
         if m.role == "system":
             continue
         message = {"role": m.role, "content": m.content}
-        if m.tool_calls and tool_format in (None, "generic"):
+        if m.tool_calls and syntax in (None, "generic"):
             message["content"] = _tool_calls_as_answer(m.tool_calls)
         elif m.tool_calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
-                for c in m.tool_calls
-            ]
+            message["tool_calls"] = [{"id": ids.get(c.id, c.id), "type": "function",
+                                      "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                     for c in m.tool_calls]  # fmt: skip
         if m.reasoning:
             message["reasoning_content"] = m.reasoning
+            if syntax == "harmony":  # gpt-oss's template reads `thinking`, and refuses it beside content in a call
+                message["thinking"] = m.reasoning
+                if m.tool_calls:
+                    message["content"] = ""
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
+            message["tool_call_id"] = ids.get(m.tool_call_id, m.tool_call_id)
         rest.append(message)
+    if syntax in ("harmony", "llama3"):  # their templates render one call per assistant turn
+        rest = _one_call_per_turn(rest)
     return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
+
+
+def _call_ids(body: GenerationRequest, syntax: str | None) -> dict[str, str]:
+    """Earlier calls' ids as the family writes them, for templates that check them or write them back: Mistral's
+    nine letters and digits (its templates refuse others), Kimi's `functions.NAME:INDEX`."""
+    ids: dict[str, str] = {}
+    for m in body.messages:
+        for index, call in enumerate(m.tool_calls):
+            if syntax == "mistral" and not (len(call.id) == 9 and call.id.isalnum()):
+                ids[call.id] = hashlib.sha256(call.id.encode()).hexdigest()[:9]
+            elif syntax == "kimi_k2":
+                ids[call.id] = f"functions.{call.name}:{index}"
+    return ids
+
+
+def _one_call_per_turn(messages: list[dict]) -> list[dict]:
+    """gpt-oss's template renders one call per assistant turn (Harmony has no parallel calls) and names a result
+    after the call before it; Llama 3.1's refuses a turn with more: a turn with several calls becomes one turn per
+    call, each followed by its result."""
+    out: list[dict] = []
+    i = 0
+    while i < len(messages):
+        message = messages[i]
+        calls = message.get("tool_calls") or []
+        i += 1
+        if len(calls) < 2:
+            out.append(message)
+            continue
+        results = []
+        while i < len(messages) and messages[i]["role"] == "tool":
+            results.append(messages[i])
+            i += 1
+        for k, call in enumerate(calls):
+            turn = dict(message, tool_calls=[call]) if k == 0 else {"role": "assistant", "content": "",
+                                                                      "tool_calls": [call]}  # fmt: skip
+            out.append(turn)
+            out += [r for r in results if r.get("tool_call_id") == call["id"]]
+        out += [r for r in results if r.get("tool_call_id") not in {c["id"] for c in calls}]
+    return out
 
 
 def _arguments(text: str):
@@ -422,14 +494,39 @@ def _tool_calls_as_answer(calls) -> str:
                       ensure_ascii=False)  # fmt: skip
 
 
-def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None) -> SamplingParams:
+def _think(engine, prompt: list[int]) -> str | None:
+    """How a thought may come before a required call: "open" when the prompt leaves the model inside <think>,
+    "optional" when its template knows <think> (the model may open one), None when it knows none or closed it
+    (DeepSeek's `<think></think>` when thinking is off)."""
+    if engine.chat_template is None or THINK_OPEN not in engine.chat_template.source:
+        return None
+    end = engine.detokenize(prompt[-4:]).rstrip()
+    return "open" if end.endswith(THINK_OPEN) else None if end.endswith(THINK_CLOSE) else "optional"
+
+
+def _preserved_tokens(engine, syntax: str | None, tool_format: str | None) -> frozenset[int]:
+    """The special tokens the answer's parser must see as text (a format's markers: <|channel|>, [TOOL_CALLS],
+    ...): those of the template's syntax when tools are offered, and Harmony's always (its channels carry the
+    reasoning)."""
+    if tool_format is None and syntax != "harmony":
+        return frozenset()
+    tokens = set()
+    for marker in MARKERS.get(syntax, ()):
+        ids = engine.model.tokenize(marker.encode(), add_bos=False, special=True)
+        if len(ids) == 1:  # a single token: a special one, or one that renders anyway
+            tokens.add(ids[0])
+    return frozenset(tokens)
+
+
+def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | None = None, *,
+              think: str | None = None, preserved: frozenset[int] = frozenset()) -> SamplingParams:  # fmt: skip
     """The request's sampling parameters; what it leaves out comes from the model's defaults, then ours."""
     try:
         body = with_defaults(body, model_defaults)
     except ValidationError:  # LanguageModel.clean() refuses these in admin; a hand-edited row may not
         logger.warning("ignoring invalid default_params %s", model_defaults)
     defaults = SamplingParams()
-    grammar, triggers = _grammar(body, tool_format)
+    grammar, triggers = _grammar(body, tool_format, think)
     return SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
@@ -447,14 +544,17 @@ def _sampling(body: GenerationRequest, model_defaults: dict, tool_format: str | 
         logprobs=body.logprobs,
         grammar=grammar,
         grammar_triggers=triggers,
+        preserved_tokens=preserved,
     )
 
 
-def _grammar(body: GenerationRequest, tool_format: str | None) -> tuple[str | None, list[str]]:
+def _grammar(
+    body: GenerationRequest, tool_format: str | None, think: str | None = None
+) -> tuple[str | None, list[str]]:
     """A GBNF grammar (and its lazy triggers) for the request's tools, or for its JSON schema."""
     try:
         if tool_format is not None:
-            return tool_grammar(body, tool_format)
+            return tool_grammar(body, tool_format, think=think)
         if body.json_schema is None:
             return None, []
         return json_schema_grammar(body.json_schema), []

@@ -15,7 +15,7 @@ from access.models import ApiKey
 from core.errors import MinervaError, ServerError, WorkerLost
 from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 
-from .reasoning import ReasoningSplitter
+from .reasoning import HarmonySplitter, ReasoningSplitter, reasoning_splitter
 from .services import embedding_create, request_create, request_worker_lost, tokenize_create
 from .streams import TokenStream
 from .tool_calls import ToolCallPart, ToolCallStream, calls_fold
@@ -73,17 +73,19 @@ class Generation:
         self.n = body.n
         self.thinking = False  # the template opened a <think> block (from the `start` event)
         self.tool_format = "generic"  # how the model writes tool calls (from the `start` event)
+        self.reasoning = "think"  # how it writes its reasoning: <think> tags, or "harmony" channels (`start` event)
         self.usage = Usage()  # the prompt's once started, complete once deltas() has ended
 
     def started(self, data: dict) -> None:
         """Take what the worker's `start` event says about the answer to come, and the prompt's size."""
         self.thinking = data.get("thinking", False)
         self.tool_format = data.get("tool_format", self.tool_format)
+        self.reasoning = data.get("reasoning", self.reasoning)
         self.usage = Usage(prompt_tokens=data.get("prompt_tokens", 0), cached_tokens=data.get("cached_tokens", 0))
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The answer as it is generated. Raises the request's MinervaError if it fails."""
-        splitters: dict[int, ReasoningSplitter] = {}  # per choice (chats only): <think> text goes to reasoning
+        splitters: dict[int, ReasoningSplitter | HarmonySplitter] = {}  # per choice (chats): reasoning split off
         tool_streams: dict[int, ToolCallStream] = {}  # per choice, with tools: calls read out of the text
         parts: dict[int, list[ToolCallPart]] = {}  # per choice: every call part so far
         done: list[dict] = []
@@ -100,9 +102,11 @@ class Generation:
                         yield Delta(index=index, text=data["text"], logprobs=data.get("logprobs"))
                         continue
                     if index not in splitters:
-                        splitters[index] = ReasoningSplitter(thinking=self.thinking)
+                        splitters[index] = reasoning_splitter(self.reasoning, self.tool_format, thinking=self.thinking,
+                                                              calls=tools)  # fmt: skip
                         if tools:
-                            tool_streams[index], parts[index] = ToolCallStream(self.tool_format), []
+                            tool_streams[index] = ToolCallStream(self.tool_format, self.body.offered_tools())
+                            parts[index] = []
                     reasoning, text = splitters[index].feed(data["text"])
                     items = tool_streams[index].feed(text) if index in tool_streams else [text]
                     for delta in _in_order(index, reasoning, items, data.get("logprobs")):

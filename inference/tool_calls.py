@@ -6,16 +6,22 @@ a call whose name never completes (cut off, or not a call after all) is given ba
 streamed answer is the fold of the same parts (`calls_fold`), so both ways give the same calls.
 
 Arguments are the JSON text of the arguments value exactly as the model wrote it (a string value is decoded), so
-the streamed pieces concatenate to the final arguments; the grammar that holds a call makes that text valid JSON."""
+the streamed pieces concatenate to the final arguments; the grammar that holds a call makes that text valid JSON.
+The XML-style formats write one tag per argument: their arguments' JSON is built as the tags arrive, a string value
+streamed as it is written (JSON-escaped), any other value (typed by the tool's schema) once its tag closes."""
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
-from .tools import _PYTHON_TAG, _TRIGGER
+from core.generation import Tool
+
+from .tools import _PYTHON_TAG, JSON_TRIGGER, NAMED, XML, XmlSyntax, value_kind
 
 _ARGUMENT_KEYS = ("arguments", "parameters")  # llama3 writes "parameters"
 _SPACE = " \t\r\n"
+_NAME_LIMIT = 256  # characters a call's or an argument's name may have: past this, held text is not a call
 
 
 @dataclass
@@ -39,9 +45,9 @@ def calls_fold(parts: list[ToolCallPart]) -> list[dict]:
     return [calls[i] for i in sorted(calls)]
 
 
-def parse_tool_calls(tool_format: str, text: str) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(tool_format: str, text: str, tools: list[Tool] | None = None) -> tuple[str | None, list[dict]]:
     """(content, calls) of a whole answer: the stream's fold (content trimmed; None when there is none)."""
-    stream = ToolCallStream(tool_format)
+    stream = ToolCallStream(tool_format, tools)
     items = stream.feed(text) + stream.finish()
     content = "".join(item for item in items if isinstance(item, str)).strip() or None
     return content, calls_fold([item for item in items if isinstance(item, ToolCallPart)])
@@ -155,7 +161,7 @@ class _Call:
             return parts
         if not self.head_sent:
             self.head_sent = True
-            parts.append(ToolCallPart(self.index, id=f"call_{uuid.uuid4().hex[:24]}", name=self.name))
+            parts.append(ToolCallPart(self.index, id=_call_id(), name=self.name))
         if self.args_start is None:
             if self.done:  # a call without arguments
                 self.args_done = True
@@ -183,16 +189,33 @@ class _Call:
         return parts
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ToolCallStream:
     """Splits an answer into free text and tool-call parts as it is generated (see the module's docstring).
 
-    It moves through modes, each a method reading from `pos`: `free` text (watching for the format's trigger),
-    `trigger` (what follows it), `name` (mistral's `name[ARGS]`), `json` (a call, an array of calls, or the generic
-    format's whole answer), `close` (hermes' `</tool_call>`), `after` (whitespace after a call), and for llama3
-    `start` (is the answer a call?) and `text` (it is not: everything is text)."""
+    It moves through modes, each a method reading from `pos`: `free` text (watching for the format's markers),
+    `trigger` (what follows a JSON format's trigger), `name` (a call's name before its arguments: mistral's
+    `name[ARGS]`, DeepSeek V3.1's, Kimi's, Harmony's), `args` and `json` (a call, an array of calls, the arguments,
+    or the generic format's whole answer), `xml` (a block of XML-style calls), `close` (the marker after a call),
+    `after` (whitespace after a call), and for llama3 `start` (is the answer a call?) and `text` (it is not:
+    everything is text). `tools` (the offered ones) type the XML-style formats' values."""
 
-    def __init__(self, tool_format: str):
+    def __init__(self, tool_format: str, tools: list[Tool] | None = None):
         self.format = tool_format
+        self.tools = {t.name: t.parameters or {} for t in tools or []}
+        self.named = NAMED.get(tool_format)
+        self.markers: dict[str, str] = {}  # text in free text -> "call" (a call starts) or "silent" (not text)
+        if tool_format in JSON_TRIGGER:
+            self.markers[JSON_TRIGGER[tool_format]] = "call"
+        elif self.named is not None:
+            self.markers = {self.named.call_open: "call", **dict.fromkeys(self.named.section, "silent")}
+        elif tool_format in XML:
+            self.markers[XML[tool_format].block_open] = "call"
+        self.xml: _XmlReader | None = None
+        self.xml_calls = 0  # calls the XML blocks so far had
         self.text = ""  # everything fed so far
         self.pos = 0  # what has been dealt with
         self.mode = "start" if tool_format == "llama3" else "free"
@@ -230,6 +253,8 @@ class ToolCallStream:
             out.append(held)  # not a call after all, or cut off before its name
         elif self.mode in ("trigger", "name"):
             out.append(held)
+        elif self.mode == "xml":
+            out += self.xml.cut(self.text) if self.xml.heads else [held]
         elif self.mode == "args":
             self.call.done = True
             out += self.call.parts(self.text, len(self.text))
@@ -242,17 +267,25 @@ class ToolCallStream:
     # -- modes: each reads what it can from self.pos and moves on ------------------------------------------
 
     def _free(self, out: list) -> None:
-        """Free text goes out at once, but for a tail that may be the start of the trigger."""
-        trigger = _TRIGGER[self.format]
+        """Free text goes out at once, but for a tail that may be the start of a marker. A call's marker starts a
+        call; a silent one (Kimi's and DeepSeek's section markers around the calls) is dropped."""
         rest = self.text[self.pos :]
-        at = rest.find(trigger)
-        if at >= 0:
+        found = [(at, -len(marker), marker) for marker in self.markers if (at := rest.find(marker)) >= 0]
+        if found:
+            at, _, marker = min(found)
             self._say(out, rest[:at])
-            self.mark = self.pos + at
-            self.pos += at + len(trigger)
-            self.mode = "trigger"
+            self.pos += at + len(marker)
+            if self.markers[marker] == "silent":
+                return
+            self.mark = self.pos - len(marker)
+            if self.format in XML:
+                self.xml = _XmlReader(XML[self.format], self.tools, self.pos, self.xml_calls)
+                self.mode = "xml"
+            else:
+                self.mode = "name" if self.named is not None else "trigger"
             return
-        keep = next((k for k in range(min(len(trigger) - 1, len(rest)), 0, -1) if trigger.startswith(rest[-k:])), 0)
+        keep = max((k for marker in self.markers for k in range(min(len(marker) - 1, len(rest)), 0, -1)
+                    if marker.startswith(rest[-k:])), default=0)  # fmt: skip
         self._say(out, rest[: len(rest) - keep])
         self.pos += len(rest) - keep
 
@@ -309,15 +342,23 @@ class ToolCallStream:
             self._not_a_call(out)
 
     def _name(self, out: list) -> None:
-        """mistral: `name[ARGS]`, then the arguments object."""
+        """A call's name up to its end marker (mistral's `name[ARGS]`, DeepSeek V3.1's `name<｜tool▁sep｜>`, Kimi's
+        `functions.name:0<|tool_call_argument_begin|>`, Harmony's `name<|message|>`), then the arguments."""
+        end = "[ARGS]" if self.format == "mistral" else self.named.name_end
         rest = self.text[self.pos :]
-        at = rest.find("[ARGS]")
+        at = rest.find(end)
         if at < 0:
+            if len(rest) > _NAME_LIMIT:
+                self._not_a_call(out)
             return
-        self.call = _Call(len(self.calls), rest[:at].strip())
+        name = _call_name(self.format, rest[:at])
+        if not name:
+            self._not_a_call(out)
+            return
+        self.call = _Call(len(self.calls), name)
         self.calls.append(self.call)
         out += self.call.parts(self.text, self.pos)
-        self.pos += at + len("[ARGS]")
+        self.pos += at + len(end)
         self.mode = "args"
 
     def _args(self, out: list) -> None:
@@ -433,7 +474,11 @@ class ToolCallStream:
         elif unnamed and not named:  # not a call: all of it is text
             self._not_a_call(out)
         else:
-            self.mode = "close" if self.format == "hermes" else "after"
+            self.mode = "close" if self._closing() else "after"
+
+    def _closing(self) -> str:
+        """The marker a format writes after a call's JSON (read when present)."""
+        return "</tool_call>" if self.format == "hermes" else self.named.call_close if self.named else ""
 
     def _after_json(self, out: list) -> None:
         self.pos = len(self.text)  # generic: nothing may follow the answer's JSON
@@ -442,15 +487,206 @@ class ToolCallStream:
         self.pos = len(self.text)
 
     def _close(self, out: list) -> None:
-        """hermes: `</tool_call>` after the call."""
+        """The marker after a call (hermes' `</tool_call>`, DeepSeek's `<｜tool▁call▁end｜>`, Kimi's
+        `<|tool_call_end|>`), if the model writes it."""
         rest = self.text[self.pos :]
         stripped = rest.lstrip(_SPACE)
-        closing = "</tool_call>"
+        closing = self._closing()
         if stripped.startswith(closing):
             self.pos = len(self.text) - len(stripped) + len(closing)
             self.mode = "after"
         elif stripped and not closing.startswith(stripped):
             self.mode = "after"
+
+    def _xml(self, out: list) -> None:
+        out += self.xml.read(self.text)
+        self.pos = self.xml.pos
+        if self.xml.state == "done":
+            self.xml_calls, self.mode = self.xml.index, "after"
+        elif self.xml.state == "failed" and self.xml.heads:
+            self.mode = "text"  # what the calls sent stays; the rest is text
+        elif self.xml.state == "failed":
+            self._not_a_call(out)
+
+
+def _call_name(tool_format: str, text: str) -> str | None:
+    """The function's name in the text before a call's arguments (Kimi's is in its call id, `functions.name:0`)."""
+    name = text.strip()
+    if tool_format == "mistral":  # Mistral Small 3.2: name[CALL_ID]id[ARGS]
+        name = name.split("[CALL_ID]")[0]
+    elif tool_format == "kimi_k2":
+        name = re.sub(r"^functions\.|:\d+$", "", name)
+    if not name or len(name) > _NAME_LIMIT or any(ch in name for ch in _SPACE + '<>"{}'):
+        return None
+    return name
+
+
+class _XmlReader:
+    """A block of XML-style calls, read as it is written (see XmlSyntax): each call's head once its name is
+    complete, then its arguments' JSON, `{"key": ` as each argument's tag completes, a string value as it is written
+    (JSON-escaped, holding back what may be its closing tag), another value once its tag closes, `}` at the call's
+    end. States: calls (between calls), name, args (between arguments), key, opened (GLM's <arg_value>),
+    value_start, value; then done (the block closed) or failed (not what the format writes)."""
+
+    def __init__(self, syntax: XmlSyntax, tools: dict, pos: int, index: int):
+        self.syntax, self.tools = syntax, tools
+        self.pos = pos  # how far the buffer is read
+        self.index = index  # the call being read, counted in the whole answer
+        self.state = "calls" if syntax.call_open else "name"
+        self.heads = 0  # calls whose head went out
+        self.name = ""
+        self.args = 0  # the call's arguments so far
+        self.kind = ""  # the value's: "string" (streamed), "json" or "mixed" (whole, at its end)
+        self.value_start = self.sent = self.scanned = 0
+
+    def read(self, text: str) -> list[ToolCallPart]:
+        parts: list[ToolCallPart] = []
+        while self.state not in ("done", "failed"):
+            before = (self.pos, self.state)
+            getattr(self, f"_{self.state}")(text, parts)
+            if (self.pos, self.state) == before:
+                break
+        return parts
+
+    def cut(self, text: str) -> list[ToolCallPart]:
+        """The rest when the answer ends inside a call (cut off by max_tokens): what it wrote of its last value."""
+        if self.state == "value" and len(text) > self.sent:
+            rest = text[self.sent :]
+            return [ToolCallPart(self.index, arguments=_escaped(rest) if self.kind == "string" else rest)]
+        return []
+
+    def _skipped(self, text: str) -> tuple[str, int]:
+        """The unread text without leading whitespace, and where it starts."""
+        rest = text[self.pos :]
+        stripped = rest.lstrip(_SPACE)
+        return stripped, self.pos + len(rest) - len(stripped)
+
+    def _expect(self, text: str, tags: dict[str, str]) -> str | None:
+        """Which of `tags` (tag -> next state) comes next, past whitespace; None while it may still come. Anything
+        else fails the block."""
+        rest, at = self._skipped(text)
+        for tag, state in tags.items():
+            if tag and rest.startswith(tag):
+                self.pos, self.state = at + len(tag), state
+                return tag
+        if rest and not any(tag.startswith(rest) for tag in tags if tag):
+            self.state = "done" if self.state == "calls" and self.heads else "failed"
+        return None
+
+    def _calls(self, text: str, parts: list) -> None:
+        # A text after calls whose block never closed ends the block (it is text again).
+        self._expect(text, {self.syntax.block_close: "done", self.syntax.call_open: "name"})
+
+    def _name(self, text: str, parts: list) -> None:
+        s, rest = self.syntax, text[self.pos :]
+        if s.call_open:
+            at = rest.find(s.call_name_end)
+            end = at + len(s.call_name_end)
+        else:  # GLM: the name (after any whitespace) ends at a newline, its first argument or the block's end
+            rest = rest.lstrip(_SPACE)
+            self.pos = len(text) - len(rest)
+            at = end = min((i for i in (rest.find("\n"), rest.find(s.arg_open), rest.find(s.block_close)) if i >= 0),
+                           default=-1)  # fmt: skip
+        if at < 0:
+            if len(rest) > _NAME_LIMIT:
+                self.state = "failed"
+            return
+        name = _call_name("", rest[:at])
+        if name is None:
+            self.state = "failed"
+            return
+        self.name, self.args, self.heads = name, 0, self.heads + 1
+        self.pos += end
+        self.state = "args"
+        parts.append(ToolCallPart(self.index, id=_call_id(), name=name))
+
+    def _args(self, text: str, parts: list) -> None:
+        s = self.syntax
+        close = s.call_close or s.block_close
+        if self._expect(text, {s.arg_open: "key", close: "calls" if s.call_close else "done"}) == close:
+            parts.append(ToolCallPart(self.index, arguments="}" if self.args else "{}"))
+            self.index += 1
+
+    def _key(self, text: str, parts: list) -> None:
+        s, rest = self.syntax, text[self.pos :]
+        at = rest.find(s.arg_name_end)
+        if at < 0:
+            if len(rest) > _NAME_LIMIT:
+                self.state = "failed"
+            return
+        key, kind = rest[:at].strip(), None
+        if s.typed:  # DSML: name="key" string="true"
+            typed = re.fullmatch(r'(.*)" string="(true|false)', key)
+            key, kind = (typed[1], "string" if typed[2] == "true" else "json") if typed else ("", None)
+        if not key or len(key) > _NAME_LIMIT or "\n" in key:
+            self.state = "failed"
+            return
+        schema = self.tools.get(self.name, {})
+        schema = schema.get("properties", {}) if isinstance(schema, dict) else {}
+        self.kind = kind or value_kind(schema.get(key) if isinstance(schema, dict) else None)
+        head = ("{" if not self.args else ", ") + json.dumps(key, ensure_ascii=False) + ": "
+        parts.append(ToolCallPart(self.index, arguments=head + ('"' if self.kind == "string" else "")))
+        self.args += 1
+        self.pos += at + len(s.arg_name_end)
+        self.state = "opened" if s.value_open else "value_start"
+
+    def _opened(self, text: str, parts: list) -> None:
+        self._expect(text, {self.syntax.value_open: "value_start"})
+
+    def _value_start(self, text: str, parts: list) -> None:
+        if self.syntax.newline:  # Qwen3-Coder: the newline after <parameter=key> is not the value's
+            if self.pos >= len(text):
+                return
+            self.pos += text[self.pos] == "\n"
+        self.value_start = self.sent = self.scanned = self.pos
+        self.state = "value"
+
+    def _value(self, text: str, parts: list) -> None:
+        s = self.syntax
+        at = text.find(s.arg_close, max(self.value_start, self.scanned - len(s.arg_close)))
+        if at < 0:
+            self.scanned = len(text)
+            if self.kind == "string":  # out as it is written, but for what may be the closing tag
+                end = len(text) - _held(text[self.value_start :], s.arg_close)
+                if end > self.sent:
+                    parts.append(ToolCallPart(self.index, arguments=_escaped(text[self.sent : end])))
+                    self.sent = end
+            return
+        value = text[self.value_start : at]
+        if self.kind == "string":
+            parts.append(ToolCallPart(self.index, arguments=_escaped(value[self.sent - self.value_start :]) + '"'))
+        else:
+            parts.append(ToolCallPart(self.index, arguments=_json_text(value)))
+        self.pos = at + len(s.arg_close)
+        self.state = "args"
+
+
+def _held(value: str, close: str) -> int:
+    """How many characters at the end of a value being written may still be the start of its closing tag."""
+    return next((k for k in range(min(len(value), len(close) - 1), 0, -1) if close.startswith(value[-k:])), 0)
+
+
+def _escaped(text: str) -> str:
+    """Text as inside a JSON string."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _no_constant(name: str):
+    raise ValueError(name)  # NaN and Infinity are not JSON
+
+
+def _json_text(value: str) -> str:
+    """A non-string value as JSON: as written if it is JSON (Python's True/False/None too, which templates write
+    for booleans), else the text as a JSON string."""
+    text = value.strip()
+    try:
+        json.loads(text, parse_constant=_no_constant)
+        return text
+    except ValueError:
+        pass
+    if text in ("True", "False", "None"):
+        return {"True": "true", "False": "false", "None": "null"}[text]
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _merged(items: list) -> list:

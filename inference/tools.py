@@ -1,40 +1,151 @@
 """Tool calling: the syntaxes models call tools in and the grammars that hold a model to them. The worker uses it to
 prompt and constrain the model; inference/tool_calls.py reads the calls back out of the answer as it streams.
 
-Formats (picked from the chat template by `tool_format_for`, overridable per model in admin):
+Formats (picked from the chat template by `tool_format_for`, as llama.cpp's common/chat.cpp picks them; overridable
+per model in admin):
 - generic: for templates that know no tools (like llama-server's generic format). The tools are described in the
   system prompt and the whole answer is JSON, held by a grammar: `{"tool_calls": [{"name", "arguments"}]}`, or
   `{"response": "..."}` when tool_choice is "auto".
 - hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes 2 Pro, Qwen 2.5 / 3, SmolLM3, ...).
 - llama3: a bare `{"name": ..., "parameters": {...}}`, maybe after `<|python_tag|>` (Llama 3.1 - 3.3).
-- mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]` (Mistral Nemo / Small); newer Mistral models write
-  `[TOOL_CALLS]name[ARGS]{...}`, which the parser reads too.
+- mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}]` (Mistral Nemo / Small); newer Mistral models (Devstral,
+  Magistral) write `[TOOL_CALLS]name[ARGS]{...}`, which the parser reads too.
+- qwen3_coder: `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>`
+  (Qwen3-Coder, Qwen3.5, Nemotron 3 Nano).
+- glm: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value></tool_call>`, newlines between the tags
+  or not (GLM-4.5 - 4.7).
+- minimax_m2: `<minimax:tool_call><invoke name="NAME"><parameter name="KEY">VALUE</parameter></invoke>...`.
+- deepseek_v3_2, deepseek_v4: DeepSeek's DSML, `<｜DSML｜function_calls>` (V4: `tool_calls`) around
+  `<｜DSML｜invoke name="NAME"><｜DSML｜parameter name="KEY" string="true|false">VALUE</｜DSML｜parameter>...`.
+- deepseek_v3_1: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...`.
+- kimi_k2: `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{...}
+  <|tool_call_end|>...<|tool_calls_section_end|>`.
+- harmony (gpt-oss): messages on channels; a call is a `commentary` message to `functions.NAME`,
+  `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}`, ended by `<|call|>`. The `analysis`
+  channel is reasoning (inference/reasoning.py splits the channels).
 
-With a native format the tools go to the template's own `tools` variable. For tool_choice "auto" the grammar is
-lazy: the answer is free text, streamed as it comes, until the model starts a call (a trigger such as
-`<tool_call>`), and from there the grammar holds the call to the tools' schemas. "required" and a named function
-hold the answer from its first token."""
+In the XML-style formats a value is written as text: a string as it is, anything else (a number, an object) as
+JSON; the tool's schema says which, as llama.cpp types them. With a native format the tools go to the template's own
+`tools` variable. For tool_choice "auto" the grammar is lazy: the answer is free text, streamed as it comes, until
+the model starts a call (a trigger such as `<tool_call>`), and from there the grammar holds the call to the tools'
+schemas. "required" and a named function hold the answer from its first token (after a thought, for a model that
+thinks first)."""
 
 import json
 import math
 import re
+from dataclasses import dataclass
 
 from core.generation import GenerationRequest
 
+from .reasoning import THOUGHT_ENDS
 from .schema_bounds import grammar_bounds_check, schema_bounds_check
 
-TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral")
+TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral", "qwen3_coder", "glm", "minimax_m2", "deepseek_v3_1",
+                "deepseek_v3_2", "deepseek_v4", "kimi_k2", "harmony")  # fmt: skip
 
-# What starts a call in each native format: the view holds text back from here on, the grammar wakes on it.
-_TRIGGER = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
-_LLAMA3_TRIGGER = r'^\s*(\{\s*"name")[\s\S]*$'  # a call is the whole answer: an object that starts with "name"
 _PYTHON_TAG = "<|python_tag|>"
+_LLAMA3_TRIGGER = r'^\s*(\{\s*"name")[\s\S]*$'  # a call is the whole answer: an object that starts with "name"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_DSML = "｜DSML｜"
+_SEP = '"\\n"{0,2}'  # what may stand between two tags in a grammar: the templates write a newline or two, or none
+
+
+@dataclass(frozen=True)
+class XmlSyntax:
+    """A format whose calls are tags, one tag for each argument with its value as text. `call_open` "" (GLM): the
+    name follows the block's opening tag and the block's end ends the call."""
+
+    block_open: str
+    block_close: str
+    call_open: str
+    call_name_end: str
+    call_close: str
+    arg_open: str
+    arg_name_end: str
+    arg_close: str
+    value_open: str = ""  # GLM's <arg_value>, after the name's </arg_key>
+    newline: bool = False  # Qwen3-Coder: a newline after the opening tag, not the value's (one before the close is
+    # the closing tag's: its arg_close is "\n</parameter>", as llama.cpp reads it)
+    typed: bool = False  # DSML: the argument's tag says string="true" or "false"
+
+
+@dataclass(frozen=True)
+class NamedSyntax:
+    """A format whose call is a name between markers, then the arguments as JSON."""
+
+    call_open: str
+    name_end: str
+    call_close: str = ""  # optional when reading
+    section: tuple[str, ...] = ()  # markers around all the calls: they carry nothing and are not text
+
+
+def _dsml(block: str) -> XmlSyntax:
+    return XmlSyntax(f"<{_DSML}{block}>", f"</{_DSML}{block}>", f'<{_DSML}invoke name="', '">', f"</{_DSML}invoke>",
+                     f'<{_DSML}parameter name="', '">', f"</{_DSML}parameter>", typed=True)  # fmt: skip
+
+
+# fmt: off
+XML = {
+    "qwen3_coder": XmlSyntax("<tool_call>", "</tool_call>", "<function=", ">", "</function>", "<parameter=", ">",
+                             "\n</parameter>", newline=True),
+    "glm": XmlSyntax("<tool_call>", "</tool_call>", "", "\n", "", "<arg_key>", "</arg_key>", "</arg_value>",
+                     value_open="<arg_value>"),
+    "minimax_m2": XmlSyntax("<minimax:tool_call>", "</minimax:tool_call>", '<invoke name="', '">', "</invoke>",
+                            '<parameter name="', '">', "</parameter>"),
+    "deepseek_v3_2": _dsml("function_calls"),
+    "deepseek_v4": _dsml("tool_calls"),
+}
+NAMED = {
+    "deepseek_v3_1": NamedSyntax("<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
+                                 ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")),
+    "kimi_k2": NamedSyntax("<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+                           ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")),
+    # As inference/reasoning.py passes a Harmony message to a function on (its header reduced to the recipient).
+    "harmony": NamedSyntax("to=functions.", "<|message|>"),
+}
+JSON_TRIGGER = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+
+# Special tokens a format is written in. The worker turns tokens into text without special tokens (an <|im_end|>
+# is no text), so these are rendered as text for the parser to see (llama-server's "preserved tokens").
+MARKERS = {
+    "hermes": ("<tool_call>", "</tool_call>", THINK_OPEN, THINK_CLOSE),
+    "llama3": (_PYTHON_TAG,),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"),
+    "qwen3_coder": ("<tool_call>", "</tool_call>", THINK_OPEN, THINK_CLOSE),
+    "glm": ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", THINK_OPEN,
+            THINK_CLOSE),
+    "minimax_m2": ("<minimax:tool_call>", "</minimax:tool_call>", THINK_OPEN, THINK_CLOSE),
+    "deepseek_v3_1": ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
+                      "<｜tool▁calls▁end｜>", THINK_OPEN, THINK_CLOSE),
+    "deepseek_v3_2": (_DSML, THINK_OPEN, THINK_CLOSE),
+    "deepseek_v4": (_DSML, THINK_OPEN, THINK_CLOSE),
+    "kimi_k2": ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                "<|tool_call_argument_begin|>", "<|tool_call_end|>", THINK_OPEN, THINK_CLOSE),
+    "harmony": ("<|channel|>", "<|constrain|>", "<|message|>", "<|start|>", "<|end|>"),
+}
+# fmt: on
 
 
 def tool_format_for(template: str | None) -> str:
-    """The tool-call syntax a chat template was written for ("generic" when it knows none)."""
+    """The tool-call syntax a chat template was written for ("generic" when it knows none): the checks and their
+    order are common/chat.cpp's."""
     if not template:
         return "generic"
+    if "<|channel|>" in template:
+        return "harmony"
+    if "<|tool_calls_section_begin|>" in template:
+        return "kimi_k2"
+    if "dsml_token" in template and "DSML" in template:
+        return "deepseek_v3_2" if "function_calls" in template else "deepseek_v4"
+    if "<minimax:tool_call>" in template:
+        return "minimax_m2"
+    if "<｜tool▁calls▁begin｜>" in template and "```json" not in template:  # R1's older syntax fences the JSON
+        return "deepseek_v3_1"
+    if "<tool_call>" in template and "<function=" in template and "<parameter=" in template:
+        return "qwen3_coder"
+    if "<tool_call>" in template and "<arg_key>" in template:
+        return "glm"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     if "<tool_call>" in template:
@@ -46,12 +157,29 @@ def tool_format_for(template: str | None) -> str:
 
 def offered_tools(body: GenerationRequest) -> list[dict]:
     """The tools as the template's `tools` variable gets them (OpenAI's shape, which templates are written for;
-    only the named one for a named tool_choice)."""
-    return [{"type": "function", "function": t.model_dump(exclude_none=True)} for t in body.offered_tools()]
+    only the named one for a named tool_choice). Every tool has a description and parameters, as llama-server
+    gives them: templates concatenate both without checking (gpt-oss's `"// " + tool.description`)."""
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.parameters or {"type": "object", "properties": {}}}}
+            for t in body.offered_tools()]  # fmt: skip
 
 
-def tool_instruction(body: GenerationRequest) -> str:
-    """For the generic format: a system-prompt paragraph describing the tools and the answer format."""
+def tool_instruction(body: GenerationRequest, tool_format: str = "generic") -> str:
+    """A system-prompt paragraph describing the tools and how to call them: for the generic format, and for a
+    native one whose template does not render `tools` (DeepSeek V3.1's, which leaves that to the system prompt; the
+    words are its model card's)."""
+    if tool_format == "deepseek_v3_1":
+        lines = ["## Tools", "You have access to the following tools:"]
+        for t in body.offered_tools():
+            parameters = json.dumps(t.parameters or {"type": "object", "properties": {}}, ensure_ascii=False)
+            lines += ["", f"### {t.name}", f"Description: {t.description or ''}", "", f"Parameters: {parameters}"]
+        lines += ["", "IMPORTANT: ALWAYS adhere to this exact format for tool use:",
+                  "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments"
+                  "<｜tool▁call▁end｜>{{additional_tool_calls}}<｜tool▁calls▁end｜>", "", "Where:", "",
+                  "- `tool_call_name` must be an exact match to one of the available tools",
+                  "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
+                  "- For multiple tool calls, chain them directly without separators or spaces"]  # fmt: skip
+        return "\n".join(lines)
     tools = [
         {"name": t.name, "description": t.description or "", "parameters": t.parameters or {}}
         for t in body.offered_tools()
@@ -66,9 +194,65 @@ def tool_instruction(body: GenerationRequest) -> str:
     return "\n".join(lines)
 
 
-def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[str]]:
+def value_kind(schema) -> str:
+    """How an XML-style format writes a value of this schema: "string" (as it is), "json", or "mixed" (a string
+    or JSON: JSON if it reads as such)."""
+    if not isinstance(schema, dict):
+        return "mixed"
+    types = schema.get("type")
+    if types is None:
+        values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+        if values and all(isinstance(v, str) for v in values):
+            return "string"
+        return "json" if values else "mixed"
+    types = [types] if isinstance(types, str) else list(types)
+    if types == ["string"]:
+        return "string"
+    return "mixed" if "string" in types else "json"
+
+
+def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None = None) -> tuple[str, list[str]]:
     """The GBNF grammar that holds the model to this request's tools, and the trigger patterns that wake it
-    (none: it holds from the first token)."""
+    (none: it holds from the first token). `think` for a held answer: "open" when the prompt left the model inside
+    a <think> block (it must close it first), "optional" when the model may open one itself."""
+    tools = body.offered_tools()
+    many = body.parallel_tool_calls
+    lazy = body.tool_call_optional()
+    if tool_format == "generic":
+        answer = {"type": "object", "properties": {"tool_calls": _calls_array(body)}, "required": ["tool_calls"]}
+        if lazy:
+            words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
+            answer = {"anyOf": [answer, words]}
+        return json_schema_grammar(answer, bounded=True), []
+    if tool_format in ("hermes", "mistral", "llama3"):
+        schemas, structure, triggers = _json_rules(tools, tool_format, many)
+    else:
+        schemas, structure, triggers = _native_rules(tools, tool_format, many)
+    root = "calls"
+    if tool_format == "harmony" and not lazy:
+        root = "messages calls"  # its thought is a channel of its own (see _native_rules)
+    elif think in ("open", "optional") and not lazy:
+        # A thought ends at </think>, or for the models that call tools straight from their thinking, at the call.
+        ends = THOUGHT_ENDS.get(tool_format, ())
+        closed = f"({_lit(THINK_CLOSE)} [ \\t\\n]*){'?' if ends else ''}"
+        structure.append(f"thought ::= {_until('thought-text', (THINK_CLOSE, *ends), structure)} {closed}")
+        root = "thought calls" if think == "open" else f"([ \\t\\n]* {_lit(THINK_OPEN)} thought)? calls"
+    grammar = _grammar(schemas, [f"root ::= {root}", *structure])
+    return grammar, triggers if lazy else []
+
+
+def _calls_array(body: GenerationRequest) -> dict:
+    calls = [
+        {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters or {"type": "object"}},
+         "required": ["name", "arguments"]}
+        for t in body.offered_tools()
+    ]  # fmt: skip
+    call = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return {"type": "array", "items": call, "minItems": 1} | ({} if body.parallel_tool_calls else {"maxItems": 1})
+
+
+def _json_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str], list[str]]:
+    """hermes, mistral and llama3, whose calls are JSON objects: like _native_rules."""
     args_key = "parameters" if tool_format == "llama3" else "arguments"
     calls = [
         {
@@ -76,28 +260,173 @@ def tool_grammar(body: GenerationRequest, tool_format: str) -> tuple[str, list[s
             "properties": {"name": {"const": t.name}, args_key: t.parameters or {"type": "object"}},
             "required": ["name", args_key],
         }
-        for t in body.offered_tools()
+        for t in tools
     ]
-    call = {"anyOf": calls} if len(calls) > 1 else calls[0]
-    many = body.parallel_tool_calls
-    if tool_format == "generic":
-        tool_calls = {"type": "array", "items": call, "minItems": 1} | ({} if many else {"maxItems": 1})
-        answer = {"type": "object", "properties": {"tool_calls": tool_calls}, "required": ["tool_calls"]}
-        if body.tool_call_optional():
-            words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
-            answer = {"anyOf": [answer, words]}
-        return json_schema_grammar(answer, bounded=True), []
+    schemas = {"call": {"anyOf": calls} if len(calls) > 1 else calls[0]}
+    rules = []
     if tool_format == "hermes":
         one = r'"<tool_call>" "\n"? call "\n"? "</tool_call>"'
-        root = f'{one} ("\\n"? {one})*' if many else one
-    elif tool_format == "mistral":
-        root = '"[TOOL_CALLS]" "[" call ("," " "? call)* "]"' if many else '"[TOOL_CALLS]" "[" call "]"'
+        rules.append(f'calls ::= {one} ("\\n"? {one})*' if many else f"calls ::= {one}")
+    elif tool_format == "mistral":  # an array of calls (Nemo), or each call as name[ARGS]{...} (Devstral, 3.2)
+        array = '"[" call ("," " "? call)* "]"' if many else '"[" call "]"'
+        named = '(named ("[TOOL_CALLS]" named)*)' if many else "named"
+        rules += [f'calls ::= "[TOOL_CALLS]" ({array} | {named})',
+                  f"named ::= ({' | '.join(f'tool-{i}' for i in range(len(tools)))})"]  # fmt: skip
+        for i, tool in enumerate(tools):
+            schemas[f"tool-{i}-args"] = tool.parameters or {"type": "object"}
+            rules.append(f'tool-{i} ::= {_lit(tool.name)} ("[CALL_ID]" [a-zA-Z0-9]+)? "[ARGS]" tool-{i}-args')
     else:  # llama3: one call per turn, as its template renders them
-        root = "call"
-    triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(_TRIGGER[tool_format])]
-    return json_schema_grammar(
-        call, rule="call", root=root, bounded=True
-    ), triggers if body.tool_call_optional() else []
+        rules.append("calls ::= call")
+    triggers = [_LLAMA3_TRIGGER] if tool_format == "llama3" else [re.escape(JSON_TRIGGER[tool_format])]
+    return schemas, rules, triggers
+
+
+def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str], list[str]]:
+    """The schemas to convert (rule name -> JSON schema), the format's own rules (with `calls` for the calls) and
+    the lazy grammar's trigger patterns."""
+    schemas: dict[str, dict] = {}
+    rules: list[str] = []
+    if tool_format in XML:
+        syntax = XML[tool_format]
+        value_rule = _until("xml-value", (syntax.arg_close,), rules)
+        opened = f"{_SEP} {_lit(syntax.value_open)}" if syntax.value_open else ""  # GLM's </arg_key> <arg_value>
+        nl = '"\\n"' if syntax.newline else ""  # Qwen3-Coder: <parameter=key>\nvalue\n</parameter>
+        close = f"{_lit(syntax.arg_close)} {_SEP}"
+        names = []
+        for i, tool in enumerate(tools):
+            names.append(f"tool-{i}")
+            params = tool.parameters or {}
+            properties = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+            required = [key for key in params.get("required", []) if key in properties]
+            args, optional = [], []
+            for k, (key, schema) in enumerate(properties.items()):
+                kind = value_kind(schema)
+                value = value_rule
+                choices = schema.get("enum", [schema["const"]] if "const" in schema else None)
+                if kind == "string" and choices:  # one of the values, written as they are
+                    value = f"({' | '.join(_lit(choice) for choice in choices)})"
+                elif kind == "json":
+                    value = f"tool-{i}-arg-{k}-value"
+                    schemas[value] = schema
+                head = key + (f'" string="{"false" if kind == "json" else "true"}' if syntax.typed else "")
+                rules.append(f"tool-{i}-arg-{k} ::= {_lit(syntax.arg_open + head + syntax.arg_name_end)} {opened} "
+                             f"{nl} {value} {close}")  # fmt: skip
+                (args if key in required else optional).append(f"tool-{i}-arg-{k}")
+            if not properties and params.get("additionalProperties", True) is not False:  # any argument, as text
+                name_end = ('" string="true' if syntax.typed else "") + syntax.arg_name_end
+                rules.append(f"tool-{i}-any ::= {_lit(syntax.arg_open)} [^\"<>\\n]+ {_lit(name_end)} {opened} "
+                             f"{nl} {value_rule} {close}")  # fmt: skip
+                optional.append(f"tool-{i}-any")
+            arguments = " ".join(args + ([f"({' | '.join(optional)})*"] if optional else []))
+            if syntax.call_open:
+                head = _lit(syntax.call_open + tool.name + syntax.call_name_end)
+                rules.append(f"tool-{i} ::= {head} {_SEP} {arguments} {_lit(syntax.call_close)} {_SEP}")
+            else:  # GLM: the name right after <tool_call>, the arguments, then </tool_call>
+                rules.append(f"tool-{i} ::= {_lit(tool.name)} {_SEP} {arguments}")
+        call = f"({' | '.join(names)})"
+        several = many and syntax.call_open and tool_format != "qwen3_coder"  # calls in one block
+        after_open = _SEP if syntax.call_open else ""  # GLM writes the name right after <tool_call>
+        block = f"{_lit(syntax.block_open)} {after_open} {call}{'+' if several else ''} {_lit(syntax.block_close)}"
+        rules.append(f"calls ::= {block} ({_SEP} {block})*" if many and not several else f"calls ::= {block}")
+        return schemas, rules, [re.escape(syntax.block_open)]
+    syntax = NAMED[tool_format]
+    names = []
+    for i, tool in enumerate(tools):
+        names.append(f"tool-{i}")
+        schemas[f"tool-{i}-args"] = tool.parameters or {"type": "object"}
+        if tool_format == "harmony":
+            # The recipient in the channel's header or in the role's (after <|start|>assistant); then maybe its
+            # content type (" json" or " <|constrain|>json").
+            name = _lit(tool.name)
+            kind = '(" " "<|constrain|>"? "json")?'
+            rules.append(f'tool-{i} ::= ("<|channel|>" ("commentary" | "analysis") " to=functions." {name} {kind} | '
+                         f'" to=functions." {name} "<|channel|>" ("commentary" | "analysis") {kind}) "<|message|>" '
+                         f"tool-{i}-args")  # fmt: skip
+        elif tool_format == "kimi_k2":
+            rules.append(f'tool-{i} ::= {_lit(syntax.call_open + "functions." + tool.name + ":")} [0-9]{{1,4}} '
+                         f"{_lit(syntax.name_end)} tool-{i}-args {_lit(syntax.call_close)}")  # fmt: skip
+        else:
+            rules.append(f"tool-{i} ::= {_lit(syntax.call_open + tool.name + syntax.name_end)} tool-{i}-args "
+                         f"{_lit(syntax.call_close)}")  # fmt: skip
+    call = f"({' | '.join(names)})"
+    if tool_format == "harmony":  # one call per turn: <|call|> ends it (an end-of-generation token)
+        until_end = _until("harmony-text", ("<|end|>",), rules)
+        rules += ["calls ::= " + call,
+                  f'messages ::= (("<|channel|>analysis" | "<|channel|>commentary") "<|message|>" {until_end} '
+                  '"<|end|>" "<|start|>assistant")*']  # fmt: skip
+        triggers = ["^( to=)", r"<\|start\|>assistant( to=)", r"(<\|channel\|>(?:commentary|analysis) to=)"]
+        return schemas, rules, triggers
+    begin, end = (_lit(m) for m in syntax.section)
+    rules.append(f"calls ::= {begin}? {call}{'+' if many else ''} {end}?")
+    triggers = ["(" + "|".join(re.escape(m) for m in (syntax.section[0], syntax.call_open)) + ")"]
+    return schemas, rules, triggers
+
+
+def _lit(text: str) -> str:
+    """A GBNF string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped.replace(chr(9), chr(92) + "t")}"'
+
+
+def _until(name: str, delimiters: tuple[str, ...], rules: list[str]) -> str:
+    """A rule `name` for any text that contains none of `delimiters` (added to `rules`, once): the complement of
+    the Aho-Corasick automaton that finds them, one rule per state, as llama.cpp's peg parser writes its `until`."""
+    if any(rule.startswith(f"{name} ::= ") for rule in rules):
+        return name
+    goto: list[dict[str, int]] = [{}]  # the trie of the delimiters
+    terminal = [False]
+    for delimiter in delimiters:
+        q = 0
+        for ch in delimiter:
+            if ch not in goto[q]:
+                goto.append({})
+                terminal.append(False)
+                goto[q][ch] = len(goto) - 1
+            q = goto[q][ch]
+        terminal[q] = True
+    fail = [0] * len(goto)
+    queue = list(goto[0].values())
+    for q in queue:  # breadth first: a state's failure link is known before its children's
+        for ch, child in goto[q].items():
+            f = fail[q]
+            while f and ch not in goto[f]:
+                f = fail[f]
+            fail[child] = goto[f][ch] if ch in goto[f] and goto[f][ch] != child else 0
+            terminal[child] = terminal[child] or terminal[fail[child]]
+            queue.append(child)
+
+    def step(q: int, ch: str) -> int:
+        while q and ch not in goto[q]:
+            q = fail[q]
+        return goto[q].get(ch, 0)
+
+    alphabet = sorted({ch for delimiter in delimiters for ch in delimiter})
+    for q in range(len(goto)):
+        if terminal[q]:
+            continue  # a delimiter was found: no way on
+        to: dict[int, list[str]] = {}
+        for ch in alphabet:
+            to.setdefault(step(q, ch), []).append(ch)
+        specific = [ch for d, chars in to.items() if d for ch in chars]
+        alternatives = [f"{_char_class(chars)} {name}-{d}" for d, chars in sorted(to.items()) if d and not terminal[d]]
+        alternatives.append(f"{_char_class(specific, negate=True)} {name}-0")
+        rules.append(f"{name}-{q} ::= | " + " | ".join(alternatives))
+    rules.append(f"{name} ::= {name}-0")
+    return name
+
+
+def _char_class(chars: list[str], *, negate: bool = False) -> str:
+    escaped = "".join("\\" + c if c in "]\\^-[" else {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, c) for c in chars)
+    return f"[{'^' if negate else ''}{escaped}]"
+
+
+def _grammar(schemas: dict[str, dict], rules: list[str]) -> str:
+    """The format's `rules` (the first is root) and a rule for each of `schemas` (rule name -> the tools' JSON
+    schemas, already bounded by the request's validation), checked against the grammar bounds."""
+    converted = _schema_rules(schemas) if schemas else ""
+    grammar = "\n".join([*rules, converted]).strip() + "\n"
+    grammar_bounds_check(grammar)
+    return grammar
 
 
 # What makes a subschema say something about its value; one with none of these allows any value.
@@ -112,6 +441,16 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
     when the JSON is part of a larger answer. Raises ValueError for schemas the converter cannot handle, and
     SchemaTooComplex (a ValueError) for a schema or grammar over the bounds of schema_bounds. `bounded`: the
     schema wraps the tools' schemas, which the request's validation bounded all together already."""
+    if not bounded:
+        schema_bounds_check(schema)
+    grammar = _schema_rules({rule: schema})
+    grammar = grammar if root is None else f"root ::= {root}\n{grammar}"
+    grammar_bounds_check(grammar)
+    return grammar
+
+
+def _schema_rules(schemas: dict[str, dict]) -> str:
+    """GBNF rules for several JSON schemas (rule name -> schema), converted together (their helper rules shared)."""
     from llama_cpp import llama_grammar  # here: the view imports this module without llama_cpp
     from llama_cpp.llama_grammar import SchemaConverter
 
@@ -120,8 +459,6 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
     # 2000 on was refused. Ours writes flat repetitions (see _repetition); the converter looks the function up as
     # a module global, so it is replaced there (the same function for every caller; assigning it is idempotent).
     llama_grammar._build_repetition = _repetition
-    if not bounded:
-        schema_bounds_check(schema)
 
     class Converter(SchemaConverter):
         def visit(self, schema, name):
@@ -139,14 +476,15 @@ def json_schema_grammar(schema: dict, *, rule: str = "root", root: str | None = 
             return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    aliases = []
     try:
-        converter.visit(converter.resolve_refs(schema, ""), rule if rule != "root" else "")
+        for rule, schema in schemas.items():
+            name = converter.visit(converter.resolve_refs(schema, ""), rule if rule != "root" else "")
+            if name != rule:  # a plain type is its primitive's rule ("integer"), not one of the name asked for
+                aliases.append(f"{rule} ::= {name}")
     except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
         raise ValueError(str(exc) or type(exc).__name__) from None
-    grammar = converter.format_grammar()
-    grammar = grammar if root is None else f"root ::= {root}\n{grammar}"
-    grammar_bounds_check(grammar)
-    return grammar
+    return "\n".join([converter.format_grammar(), *aliases])
 
 
 # Repetitions up to this many optional items are llama.cpp's own x{0,n} (it writes n small rules); longer ones are

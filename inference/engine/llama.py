@@ -93,6 +93,10 @@ class SamplingParams:
     # Lazy grammar: regexes (ECMAScript) over the output; the grammar holds only from the first match on, so the
     # text before it is free (a tool call that may or may not come).
     grammar_triggers: list[str] = field(default_factory=list)
+    # Special tokens whose text goes into the answer (llama-server's "preserved tokens": a tool-call format's
+    # markers, such as gpt-oss's <|channel|>); any other special token is no text. End-of-generation tokens end the
+    # answer before they could be text, whatever this says.
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 class StepIO(Protocol):
@@ -465,7 +469,7 @@ class LoadedModel:
             sequence.next_token = token  # decoded (and added to slot.tokens) in the next step
             if sequence.params.logprobs is not None:
                 sequence.logprobs.append(self._logprob(sequence.batch_index, token, sequence.params.logprobs))
-            text = sequence.decoder.feed(self._piece(token))
+            text = sequence.decoder.feed(self._piece(token, token in sequence.params.preserved_tokens))
             if text:
                 events.append((sequence, "token", self._token_event(sequence, text)))
             if sequence.decoder.stop.stopped:
@@ -579,16 +583,18 @@ class LoadedModel:
         piece = self._piece(token)
         return {"token": piece.decode(errors="replace"), "logprob": round(logprob, 6), "bytes": list(piece)}
 
-    def _piece(self, token: int) -> bytes:
-        """The bytes of one token (cached: the scheduler asks for every generated token)."""
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token, a special token's text only if `special` (cached: the scheduler asks for every
+        generated token)."""
+        key = -token - 1 if special else token
+        piece = self._pieces.get(key)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            piece = self._pieces[key] = buf.raw[:n]
         return piece
 
     def _finish(self, sequence: Sequence, reason: str | None, events: list | None = None) -> None:

@@ -216,7 +216,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             self.budget.size(_size(value, self.budget.max_chars))
         return self.budget.value(value)
 
-    def concat(self, *values) -> str:
+    def concat(self, parts) -> str:
+        """How Jinja joins the output of a macro or a block (Environment.concat is "".join): one text, measured."""
+        text = "".join(parts)
+        if self.budget is not None:
+            self.budget.size(len(text))
+        return text
+
+    def tilde(self, *values) -> str:
         """`a ~ b ~ c` (see _Bounded): measured before the text is built."""
         self.budget.size(sum(_size(v, self.budget.max_chars) for v in values))
         return self.budget.value("".join(map(str, values)))
@@ -299,7 +306,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 class _Bounded(NodeTransformer):
-    """Rewrites a template's tree: every `for` iterates through bounded_iter, every `a ~ b` is Sandbox.concat."""
+    """Rewrites a template's tree: every `for` iterates through bounded_iter, every `a ~ b` is Sandbox.tilde."""
 
     def visit_For(self, node):
         node = self.generic_visit(node)
@@ -346,7 +353,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"The chat template does not compile: {exc}") from None
         tree = _Bounded().visit(tree)
         self._environment.globals["__minerva_iter"] = self._environment.bounded_iter
-        self._environment.globals["__minerva_concat"] = self._environment.concat
+        self._environment.globals["__minerva_concat"] = self._environment.tilde
         self._template = self._environment.from_string(tree)
         self._environment_lock = threading.Lock()
 

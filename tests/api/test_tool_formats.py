@@ -2,11 +2,16 @@
 head as soon as its name is known, its arguments as they are written."""
 
 import json
+from pathlib import Path
 
 import pytest
+from asgiref.sync import sync_to_async
 
+from core.generation import Tool
 from inference.tool_calls import ToolCallPart, ToolCallStream, calls_fold, parse_tool_calls
 from inference.tools import tool_format_for
+from tests.api.test_chat_completions import post, sse_events
+from tests.conftest import MODEL
 
 WEATHER_ARGS = {"city": "Paris"}
 
@@ -178,3 +183,91 @@ def test_the_generic_formats_words_stream_as_they_are_decoded():
     stream = ToolCallStream("generic")
     assert feed_all(stream, ['{"response": ', '"Hi', " the\\", 'u00e9re"}']) == [[], ["Hi"], [" the"], ["\u00e9re"]]
     assert stream.finish() == []
+
+
+def test_xml_style_values_are_typed_by_the_tools_schema_and_strings_stream_as_written():
+    tools = [Tool(name="f", parameters={"type": "object", "properties": {"n": {"type": "integer"},
+                  "on": {"type": "boolean"}, "s": {"type": "string"}, "o": {"type": "object"}}})]  # fmt: skip
+    # Qwen's templates write a boolean as Python's True; an unknown argument is JSON if it reads as JSON.
+    text = ("<tool_call>\n<function=f>\n<parameter=n>\n7\n</parameter>\n<parameter=on>\nTrue\n</parameter>\n"
+            "<parameter=s>\n7\n</parameter>\n<parameter=o>\n{\"a\": [1]}\n</parameter>\n<parameter=x>\n[2]\n"
+            "</parameter>\n<parameter=y>\nplain \"words\"\n</parameter>\n</function>\n</tool_call>")  # fmt: skip
+    _, calls = parse_tool_calls("qwen3_coder", text, tools)
+    assert only_call(calls) == ("f", {"n": 7, "on": True, "s": "7", "o": {"a": [1]}, "x": [2], "y": 'plain "words"'})
+    stream = ToolCallStream("qwen3_coder", tools)
+    sent = feed_all(stream, ["<tool_call>\n<function=f>\n<parameter=s>\nab", "c\n</par", "ameter>\n"])
+    assert sent[1] == [ToolCallPart(0, arguments="c")]  # what may be the closing tag is held back
+    assert sent[2] == [ToolCallPart(0, arguments='"')]
+
+
+def test_an_xml_block_that_is_not_a_call_stays_content_and_a_cut_call_keeps_what_it_wrote():
+    text = "<tool_call>hello</tool_call> there"
+    assert parse_tool_calls("qwen3_coder", text) == (text, [])
+    tools = [Tool(name="f", parameters={"type": "object", "properties": {"s": {"type": "string"}}})]
+    _, calls = parse_tool_calls("minimax_m2", '<minimax:tool_call>\n<invoke name="f">\n<parameter name="s">ab', tools)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("f", '{"s": "ab')]
+
+
+def test_names_come_out_of_each_familys_call_head():
+    kimi = "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:3<|tool_call_argument_begin|>{}"
+    assert only_call(parse_tool_calls("kimi_k2", kimi)[1]) == ("get_weather", {})
+    mistral = '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Paris"}'  # Mistral Small 3.2
+    assert only_call(parse_tool_calls("mistral", mistral)[1]) == ("get_weather", WEATHER_ARGS)
+    glm = "<tool_call>\nget_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>"
+    assert only_call(parse_tool_calls("glm", glm)[1]) == ("get_weather", WEATHER_ARGS)
+    harmony = 'to=functions.get_weather<|message|>{"city": "Paris"}'  # as inference/reasoning.py passes it on
+    assert only_call(parse_tool_calls("harmony", harmony)[1]) == ("get_weather", WEATHER_ARGS)
+
+
+def test_section_markers_around_calls_are_not_text():
+    text = ('Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}'
+            "<｜tool▁call▁end｜><｜tool▁calls▁end｜>")  # fmt: skip
+    content, calls = parse_tool_calls("deepseek_v3_1", text)
+    assert content == "Sure." and only_call(calls) == ("get_weather", WEATHER_ARGS)
+
+
+TEMPLATES = Path(__file__).parent.parent / "templates" / "llama.cpp"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]},
+                                     "days": {"type": "integer"}}, "required": ["city", "days"]}}}]  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("template", ["Qwen3-Coder", "deepseek-ai-DeepSeek-V3.2", "deepseek-ai-DeepSeek-V3.1",
+                                      "moonshotai-Kimi-K2"])  # fmt: skip
+async def test_a_family_template_gets_calls_in_its_own_syntax_parsed_streamed_and_not(async_client, smollm2, template):
+    # SmolLM2 knows none of these syntaxes: the required grammar writes the family's syntax for it, which the view
+    # reads back (the arguments typed by the schema).
+    smollm2.chat_template_override = (TEMPLATES / f"{template}.jinja").read_text()
+    await sync_to_async(smollm2.save)()
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris for 3 days?"}],
+               "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "temperature": 0,
+               "max_tokens": 200}  # fmt: skip  # DeepSeek's and Kimi's markers are many tokens in SmolLM2's vocabulary
+    plain = (await post(async_client, "/v1/chat/completions", request)).json()
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] == "get_weather" and arguments["city"] in ("Paris", "London")
+    assert isinstance(arguments["days"], int)
+    events = await sse_events(await post(async_client, "/v1/chat/completions", {**request, "stream": True}))
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1] if json.loads(e)["choices"]]
+    pieces = [d["tool_calls"][0] for d in deltas if d.get("tool_calls")]
+    assert pieces[0]["function"] == {"name": "get_weather", "arguments": ""} and len(pieces) > 3
+    assert "".join(p["function"]["arguments"] for p in pieces) == call["function"]["arguments"]
+    assert not any(d.get("content") for d in deltas)  # no marker leaks into the text
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_template_that_needs_what_the_renderer_lacks_is_a_400_naming_it(async_client, smollm2):
+    # Kimi K2 Instruct's template numbers earlier calls by appending to a list, which the sandbox forbids.
+    smollm2.chat_template_override = (TEMPLATES / "Kimi-K2-Instruct.jinja").read_text()
+    await sync_to_async(smollm2.save)()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]  # fmt: skip
+    request = {"model": MODEL, "messages": messages, "tools": TOOLS, "max_tokens": 5}
+    response = await post(async_client, "/v1/chat/completions", request)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "'append', which the sandbox forbids" in error["message"]

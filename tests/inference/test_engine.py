@@ -1,5 +1,6 @@
 """The scheduler on its own (no Django): real SmolLM2 through llama.cpp's batch API."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -293,3 +294,35 @@ def test_start_events_carry_the_submitters_info(model, io):
     assert sequence.wait(60)
     start = next(data for event, data in io.events["info"] if event == "start")
     assert start["a"] == 1
+
+
+def test_a_preserved_special_token_is_text_and_others_stay_silent(model, io):
+    # <|im_start|> stands in for a tool format's special marker (gpt-oss's <|channel|>, Kimi's
+    # <|tool_calls_section_begin|>): without preserving it, it is no text and no parser could see it.
+    (im_start,) = model.model.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    prompt = model.text_prompt("Hello")
+    forced = SamplingParams(max_tokens=3, temperature=0, logit_bias={im_start: 100.0})
+    silent = run(model, "special-silent", prompt, forced)
+    assert io.text("special-silent") == "" and silent.completion_tokens == 3
+    run(model, "special-kept", prompt, dataclasses.replace(forced, preserved_tokens=frozenset({im_start})))
+    assert io.text("special-kept") == "<|im_start|>" * 3
+
+
+def test_a_preserved_end_of_generation_token_still_ends_the_answer_without_text(model, io):
+    (im_end,) = model.model.tokenize(b"<|im_end|>", add_bos=False, special=True)
+    params = SamplingParams(
+        max_tokens=5, temperature=0, logit_bias={im_end: 100.0}, preserved_tokens=frozenset({im_end})
+    )
+    sequence = run(model, "special-eog", model.text_prompt("Hello"), params)
+    assert sequence.finish_reason == "stop" and sequence.completion_tokens == 0 and io.text("special-eog") == ""
+
+
+def test_a_lazy_grammar_wakes_on_a_special_tokens_text(model, io):
+    # llama.cpp's grammar sees a special token's text (<|im_start|>), so a trigger on a format's special marker
+    # (Kimi's <|tool_call_begin|>, gpt-oss's <|channel|>) wakes it, preserved or not.
+    (im_start,) = model.model.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    params = SamplingParams(max_tokens=20, temperature=0, logit_bias={im_start: 100.0},
+                            grammar='root ::= "<|im_start|>" " held."', grammar_triggers=[r"<\|im_start\|>"],
+                            preserved_tokens=frozenset({im_start}))  # fmt: skip
+    sequence = run(model, "special-trigger", model.text_prompt("Hello"), params)
+    assert io.text("special-trigger") == "<|im_start|> held." and sequence.finish_reason == "stop"

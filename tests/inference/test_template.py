@@ -30,6 +30,13 @@ def test_templates_get_tojson_without_ascii_escapes_raise_exception_and_strftime
         render("{{ raise_exception('only user') }}")
 
 
+def test_a_macros_output_is_its_text():
+    # Jinja joins a macro's output with Environment.concat; a sandbox method of that name once made it a list's
+    # repr (Qwen3.5's tool results rendered as "['sunny']", gpt-oss's whole system prompt likewise).
+    source = "{% macro shout(t) %}{{ t | upper }}!{% endmacro %}{{ shout(messages[0].content) | trim }}-{{ 'a' ~ 'b' }}"
+    assert render(source) == "HI!-ab"
+
+
 def test_hugging_faces_generation_tag_renders_its_body():
     assert render("{% generation %}body{% endgeneration %}") == "body"
 
