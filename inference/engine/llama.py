@@ -603,8 +603,13 @@ class LoadedModel:
             tail = sequence.decoder.flush()
             if tail or sequence.logprobs:
                 events.append((sequence, "token", self._token_event(sequence, tail)))
-            done = {"index": sequence.index, "finish_reason": reason, "prompt_tokens": len(sequence.prompt),
-                    "completion_tokens": sequence.completion_tokens, "cached_tokens": sequence.cached_tokens}
+            done = {
+                "index": sequence.index,
+                "finish_reason": reason,
+                "prompt_tokens": len(sequence.prompt),
+                "completion_tokens": sequence.completion_tokens,
+                "cached_tokens": sequence.cached_tokens,
+            }
             if sequence.decoder.stop.matched is not None:  # which stop string ended it (Anthropic reports it)
                 done["stop_sequence"] = sequence.decoder.stop.matched
             events.append((sequence, "done", done))
