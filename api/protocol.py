@@ -408,11 +408,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="Prompt tokens whose KV cells were reused from an earlier request.")
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="Generated tokens that went to reasoning (reasoning_content).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class FunctionCall(BaseModel):

@@ -36,6 +36,7 @@ from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionTokensDetails,
     CreateEmbeddingRequest,
     CreateEmbeddingResponse,
     DetokenizeRequest,
@@ -381,4 +382,5 @@ def _usage(usage) -> Usage:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
     )

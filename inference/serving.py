@@ -44,6 +44,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # generated tokens that went to reasoning (a token straddling its end counts)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Generation:
         tool_streams: dict[int, ToolCallStream] = {}  # per choice, with tools: calls read out of the text
         parts: dict[int, list[ToolCallPart]] = {}  # per choice: every call part so far
         done: list[dict] = []
+        thought = 0  # token events that carried reasoning: one token each
         chat, tools = self.body.is_chat, self.body.is_chat and self.body.tools_active()
         try:
             async for event, data in self.events:
@@ -108,6 +110,7 @@ class Generation:
                             tool_streams[index] = ToolCallStream(self.tool_format, self.body.offered_tools())
                             parts[index] = []
                     reasoning, text = splitters[index].feed(data["text"])
+                    thought += 1 if reasoning else 0
                     items = tool_streams[index].feed(text) if index in tool_streams else [text]
                     for delta in _in_order(index, reasoning, items, data.get("logprobs")):
                         parts.get(index, []).extend(delta.tool_call_parts)
@@ -132,8 +135,9 @@ class Generation:
             await self.stream.cancel()
             raise
         prompt = done[0] if done else {}
+        completion = sum(d["completion_tokens"] for d in done)
         self.usage = Usage(prompt_tokens=prompt.get("prompt_tokens", 0), cached_tokens=prompt.get("cached_tokens", 0),
-                           completion_tokens=sum(d["completion_tokens"] for d in done))  # fmt: skip
+                           completion_tokens=completion, reasoning_tokens=min(thought, completion))  # fmt: skip
 
     async def collect(self) -> Answer:
         """The whole answer: the fold of deltas()."""

@@ -78,13 +78,11 @@ class OutputBuilder:
         self.output: list[dict] = []  # every item so far; the open one as announced until it ends
         self.open: _Open | None = None
         self.held = ""  # whitespace before the answer's first words: an answer that is only a tool call drops it
-        self.reasoning_deltas = 0
         self.finish_reason: str | None = None
 
     def feed(self, delta: Delta) -> list[dict]:
         events: list[dict] = []
         if delta.reasoning:
-            self.reasoning_deltas += 1
             events += self._write("reasoning", delta.reasoning)
         if delta.text:
             events += self._text(delta.text)
@@ -119,14 +117,13 @@ class OutputBuilder:
                 "incomplete_reason": ""}  # fmt: skip
 
     def usage(self, usage: Usage) -> dict:
-        # Every prompt token not found in a slot's cache is written to it; reasoning tokens are counted as the
-        # deltas that carried reasoning (about one token each).
+        # Every prompt token not found in a slot's cache is written to it.
         return {
             "input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens,
                                      "cache_write_tokens": usage.prompt_tokens - usage.cached_tokens},
             "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": min(self.reasoning_deltas, usage.completion_tokens)},
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         }  # fmt: skip
 

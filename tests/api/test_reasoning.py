@@ -55,6 +55,8 @@ async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_cont
     message = data["choices"][0]["message"]
     assert message["reasoning_content"] and message["reasoning"] == message["reasoning_content"]
     assert "</think>" not in message["reasoning_content"]
+    # Every token went to the unclosed thought: all of them are reasoning tokens.
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == data["usage"]["completion_tokens"] == 12
     events = await sse_events(await post(async_client, "/v1/chat/completions", {**body, "stream": True}))
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1] if json.loads(e)["choices"]]
     streamed = "".join(d.get("reasoning_content", "") for d in deltas)
