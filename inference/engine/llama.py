@@ -552,6 +552,8 @@ class LoadedModel:
         llama_cpp.llama_sampler_apply(sequence.sampler.sampler, ctypes.byref(array))
         chosen = array.data[array.selected] if 0 <= array.selected < array.size else None
         if chosen is None or not math.isfinite(chosen.logit):
+            if sequence.params.ignore_eos:  # the grammar is complete and allows only the end, which is banned
+                return self.eog_tokens[0]
             sequence.error = GrammarDeadEnd(
                 "The output format this request asks for (its JSON schema, pattern or tools) cannot be continued: "
                 "its grammar allows no token the model can write next (for example, a pattern that requires a NUL "

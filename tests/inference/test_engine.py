@@ -326,3 +326,28 @@ def test_a_lazy_grammar_wakes_on_a_special_tokens_text(model, io):
                             preserved_tokens=frozenset({im_start}))  # fmt: skip
     sequence = run(model, "special-trigger", model.text_prompt("Hello"), params)
     assert io.text("special-trigger") == "<|im_start|> held." and sequence.finish_reason == "stop"
+
+
+def test_a_grammar_that_completes_under_ignore_eos_ends_the_answer_instead_of_aborting(model, io):
+    # The grammar then allows only the end of generation, which ignore_eos bans: llama.cpp's samplers picked a
+    # token anyway and the grammar's accept threw, aborting the worker.
+    from inference.tools import json_schema_grammar
+
+    grammar = json_schema_grammar({"enum": ["yes", "no"]})
+    prompt = model.chat_prompt([{"role": "user", "content": "Yes or no?"}])
+    sequence = run(model, "complete", prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                             grammar=grammar))  # fmt: skip
+    assert sequence.error is None and sequence.finish_reason == "stop"
+    assert io.text("complete").strip() in ('"yes"', '"no"')
+
+
+def test_a_grammar_no_token_can_continue_fails_only_its_own_sequence(model, io):
+    from inference.engine import GrammarDeadEnd
+    from inference.tools import json_schema_grammar
+
+    grammar = json_schema_grammar({"type": "string", "pattern": "^a\\u0000$"})
+    prompt = model.chat_prompt([{"role": "user", "content": "Hi"}])
+    sequence = run(model, "dead-end", prompt, SamplingParams(temperature=0, max_tokens=30, grammar=grammar))
+    assert isinstance(sequence.error, GrammarDeadEnd)
+    assert io.text("dead-end") == '"a'  # what it wrote before the dead end
+    assert run(model, "after", prompt, SamplingParams(temperature=0, max_tokens=3)).error is None
