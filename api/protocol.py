@@ -249,6 +249,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = Field(default=None, description="Return each output token's log probability.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Replaces max_tokens.")
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = Field(
+        default=None, description="llama-server's: 'none' leaves a <think> thought in the content; else it is split."
+    )
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
         default=None, description="Accepted; passed to the chat template as `reasoning_effort`."
     )
@@ -302,6 +305,7 @@ class ChatCompletionRequest(_SamplingRequest):
             parallel_tool_calls=self.parallel_tool_calls is not False,
             json_schema=schema,
             reasoning_effort=self.reasoning_effort,
+            reasoning_format=self.reasoning_format and ("none" if self.reasoning_format == "none" else "auto"),
         )  # fmt: skip
 
 

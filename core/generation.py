@@ -13,7 +13,7 @@ KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
 
 # The request fields a model's `default_params` may preset (llama.cpp's and OpenAI's names).
 SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repeat_penalty", "max_tokens", "seed", "stop"}  # fmt: skip
+                     "repeat_penalty", "max_tokens", "seed", "stop", "reasoning_format"}  # fmt: skip
 
 
 class _Neutral(BaseModel):
@@ -75,6 +75,8 @@ class GenerationRequest(_Neutral):
     json_schema: dict | None = None  # the answer is JSON following this schema ({"type": "object"}: any object)
     # reasoning and the model's lifetime
     reasoning_effort: str | None = None
+    # "none": a <think> thought stays in the content as the model wrote it (llama-server's reasoning_format none)
+    reasoning_format: Literal["auto", "none"] | None = None
     keep_alive: str | float | None = None
     load_only: bool = False  # generate nothing: load the model (with keep_alive 0: unload it), Ollama's empty request
     user: str | None = None  # the client's end user, for the request log only

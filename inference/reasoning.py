@@ -24,12 +24,16 @@ def reasoning_splitter(syntax: str | None, tool_format: str | None, *, thinking:
     whether tool calls are read from the answer)."""
     if syntax == "harmony":
         return HarmonySplitter(calls=calls)
+    if syntax == "none":  # reasoning_format none: everything is content, <think> tags and all
+        return ReasoningSplitter(passthrough=True)
     return ReasoningSplitter(thinking=thinking, ends=THOUGHT_ENDS.get(tool_format, ()) if calls else ())
 
 
 class ReasoningSplitter:
-    def __init__(self, *, thinking: bool = False, ends: tuple[str, ...] = ()):
+    def __init__(self, *, thinking: bool = False, ends: tuple[str, ...] = (), passthrough: bool = False):
         self.state = "thinking" if thinking else "start"  # start -> (thinking -> after ->) answer
+        if passthrough:
+            self.state = "answer"
         self.pending = ""
         self.ends = ends  # tags that end a thought and begin the answer (a tool call)
 

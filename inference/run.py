@@ -92,6 +92,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
             info = {"tool_format": tool_format} if tool_format else {}
             if syntax == "harmony":  # the view splits the answer's channels (inference/reasoning.py)
                 info["reasoning"] = "harmony"
+            elif (body.reasoning_format or (model.default_params or {}).get("reasoning_format")) == "none":
+                info["reasoning"] = "none"  # the view leaves a <think> thought in the content
             sequences = engine.submit_many(log.request_id, prompt, sampling, body.n, info=info)
             if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
                 db.connection.close()

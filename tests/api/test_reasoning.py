@@ -62,3 +62,33 @@ async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_cont
     streamed = "".join(d.get("reasoning_content", "") for d in deltas)
     assert streamed == message["reasoning_content"]
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_reasoning_format_none_leaves_the_thought_in_the_content(async_client, smollm2):
+    from core.generation import default_params_check
+    from tests.api.test_chat_completions import post
+    from tests.conftest import HELLO, MODEL
+
+    smollm2.chat_template_override = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n<think>\n"
+    )
+    await smollm2.asave()
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
+            "logit_bias": {"28": -100}}  # fmt: skip
+    raw = (await post(async_client, "/v1/chat/completions", {**body, "reasoning_format": "none"})).json()
+    split = (await post(async_client, "/v1/chat/completions", body)).json()
+    thought = split["choices"][0]["message"]["reasoning_content"]
+    assert thought and split["usage"]["completion_tokens_details"]["reasoning_tokens"] == 12
+    message = raw["choices"][0]["message"]
+    assert message["content"] == thought and "reasoning_content" not in message
+    assert raw["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    # Per model: the admin's default_params preset it like a sampling parameter; a request may still ask for "auto".
+    default_params_check({"reasoning_format": "none"})
+    smollm2.default_params = {"reasoning_format": "none"}
+    await smollm2.asave()
+    message = (await post(async_client, "/v1/chat/completions", body)).json()["choices"][0]["message"]
+    assert message["content"] == thought and "reasoning_content" not in message
+    auto = (await post(async_client, "/v1/chat/completions", {**body, "reasoning_format": "auto"})).json()
+    assert auto["choices"][0]["message"]["reasoning_content"] == thought
