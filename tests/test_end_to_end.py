@@ -204,6 +204,7 @@ def hermes(smollm2):
     return smollm2
 
 
+@pytest.mark.timeout(300)  # five requests, three under a grammar
 def test_the_sdk_gets_several_calls_in_one_turn_streamed_as_written_then_an_answer_to_their_results(client, hermes):
     ask = [{"role": "user", "content": "What is the weather in Paris and in London?"}]
     params = {"model": MODEL, "messages": ask, "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required",
