@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 NODE_DIR = Path(__file__).parent / "node"
 GEMMA = "gemma-3-270m"
-# Gemma 4's template (llama-cpp-python 0.3.36 sdist, vendor/llama.cpp/models/templates/google-gemma-4-31B-it.jinja):
-# Gemma 3 270M is a base model without one, and Gemma 2's refuses the system role that OpenCode's requests carry.
-GEMMA_TEMPLATE = (Path(__file__).parent / "templates" / "google-gemma-4-31B-it.jinja").read_text()
+# Gemma 4's real template (tests/templates/llama.cpp/README.md): Gemma 3 270M is a base model without one, and Gemma
+# 2's refuses the system role that OpenCode's requests carry.
+GEMMA_TEMPLATE = (Path(__file__).parent / "templates" / "llama.cpp" / "google-gemma-4-31B-it.jinja").read_text()
 
 
 def node_run(script: str, base_url: str, timeout: int, **env: str) -> dict:
