@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import openai
@@ -187,3 +188,58 @@ def test_the_sdk_gets_a_json_object_that_parses(client):
         assert isinstance(json.loads(reply.choices[0].message.content), dict)
     else:
         assert reply.choices[0].message.content.startswith("{")
+
+
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "Current time in a city",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                            "required": ["city"]}}}  # fmt: skip
+HERMES = (Path(__file__).parent / "templates" / "hermes.jinja").read_text()
+
+
+@pytest.fixture
+def hermes(smollm2):
+    """SmolLM2 with a Hermes/Qwen-style template (it shares their ChatML tokens): a format with several calls."""
+    smollm2.chat_template_override = HERMES
+    smollm2.save()  # the worker reads the row per request and reloads the model when its template changed
+    return smollm2
+
+
+@pytest.mark.timeout(300)  # five requests, three under a grammar
+def test_the_sdk_gets_several_calls_in_one_turn_streamed_as_written_then_an_answer_to_their_results(client, hermes):
+    ask = [{"role": "user", "content": "What is the weather in Paris and in London?"}]
+    params = {"model": MODEL, "messages": ask, "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required",
+              "parallel_tool_calls": True, "temperature": 0, "seed": 1, "max_tokens": 120}  # fmt: skip
+    reply = client.chat.completions.create(**params)
+    assert_schema("CreateChatCompletionResponse", reply.model_dump(exclude_unset=True))
+    assert reply.choices[0].finish_reason == "tool_calls"
+    calls = reply.choices[0].message.tool_calls
+    assert len(calls) >= 2 and len({c.id for c in calls}) == len(calls)
+    assert all(c.id.startswith("call_") and c.function.name in ("get_weather", "get_time") for c in calls)
+    assert {json.loads(c.function.arguments)["city"] for c in calls} == {"Paris", "London"}
+
+    chunks = list(client.chat.completions.create(**params, stream=True))
+    for chunk in chunks:
+        assert_schema("CreateChatCompletionStreamResponse", chunk.model_dump(exclude_unset=True))
+    deltas = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    streamed: dict[int, dict] = {}  # index -> the call its deltas add up to, as the SDK's users assemble it
+    for delta in deltas:
+        if delta.index not in streamed:  # a call's head: its id and name, before any argument
+            assert delta.id.startswith("call_") and delta.type == "function" and delta.function.arguments == ""
+            streamed[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+        else:
+            assert delta.id is None and delta.function.name is None
+            streamed[delta.index]["arguments"] += delta.function.arguments
+    assert list(streamed) == list(range(len(calls)))  # the calls open in order, each once
+    assert len({c["id"] for c in streamed.values()}) == len(calls)
+    assert len(deltas) > 2 * len(calls)  # arguments stream in pieces, not whole at the end
+    assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
+        (c.function.name, c.function.arguments) for c in calls
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    results = [{"role": "tool", "tool_call_id": c.id, "content": f"Sunny, {20 + i} C"} for i, c in enumerate(calls)]
+    history = [*ask, reply.choices[0].message.model_dump(exclude_none=True), *results]
+    answer = client.chat.completions.create(**{**params, "messages": history, "tool_choice": "auto", "max_tokens": 60})
+    assert_schema("CreateChatCompletionResponse", answer.model_dump(exclude_unset=True))
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens > reply.usage.prompt_tokens + 20  # both calls and results were rendered
