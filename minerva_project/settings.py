@@ -160,7 +160,9 @@ N_CTX = env_int("N_CTX", 0, minimum=0)
 KV_CACHE_TYPE = env_str("KV_CACHE_TYPE", "f16")  # f16, q8_0 or q4_0: the KV cache's type (q8_0 halves it)
 if KV_CACHE_TYPE not in ("f16", "q8_0", "q4_0"):
     raise ImproperlyConfigured(f"MINERVA_KV_CACHE_TYPE must be f16, q8_0 or q4_0, got {KV_CACHE_TYPE!r}")
-SHARED_CONTEXT = env_bool("SHARED_CONTEXT", True)  # a model's slots share one KV cache (off: n_ctx cells each)
+# on: a model's slots share one KV cache of n_ctx cells (less memory; batched requests round differently); off: n_ctx
+# cells for every slot.
+SHARED_CONTEXT = env_bool("SHARED_CONTEXT", False)
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)

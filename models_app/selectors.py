@@ -57,7 +57,8 @@ def model_n_ctx(model: LanguageModel) -> int:
     trained = model.context_length or 0
     n_ctx = model.n_ctx or settings.N_CTX
     if not n_ctx:
-        n_ctx = context_that_fits(model.metadata or {}, trained or 4096, memory_budget(), settings.KV_CACHE_TYPE)
+        budget = memory_budget() // (1 if settings.SHARED_CONTEXT else model_parallel(model))  # per n_ctx cells
+        n_ctx = context_that_fits(model.metadata or {}, trained or 4096, budget, settings.KV_CACHE_TYPE)
     return min(n_ctx, trained) if trained else n_ctx
 
 

@@ -49,8 +49,13 @@ def test_a_models_context_is_its_trained_one_unless_set_or_the_memory_budget_is_
     # the budget must hold the weights and the cache.
     per_token = kv_bytes_per_token(model.metadata)
     assert per_token == 23_040
+    settings.SHARED_CONTEXT = True  # one cache for the slots
     settings.MEMORY_BUDGET = 2 * (model.file_size + 5000 * per_token)
     assert model_n_ctx(model) == 4864  # 5,000 tokens fit; in steps of 256
+    settings.SHARED_CONTEXT, settings.PARALLEL = False, 2  # a cache per slot: the budget is shared by two
+    settings.MEMORY_BUDGET = 2 * 2 * (model.file_size + 5000 * per_token)
+    assert model_n_ctx(model) == 4864
+    settings.SHARED_CONTEXT = True
     settings.KV_CACHE_TYPE = "q8_0"  # about half the bytes per token: the trained context fits again
     assert model_n_ctx(model) == 8192
     settings.MEMORY_BUDGET = model.file_size  # nothing fits: the floor still serves 2,048
