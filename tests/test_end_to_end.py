@@ -66,7 +66,7 @@ def test_bad_input_through_the_sdk_raises_the_right_errors(client):
         client.chat.completions.create(model="no-such-model", messages=HELLO)
     assert not_found.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 5000}], stream=True)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 9000}], stream=True)
     assert too_long.value.code == "context_length_exceeded"
 
 

@@ -52,7 +52,7 @@ def test_a_batch_answers_good_lines_like_the_endpoint_and_files_bad_ones_with_th
         chat_line("good-2", messages=[{"role": "user", "content": "Name a colour."}]),
         chat_line("unknown-model", model="no-such-model"),
         chat_line("bad-param", temperature="hot"),
-        chat_line("too-long", messages=[{"role": "user", "content": "hi " * 5000}]),
+        chat_line("too-long", messages=[{"role": "user", "content": "hi " * 9000}]),
         chat_line("bad-tools", tool_choice="required"),
     ]
     created = create(client, lines, metadata={"purpose": "test"})
