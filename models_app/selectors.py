@@ -16,10 +16,18 @@ logger = logging.getLogger(__name__)
 
 def model_list() -> list[LanguageModel]:
     """Every model the API serves (enabled, file present)."""
-    # Only the columns /v1/models shows: the load options and templates are not needed to list.
+    # Only the columns /v1/models shows (n_parallel: the served context is sized per slot): templates are not needed.
     return list(
         LanguageModel.objects.filter(enabled=True, available=True).only(
-            "name", "format", "quantization", "metadata", "context_length", "file_size", "n_ctx", "created"
+            "name",
+            "format",
+            "quantization",
+            "metadata",
+            "context_length",
+            "file_size",
+            "n_ctx",
+            "n_parallel",
+            "created",
         )
     )
 
