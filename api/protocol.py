@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core import generation as neutral
 from core.generation import KEEP_ALIVE_RE
-from inference.schema_bounds import schema_bounds_check
+from inference.schema_bounds import schema_bounds_check, tools_bounds_check
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -263,14 +263,7 @@ class ChatCompletionRequest(_SamplingRequest):
     @field_validator("tools")
     @classmethod
     def _tools_bounded(cls, value: list[Tool] | None) -> list[Tool] | None:
-        # Each tool's schema is bounded on its own (FunctionDefinition); one grammar holds them all, so the bounds
-        # on counts hold for all of them together too.
-        totals: dict = {}
-        try:
-            for tool in value or []:
-                schema_bounds_check(tool.function.parameters or {}, totals)
-        except ValueError as exc:
-            raise ValueError(f"all tools together: {exc}") from None
+        tools_bounds_check(tool.function.parameters or {} for tool in value or [])
         return value
 
     @field_validator("top_logprobs")

@@ -39,6 +39,17 @@ class SchemaTooComplex(ValueError):
     """A schema or grammar over one of the bounds; the message names the keyword and the bound."""
 
 
+def tools_bounds_check(schemas) -> None:
+    """Raise ValueError when the tools' schemas of one request are over the bounds together: one grammar holds every
+    tool, so the bounds on counts hold for all of them (each is also checked alone, where it is parsed)."""
+    totals: dict = {}
+    try:
+        for schema in schemas:
+            schema_bounds_check(schema, totals)
+    except ValueError as exc:
+        raise ValueError(f"all tools together: {exc}") from None
+
+
 def schema_bounds_check(schema, totals: dict | None = None) -> None:
     """Raise SchemaTooComplex when `schema` is over any of the bounds above. Pass the same `totals` ({}) for the
     schemas of one request (its tools), so the bounds on counts hold for all of them together."""

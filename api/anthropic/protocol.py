@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from inference.schema_bounds import MAX_COUNT, MAX_DEPTH, schema_bounds_check
+from inference.schema_bounds import MAX_COUNT, MAX_DEPTH, schema_bounds_check, tools_bounds_check
 
 from ..protocol import UNSUPPORTED_SCHEMA_KEYWORDS, _unsupported_schema_keywords
 
@@ -208,13 +208,7 @@ class MessagesBody(_Request):
     @field_validator("tools")
     @classmethod
     def _tools_bounded(cls, value: list[Tool] | None) -> list[Tool] | None:
-        # One grammar holds every tool's schema, so the bounds on counts hold for all of them together too.
-        totals: dict = {}
-        try:
-            for tool in value or []:
-                schema_bounds_check(tool.input_schema, totals)
-        except ValueError as exc:
-            raise ValueError(f"all tools together: {exc}") from None
+        tools_bounds_check(tool.input_schema for tool in value or [])
         return value
 
     def _neutral(self, **fields) -> neutral.GenerationRequest:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core import generation as neutral
 from core.errors import InvalidRequest
 from core.generation import KEEP_ALIVE_RE
+from inference.schema_bounds import tools_bounds_check
 
 from ..protocol import _unsupported_schema_keywords
 
@@ -194,6 +195,12 @@ class _GenerationRequest(_Request):
 class ChatRequest(_GenerationRequest):
     messages: list[Message] | None = Field(default=None, description="None or []: only load (or unload) the model.")
     tools: list[Tool] | None = Field(default=None, max_length=128)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_bounded(cls, value: list[Tool] | None) -> list[Tool] | None:
+        tools_bounds_check(tool.function.parameters or {} for tool in value or [])
+        return value
 
     def to_generation(self) -> neutral.GenerationRequest:
         """The neutral request the worker runs; no messages at all only loads the model."""

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from inference.schema_bounds import schema_bounds_check
+from inference.schema_bounds import schema_bounds_check, tools_bounds_check
 
 from ..protocol import FunctionDefinition, _unsupported_schema_keywords
 
@@ -241,13 +241,7 @@ class CreateResponse(_Request):
     @field_validator("tools")
     @classmethod
     def _tools_bounded(cls, value: list | None) -> list | None:
-        totals: dict = {}  # one grammar holds every tool: the bounds on counts hold for all of them together
-        try:
-            for tool in value or []:
-                if isinstance(tool, FunctionTool):
-                    schema_bounds_check(tool.parameters or {}, totals)
-        except ValueError as exc:
-            raise ValueError(f"all tools together: {exc}") from None
+        tools_bounds_check(tool.parameters or {} for tool in value or [] if isinstance(tool, FunctionTool))
         return value
 
     @field_validator("metadata")

@@ -210,3 +210,14 @@ def test_a_subschema_of_only_annotations_allows_any_value_rather_than_being_refu
     for rule in ("a", "b"):
         (line,) = [line for line in grammar.splitlines() if line.startswith(f"{rule} ::= ")]
         assert all(kind in line for kind in ("string", "number", "boolean", "array", "null")), line
+
+
+def test_ollamas_chat_bounds_its_tools_together_too():
+    from api.ollama.protocol import ChatRequest as OllamaChat
+
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(99)},
+              "required": [f"p{i}" for i in range(99)]}  # fmt: skip
+    tools = [tool(schema, f"f{i}") for i in range(11)]
+    OllamaChat.model_validate({"model": "m", "messages": [], "tools": tools[:10]})
+    with pytest.raises(ValidationError, match="all tools together"):
+        OllamaChat.model_validate({"model": "m", "messages": [], "tools": tools})
