@@ -35,21 +35,27 @@ def test_an_unclosed_thought_stays_reasoning():
     assert split(["<think>still thinking"]) == ("still thinking", "")
 
 
-@pytest.mark.django_db(transaction=True)
-async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_content(async_client, smollm2):
-    import json
-
-    from tests.api.test_chat_completions import post, sse_events
+async def _thinking_template(smollm2) -> dict:
+    """SmolLM2 with a template that opens a thought, and a request whose 12 tokens all stay inside it."""
     from tests.conftest import HELLO, MODEL
-    from tests.openapi import assert_schema
 
     smollm2.chat_template_override = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "<|im_start|>assistant\n<think>\n"
     )
     await smollm2.asave()
-    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
+    return {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
             "logit_bias": {"28": -100}}  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_content(async_client, smollm2):
+    import json
+
+    from tests.api.test_chat_completions import post, sse_events
+    from tests.openapi import assert_schema
+
+    body = await _thinking_template(smollm2)
     data = (await post(async_client, "/v1/chat/completions", body)).json()
     assert_schema("CreateChatCompletionResponse", data)
     message = data["choices"][0]["message"]
@@ -68,15 +74,8 @@ async def test_a_template_that_opens_a_thought_puts_the_output_in_reasoning_cont
 async def test_reasoning_format_none_leaves_the_thought_in_the_content(async_client, smollm2):
     from core.generation import default_params_check
     from tests.api.test_chat_completions import post
-    from tests.conftest import HELLO, MODEL
 
-    smollm2.chat_template_override = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "<|im_start|>assistant\n<think>\n"
-    )
-    await smollm2.asave()
-    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
-            "logit_bias": {"28": -100}}  # fmt: skip
+    body = await _thinking_template(smollm2)
     raw = (await post(async_client, "/v1/chat/completions", {**body, "reasoning_format": "none"})).json()
     split = (await post(async_client, "/v1/chat/completions", body)).json()
     thought = split["choices"][0]["message"]["reasoning_content"]
