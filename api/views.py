@@ -357,9 +357,6 @@ def _check_tools(body: ChatCompletionRequest) -> None:
         and choice.function.name not in {t.function.name for t in body.tools}
     ):
         raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools.", param="tool_choice")
-    tools = bool(body.tools) and body.tool_choice != "none"
-    if tools and body.response_format is not None and body.response_format.type != "text":
-        raise InvalidRequest("response_format cannot be combined with tools.", param="response_format")
 
 
 def _completion_logprobs(entries: list[dict]) -> CompletionLogprobs:

@@ -31,7 +31,14 @@ from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 from core.redis import get_redis
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import LOADED_KEY, memory_budget, model_generates, model_n_ctx, model_parallel
+from models_app.selectors import (
+    LOADED_KEY,
+    memory_budget,
+    model_generates,
+    model_n_ctx,
+    model_parallel,
+    model_shared_cells,
+)
 
 from .engine import (
     ContextFull,
@@ -355,7 +362,7 @@ def _report_loaded(loaded: list[dict]) -> None:
 def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
     """How a worker loads the model: to generate, or (`embedding`) to embed, in a context of its own whose batch
     holds MINERVA_EMBEDDING_BATCH inputs and n_ctx tokens (the most one input may have)."""
-    n_ctx, n_parallel = model_n_ctx(model), model_parallel(model)
+    n_ctx, n_parallel, shared = model_n_ctx(model), model_parallel(model), model_shared_cells(model)
     if embedding:
         n_seq = settings.EMBEDDING_BATCH
         return ModelSpec(
@@ -373,10 +380,10 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         n_threads=settings.N_THREADS or None,
         n_batch=settings.N_BATCH,
         chat_template=model.chat_template_override or None,
-        shared_cells=settings.SHARED_CONTEXT,
+        shared_cells=shared,
         cache_type=settings.KV_CACHE_TYPE,
         estimated_bytes=estimate_memory(
-            model.metadata, n_ctx if settings.SHARED_CONTEXT else n_ctx * n_parallel, settings.KV_CACHE_TYPE
+            model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE
         ),
     )
 

@@ -227,6 +227,7 @@ class ToolCallStream:
         self.json_calls = 0
         self.mark = 0  # where held text starts (it goes out as text if it turns out not to be a call)
         self.response: list[int] | None = None  # generic: how far its "response" string went out; -1 all of it
+        self.raw_response: int | None = None  # generic, a JSON response (response_format): how far it went out
         self.spaces = ""  # whitespace after a call: it goes out only if text follows
         if tool_format == "generic":  # the whole answer is JSON
             self._json_start(0)
@@ -247,6 +248,8 @@ class ToolCallStream:
         held = self.text[self.mark :]
         if self.mode == "json" and self.response is not None:
             self._response(out, final=True)
+        elif self.mode == "json" and self.raw_response is not None:  # cut off: what it wrote
+            self._say(out, self.text[self.raw_response :])
         elif self.mode == "json" and self.call is not None and self.call.head_sent:
             out += self.call.cut(self.text)
         elif self.mode == "json" and not any(c.head_sent for c in self.calls[self.json_calls :]):
@@ -382,6 +385,9 @@ class ToolCallStream:
             out += self.call.parts(self.text, self.pos)
         if self.response is not None:
             self._response(out)
+        elif self.raw_response is not None and self.json.end is None:
+            self._say(out, self.text[self.raw_response : self.pos])
+            self.raw_response = self.pos
         if self.json.failed:
             self._json_failed(out)
         elif self.json.end is not None:
@@ -399,8 +405,14 @@ class ToolCallStream:
         if self.format == "generic" and path == ("response",):
             if kind == "start" and first == '"':
                 self.response = [position + 1, position + 1]
-            elif kind == "end" and self.response is not None:
+            elif kind == "start":  # an answer following response_format's schema: its JSON text is the content
+                self.raw_response = position
+            elif self.response is not None:
                 self._response(out, end=position - 1)
+            elif self.raw_response is not None:
+                self._say(out, self.text[self.raw_response : position])
+                self.raw_response = None
+                self.response = [position, -1]  # all of it went out
             return
         call_path = self._call_path(path)
         if call_path is None:

@@ -218,25 +218,40 @@ def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None
     tools = body.offered_tools()
     many = body.parallel_tool_calls
     lazy = body.tool_call_optional()
+    # With a response_format too, an answer in words must follow its schema: the grammar holds from the first token
+    # (calls | the answer), one grammar from one converter so that the tools' and the answer's helper rules agree.
+    answer = body.json_schema if lazy else None
+    if answer is not None:
+        schema_bounds_check(answer)
+        lazy = False
     if tool_format == "generic":
-        answer = {"type": "object", "properties": {"tool_calls": _calls_array(body)}, "required": ["tool_calls"]}
-        if lazy:
-            words = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]}
-            answer = {"anyOf": [answer, words]}
-        return json_schema_grammar(answer, bounded=True), []
+        calls = {"type": "object", "properties": {"tool_calls": _calls_array(body)}, "required": ["tool_calls"]}
+        if body.tool_call_optional():
+            response = answer if answer is not None else {"type": "string"}
+            words = {"type": "object", "properties": {"response": response}, "required": ["response"]}
+            calls = {"anyOf": [calls, words]}
+        return json_schema_grammar(calls, bounded=True), []
     if tool_format in ("hermes", "mistral", "llama3"):
         schemas, structure, triggers = _json_rules(tools, tool_format, many)
     else:
         schemas, structure, triggers = _native_rules(tools, tool_format, many)
     root = "calls"
+    if answer is not None:
+        schemas["final-answer"] = answer
+        final = "final-answer"
+        if tool_format == "harmony":
+            structure.append('harmony-final ::= "<|channel|>final" (" " "<|constrain|>"? "json")? "<|message|>" '
+                             "final-answer")  # fmt: skip
+            final = "harmony-final"
+        root = f"(calls | {final})"
     if tool_format == "harmony" and not lazy:
-        root = "messages calls"  # its thought is a channel of its own (see _native_rules)
+        root = f"messages {root}"  # its thought is a channel of its own (see _native_rules)
     elif think in ("open", "optional") and not lazy:
         # A thought ends at </think>, or for the models that call tools straight from their thinking, at the call.
         ends = THOUGHT_ENDS.get(tool_format, ())
         closed = f"({_lit(THINK_CLOSE)} [ \\t\\n]*){'?' if ends else ''}"
         structure.append(f"thought ::= {_until('thought-text', (THINK_CLOSE, *ends), structure)} {closed}")
-        root = "thought calls" if think == "open" else f"([ \\t\\n]* {_lit(THINK_OPEN)} thought)? calls"
+        root = f"thought {root}" if think == "open" else f"([ \\t\\n]* {_lit(THINK_OPEN)} thought)? {root}"
     grammar = _grammar(schemas, [f"root ::= {root}", *structure])
     return grammar, triggers if lazy else []
 

@@ -161,8 +161,13 @@ KV_CACHE_TYPE = env_str("KV_CACHE_TYPE", "f16")  # f16, q8_0 or q4_0: the KV cac
 if KV_CACHE_TYPE not in ("f16", "q8_0", "q4_0"):
     raise ImproperlyConfigured(f"MINERVA_KV_CACHE_TYPE must be f16, q8_0 or q4_0, got {KV_CACHE_TYPE!r}")
 # on: a model's slots share one KV cache of n_ctx cells (less memory; batched requests round differently); off: n_ctx
-# cells for every slot.
-SHARED_CONTEXT = env_bool("SHARED_CONTEXT", False)
+# cells for every slot; auto: off while a cache per slot fits the memory budget, on when it would not
+# (models_app.selectors.model_shared_cells).
+SHARED_CONTEXT = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(
+    env_str("SHARED_CONTEXT", "auto").strip().lower(), env_str("SHARED_CONTEXT", "auto").strip().lower()
+)
+if SHARED_CONTEXT not in ("on", "off", "auto"):
+    raise ImproperlyConfigured(f"MINERVA_SHARED_CONTEXT must be on, off or auto, got {SHARED_CONTEXT!r}")
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)

@@ -65,9 +65,22 @@ def model_n_ctx(model: LanguageModel) -> int:
     trained = model.context_length or 0
     n_ctx = model.n_ctx or settings.N_CTX
     if not n_ctx:
-        budget = memory_budget() // (1 if settings.SHARED_CONTEXT else model_parallel(model))  # per n_ctx cells
+        budget = memory_budget() // (1 if model_shared_cells(model) else model_parallel(model))  # per n_ctx cells
         n_ctx = context_that_fits(model.metadata or {}, trained or 4096, budget, settings.KV_CACHE_TYPE)
     return min(n_ctx, trained) if trained else n_ctx
+
+
+def model_shared_cells(model: LanguageModel) -> bool:
+    """Whether the model's slots share one KV cache (llama.cpp's unified cache): MINERVA_SHARED_CONTEXT on or off,
+    else (auto) only when a cache of the context for every slot would not fit half the memory budget, so that the
+    slots share the full context instead of each getting a lowered one."""
+    if settings.SHARED_CONTEXT != "auto":
+        return settings.SHARED_CONTEXT == "on"
+    parallel = model_parallel(model)
+    wanted = model.n_ctx or settings.N_CTX or model.context_length or 4096
+    if parallel == 1:
+        return False
+    return context_that_fits(model.metadata or {}, wanted, memory_budget() // parallel, settings.KV_CACHE_TYPE) < wanted
 
 
 def memory_budget() -> int:

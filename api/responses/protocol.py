@@ -283,9 +283,6 @@ class CreateResponse(_Request):
             raise InvalidRequest("tool_choice needs tools.", param="tool_choice")
         if isinstance(choice, FunctionChoice) and choice.name not in names:
             raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not in tools.", param="tool_choice")
-        fmt = self.text.format if self.text else None
-        if names and choice != "none" and fmt is not None and fmt.type != "text":
-            raise InvalidRequest("text.format cannot be combined with tools.", param="text.format")
         if isinstance(self.input, list):
             for i, item in enumerate(self.input):
                 _check_item(item, f"input[{i}]")

@@ -86,14 +86,41 @@ async def test_a_tool_result_turn_renders_and_gets_an_answer(async_client, smoll
     assert_schema("CreateChatCompletionResponse", response.json())
 
 
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+          "additionalProperties": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", ["generic", "hermes"])
+async def test_tools_with_a_response_format_answer_with_a_call_or_json_that_follows_the_schema(
+    async_client, smollm2, template
+):
+    import jsonschema
+
+    if template == "hermes":
+        smollm2.chat_template_override = HERMES
+        await smollm2.asave()
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+    for question in ("What is the weather in Paris?", "Say hello. Answer in JSON."):
+        ask = [{"role": "user", "content": question}]
+        data = (await post(async_client, "/v1/chat/completions",
+                           body(messages=ask, tool_choice="auto", response_format=response_format))).json()  # fmt: skip
+        assert_schema("CreateChatCompletionResponse", data)
+        message = data["choices"][0]["message"]
+        if message.get("tool_calls"):
+            assert data["choices"][0]["finish_reason"] == "tool_calls"
+            for call in message["tool_calls"]:
+                assert call["function"]["name"] in {"get_weather", "get_time"}
+        else:
+            jsonschema.validate(json.loads(message["content"]), ANSWER)
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
-    ids=["tool_choice without tools", "unknown tool", "tools with response_format"],
+    ids=["tool_choice without tools", "unknown tool"],
 )
 async def test_inconsistent_tool_requests_are_400s_naming_the_parameter(async_client, smollm2, extra, param):
     response = await post(async_client, "/v1/chat/completions", {**body(), **extra})

@@ -19,7 +19,7 @@ from inference.engine.template import ChatTemplate, ChatTemplateError
 from inference.reasoning import reasoning_splitter
 from inference.run import _prompt
 from inference.serving import Generation
-from inference.tool_calls import ToolCallPart, ToolCallStream, calls_fold
+from inference.tool_calls import ToolCallPart, ToolCallStream, calls_fold, parse_tool_calls
 from inference.tools import TOOL_FORMATS, tool_format_for, tool_grammar
 from models_app.bundled import default_model_path
 from models_app.models import LanguageModel
@@ -319,6 +319,39 @@ def test_an_auto_grammar_lets_words_through_and_holds_the_call_once_it_starts(fa
     assert grammar_walk(vocab, grammar, triggers, words + family.calls) == "accepted"
     cut = family.calls.rindex("write") + len("write")  # the call started: a wrong turn is refused
     assert grammar_walk(vocab, grammar, triggers, words + family.calls[:cut] + "!!nonsense") == "refused"
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+@pytest.mark.parametrize("family", FAMILIES.values(), ids=IDS)
+def test_with_a_response_format_the_answer_is_a_call_or_json_that_follows_the_schema(family, vocab):
+    grammar, triggers = tool_grammar(request(tool_choice="auto", json_schema=ANSWER_SCHEMA), family.tool_format)
+    assert triggers == []  # held from the first token: words must follow the schema too
+    final = '{"answer": "42"}'
+    if family.tool_format == "harmony":
+        final = "<|channel|>final<|message|>" + final
+    assert grammar_walk(vocab, grammar, [], family.calls) == "accepted"
+    assert grammar_walk(vocab, grammar, [], final) == "accepted"
+    assert grammar_walk(vocab, grammar, [], final.replace('"answer"', '"reply"')) == "refused"
+    assert grammar_walk(vocab, grammar, [], "The answer is 42.") == "refused"
+
+
+def test_the_generic_formats_json_answer_streams_as_content_and_a_call_as_a_call(vocab):
+    grammar, _ = tool_grammar(request(tool_choice="auto", json_schema=ANSWER_SCHEMA), "generic")
+    answer_text = '{"response": {"answer": "4\\"2"}}'
+    assert grammar_walk(vocab, grammar, [], answer_text) == "accepted"
+    assert grammar_walk(vocab, grammar, [], '{"response": "42"}') == "refused"
+    call_text = '{"tool_calls": [{"name": "ls", "arguments": {}}]}'
+    assert grammar_walk(vocab, grammar, [], call_text) == "accepted"
+    for size in (1, 3, len(answer_text)):
+        stream = ToolCallStream("generic", request().offered_tools())
+        items = [item for piece in chunks(answer_text, (size,)) for item in stream.feed(piece)] + stream.finish()
+        assert items and all(isinstance(item, str) for item in items)
+        assert json.loads("".join(items)) == {"answer": '4"2'}
+    content, calls = parse_tool_calls("generic", call_text, request().offered_tools())
+    assert content is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("ls", {})]
 
 
 def test_a_thinking_model_may_think_before_a_required_call(vocab):

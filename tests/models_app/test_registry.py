@@ -14,7 +14,7 @@ from core.errors import ModelNotFound
 from models_app.bundled import default_model_path
 from models_app.metadata import kv_bytes_per_token
 from models_app.models import LanguageModel
-from models_app.selectors import model_get, model_n_ctx
+from models_app.selectors import model_get, model_n_ctx, model_shared_cells
 from models_app.services import RegistryError, model_register, models_scan
 from tests.models_app.test_metadata import write_gguf, write_safetensors
 
@@ -49,17 +49,32 @@ def test_a_models_context_is_its_trained_one_unless_set_or_the_memory_budget_is_
     # the budget must hold the weights and the cache.
     per_token = kv_bytes_per_token(model.metadata)
     assert per_token == 23_040
-    settings.SHARED_CONTEXT = True  # one cache for the slots
+    settings.SHARED_CONTEXT = "on"  # one cache for the slots
     settings.MEMORY_BUDGET = 2 * (model.file_size + 5000 * per_token)
     assert model_n_ctx(model) == 4864  # 5,000 tokens fit; in steps of 256
-    settings.SHARED_CONTEXT, settings.PARALLEL = False, 2  # a cache per slot: the budget is shared by two
+    settings.SHARED_CONTEXT, settings.PARALLEL = "off", 2  # a cache per slot: the budget is shared by two
     settings.MEMORY_BUDGET = 2 * 2 * (model.file_size + 5000 * per_token)
     assert model_n_ctx(model) == 4864
-    settings.SHARED_CONTEXT = True
+    settings.SHARED_CONTEXT = "on"
     settings.KV_CACHE_TYPE = "q8_0"  # about half the bytes per token: the trained context fits again
     assert model_n_ctx(model) == 8192
     settings.MEMORY_BUDGET = model.file_size  # nothing fits: the floor still serves 2,048
     assert model_n_ctx(model) == 2048
+
+
+def test_by_default_slots_share_one_cache_only_when_a_cache_each_would_not_fit(settings):
+    models_scan()
+    model = model_get("smollm2-135m-instruct")
+    per_token = kv_bytes_per_token(model.metadata)
+    settings.SHARED_CONTEXT, settings.N_CTX, settings.PARALLEL = "auto", 0, 4
+    settings.MEMORY_BUDGET = 2 * 4 * (model.file_size + 8192 * per_token)  # four slots of 8,192 fit: apart
+    assert not model_shared_cells(model) and model_n_ctx(model) == 8192
+    settings.MEMORY_BUDGET = 2 * (model.file_size + 8192 * per_token)  # only one does: the slots share it
+    assert model_shared_cells(model) and model_n_ctx(model) == 8192
+    settings.PARALLEL = 1  # one slot has nothing to share
+    assert not model_shared_cells(model)
+    settings.SHARED_CONTEXT, settings.PARALLEL = "off", 4  # asked for apart: the context is lowered instead
+    assert not model_shared_cells(model) and model_n_ctx(model) < 8192
 
 
 def test_a_scan_finds_gguf_split_and_safetensors_models(models_dir):
