@@ -33,6 +33,9 @@ _logger.set_verbose(False)  # llama.cpp logs every tensor of every graph otherwi
 
 
 PARALLEL_SAMPLING_MIN = 4  # sequences in a step before sampling goes to the thread pool
+# Prompt tokens another running sequence must share with a new one before its KV cells are copied rather than
+# decoded again: in a split cache a copy moves a whole slot's buffer, in a shared one it only tags cells.
+PREFIX_COPY_MIN, PREFIX_COPY_MIN_SHARED = 256, 16
 # KV cache types (llama.cpp's names): f16 is exact; q8_0 halves the cache, q4_0 quarters it (both need flash
 # attention, which llama.cpp turns on where the backend has it).
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
@@ -112,6 +115,10 @@ class Sequence:
         self.index = index  # the choice index, when one request asks for n > 1 completions
         self.leader: Sequence | None = None  # for n > 1: the sequence whose prompt KV cells this one copies
         self.waiting_for_leader = False
+        # Another request's sequence whose prompt starts like this one's: its first `prefix_len` KV cells are
+        # copied once it has decoded them, instead of decoding them again here (see _copy_prefixes).
+        self.prefix_from: Sequence | None = None
+        self.prefix_len = 0
         self.slot: Slot | None = None
         self.pending: list[int] = []  # prompt tokens not yet decoded
         self.n_past = 0  # tokens of this sequence in the KV cache
@@ -363,12 +370,59 @@ class LoadedModel:
             slot.sequence, sequence.slot = slot, slot
             sequence.n_past = sequence.cached_tokens = reuse
             sequence.pending = sequence.prompt[reuse:]
+            source, length = self._prefix_source(sequence.prompt)
+            if length - reuse >= (PREFIX_COPY_MIN_SHARED if self.shared_cells else PREFIX_COPY_MIN):
+                sequence.prefix_from, sequence.prefix_len = source, length
             self._active.append(sequence)
             for follower in followers:
                 free.remove(slot)
                 slot = min(free, key=lambda s: s.last_used)
                 slot.sequence, follower.slot = slot, slot
                 self._active.append(follower)
+
+    def _prefix_source(self, prompt: list[int]) -> tuple[Sequence | None, int]:
+        """The running sequence (prefilling or generating) whose prompt shares the longest beginning with `prompt`,
+        and how many of its tokens this one may copy (not the last: its logits must be computed here)."""
+        best, length = None, 0
+        for other in self._active:
+            if not other.waiting_for_leader:
+                shared = min(_common_prefix(other.prompt, prompt), len(prompt) - 1)
+                if shared > length:
+                    best, length = other, shared
+        return best, length
+
+    def _copy_prefixes(self) -> None:
+        """Sequences that wait for another's prompt: once its KV cells hold the shared beginning, copy them (llama.cpp
+        copies cells between sequences: metadata only in a shared cache, the whole stream's buffer in a split
+        one, once, before the next decode) and go on with the rest of the prompt. If the source ended without
+        them, the sequence decodes its prompt itself."""
+        for sequence in self._active:
+            source = sequence.prefix_from
+            if source is None:
+                continue
+            slot = source.slot
+            ready = (
+                slot is not None
+                and len(slot.tokens) >= sequence.prefix_len
+                and source.n_past >= sequence.prefix_len
+                and slot.tokens[: sequence.prefix_len] == sequence.prompt[: sequence.prefix_len]
+            )
+            if not ready and source.finish_reason is None and source in self._active:
+                continue  # not there yet
+            sequence.prefix_from = None
+            if not ready:
+                continue  # it ended first: decode them here
+            target, length = sequence.slot, sequence.prefix_len
+            llama_cpp.llama_memory_seq_rm(self.memory, target.id, -1, -1)
+            if self.shared_cells:
+                llama_cpp.llama_memory_seq_cp(self.memory, slot.id, target.id, 0, length)
+            else:  # between streams llama.cpp copies only whole buffers: copy, then drop what is past the prefix
+                llama_cpp.llama_memory_seq_cp(self.memory, slot.id, target.id, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self.memory, target.id, length, -1)
+            target.tokens = sequence.prompt[:length]
+            sequence.n_past = sequence.cached_tokens = length
+            sequence.pending = sequence.prompt[length:]
+            self.stats["prefix_copies"] = self.stats.get("prefix_copies", 0) + 1
 
     def _copy_prompt_to_followers(self) -> None:
         """Once a leader's prompt is decoded, its followers take copies of its KV cells and sample from its
@@ -417,18 +471,19 @@ class LoadedModel:
         started = time.perf_counter()
         batch = self._batch
         batch.clear()
+        self._copy_prefixes()
         room = self._make_room()  # prompt tokens this step may add
         # Generating sequences first (one token each), then prompt chunks in arrival order.
         for sequence in self._active:
             sequence.batch_index = -1
-            if sequence.waiting_for_leader:
+            if sequence.waiting_for_leader or sequence.prefix_from is not None:
                 continue
             if not sequence.pending:
                 sequence.batch_index = batch.add([sequence.next_token], sequence.n_past, sequence.slot.id, True)
                 sequence.slot.tokens.append(sequence.next_token)
                 sequence.n_past += 1
         for sequence in self._active:
-            if sequence.pending and batch.room() and room:
+            if sequence.pending and batch.room() and room and sequence.prefix_from is None:
                 # The prompt's last token goes in a step of its own, as it does when the rest of the prompt comes
                 # from the prefix cache: its logits (computed in a smaller batch) then do not depend on the cache,
                 # and temperature 0 gives the same text for the same request, cached or not.

@@ -3,6 +3,7 @@
 import dataclasses
 import threading
 
+import llama_cpp
 import pytest
 
 from inference.engine import ContextFull, ContextOverflow, LoadedModel, PromptError, SamplingParams
@@ -80,6 +81,39 @@ def _same_text_alone_and_together(model, io):
     for i in range(4):
         assert io.text(f"together-{i}") == io.text(f"alone-{i}") != ""
         assert together[i].completion_tokens == 20 + 8 * i or together[i].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["split cache", "shared cache"])
+def test_requests_arriving_together_with_one_system_prompt_compute_it_once(io, shared):
+    model = LoadedModel(str(default_model_path()), n_ctx=1024, n_parallel=4, io=io, shared_cells=shared)
+    try:
+        system = "You are a careful assistant. " + "Follow the house rules of the team. " * 40  # ~300 tokens
+        prompts = [model.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": q}])
+                   for q in PROMPTS]  # fmt: skip
+        shared_len = min(_common(prompts[0], p) for p in prompts[1:])
+        assert shared_len > 300
+        params = SamplingParams(temperature=0, max_tokens=8)
+        together = [model.submit(f"system-{i}", prompts[i], params) for i in range(4)]
+        assert all(sequence.wait(60) for sequence in together)
+        assert together[0].cached_tokens == 0
+        assert all(s.cached_tokens >= shared_len for s in together[1:])  # copied, and reported as cached
+        assert model.stats["prefix_copies"] == 3
+        for sequence in together:  # each start event says so, as the usage will
+            assert io.events[sequence.key][0][1]["cached_tokens"] == sequence.cached_tokens
+        # The answer starts as the prompt's does when computed alone (its rows are computed in other chunk sizes,
+        # so a near-tie may still flip later: "Slots and the prompt cache").
+        for slot in model.slots:
+            llama_cpp.llama_memory_seq_rm(model.memory, slot.id, -1, -1)
+            slot.tokens = []
+        alone = run(model, "system-alone", prompts[3], params)
+        assert alone.cached_tokens == 0
+        assert io.text("system-alone")[:10] == io.text("system-3")[:10] != ""
+    finally:
+        model.close()
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def test_the_slots_share_one_context_so_one_request_may_fill_it(model, io):
