@@ -382,6 +382,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         chat_template=model.chat_template_override or None,
         shared_cells=shared,
         cache_type=settings.KV_CACHE_TYPE,
+        draft_max=settings.SPECULATIVE_DRAFT,
         estimated_bytes=estimate_memory(
             model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE
         ),

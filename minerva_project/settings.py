@@ -168,6 +168,10 @@ SHARED_CONTEXT = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "of
 )
 if SHARED_CONTEXT not in ("on", "off", "auto"):
     raise ImproperlyConfigured(f"MINERVA_SHARED_CONTEXT must be on, off or auto, got {SHARED_CONTEXT!r}")
+# Speculative decoding by prompt lookup: up to this many tokens drafted from the sequence's own prompt and answer
+# per step, verified in the same batch (0 = off). Pays where answers repeat their input (edits) and decode steps
+# are cheap to widen (a GPU); see BENCHMARKS.md.
+SPECULATIVE_DRAFT = env_int("SPECULATIVE_DRAFT", 0, minimum=0)
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)

@@ -41,6 +41,7 @@ class ModelSpec:
     chat_template: str | None = None  # replaces the file's own
     shared_cells: bool = True  # the slots share one KV cache of n_ctx cells (LoadedModel)
     cache_type: str = "f16"  # the KV cache's type: f16, q8_0 or q4_0
+    draft_max: int = 0  # speculative decoding by prompt lookup: drafted tokens per step (0: off)
     estimated_bytes: int = 0
     embedding: bool = False
 
@@ -121,7 +122,7 @@ class ModelCache:
         return LoadedModel(
                     spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
                     n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
-                    shared_cells=spec.shared_cells, cache_type=spec.cache_type,
+                    shared_cells=spec.shared_cells, cache_type=spec.cache_type, draft_max=spec.draft_max,
                     io=self.io_factory() if self.io_factory else None,
                 )  # fmt: skip
 

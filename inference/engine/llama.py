@@ -6,6 +6,7 @@ token of each generating sequence and a chunk of each prefilling prompt into one
 sequence with its own sampler chain, and hands the step's events to `StepIO` in one call (so the service can
 publish them and check cancellations in one Redis round trip)."""
 
+import array
 import collections
 import ctypes
 import dataclasses
@@ -119,6 +120,7 @@ class Sequence:
         # copied once it has decoded them, instead of decoding them again here (see _copy_prefixes).
         self.prefix_from: Sequence | None = None
         self.prefix_len = 0
+        self.drafts: list[int] = []  # speculative tokens in this step's batch after next_token, to verify
         self.slot: Slot | None = None
         self.pending: list[int] = []  # prompt tokens not yet decoded
         self.n_past = 0  # tokens of this sequence in the KV cache
@@ -157,11 +159,13 @@ class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
                  chat_template: str | None = None, shared_cells: bool = True,
-                 cache_type: str = "f16"):  # fmt: skip
+                 cache_type: str = "f16", draft_max: int = 0):  # fmt: skip
         """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
         n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
         the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
-        Without, each slot has n_ctx cells of its own."""
+        Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding by prompt lookup, up to
+        that many drafted tokens per sequence and step (0: off)."""
+        self.draft_max = draft_max
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
@@ -479,9 +483,17 @@ class LoadedModel:
             if sequence.waiting_for_leader or sequence.prefix_from is not None:
                 continue
             if not sequence.pending:
-                sequence.batch_index = batch.add([sequence.next_token], sequence.n_past, sequence.slot.id, True)
-                sequence.slot.tokens.append(sequence.next_token)
-                sequence.n_past += 1
+                tokens = [sequence.next_token]
+                if self.draft_max:  # speculative: the drafts are verified in this same step
+                    limit = min(self.draft_max, sequence.max_tokens - sequence.completion_tokens - 1,
+                                batch.room() - len(self._active), room)  # fmt: skip
+                    sequence.drafts = self._draft(sequence, limit) if limit > 0 else []
+                    room -= len(sequence.drafts)
+                    tokens += sequence.drafts
+                last = batch.add(tokens, sequence.n_past, sequence.slot.id, logits=len(tokens))
+                sequence.batch_index = last - len(tokens) + 1
+                sequence.slot.tokens.extend(tokens)
+                sequence.n_past += len(tokens)
         for sequence in self._active:
             if sequence.pending and batch.room() and room and sequence.prefix_from is None:
                 # The prompt's last token goes in a step of its own, as it does when the rest of the prompt comes
@@ -490,7 +502,7 @@ class LoadedModel:
                 chunk = (sequence.pending[:-1] or sequence.pending)[: min(batch.room(), room)]
                 room -= len(chunk)
                 sequence.pending = sequence.pending[len(chunk) :]
-                last = batch.add(chunk, sequence.n_past, sequence.slot.id, not sequence.pending)
+                last = batch.add(chunk, sequence.n_past, sequence.slot.id, logits=0 if sequence.pending else 1)
                 sequence.n_past += len(chunk)
                 sequence.slot.tokens.extend(chunk)
                 if not sequence.pending:
@@ -514,23 +526,21 @@ class LoadedModel:
                                                    "thinking": thinking, **sequence.info}))  # fmt: skip
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
-            if token < 0:  # a grammar dead end (its error is set)
-                self._finish(sequence, None, events)
-                continue
-            if token in self._eog:
-                self._finish(sequence, "stop", events)
-                continue
-            sequence.completion_tokens += 1
-            sequence.next_token = token  # decoded (and added to slot.tokens) in the next step
-            if sequence.params.logprobs is not None:
-                sequence.logprobs.append(self._logprob(sequence.batch_index, token, sequence.params.logprobs))
-            text = sequence.decoder.feed(self._piece(token, token in sequence.params.preserved_tokens))
-            if text:
-                events.append((sequence, "token", self._token_event(sequence, text)))
-            if sequence.decoder.stop.stopped:
-                self._finish(sequence, "stop", events)
-            elif sequence.completion_tokens >= sequence.max_tokens:
-                self._finish(sequence, "length", events)
+            drafts, sequence.drafts = sequence.drafts, []
+            taken = 0
+            # A drafted token the model agrees with was decoded already: its row's logits give the next token.
+            while self._take(sequence, token, events) and taken < len(drafts) and token == drafts[taken]:
+                taken += 1
+                sequence.batch_index += 1
+                token = self._sample_one(sequence)
+            if drafts:
+                self.stats["drafted"] = self.stats.get("drafted", 0) + len(drafts)
+                self.stats["accepted"] = self.stats.get("accepted", 0) + taken
+                if taken < len(drafts):  # the cells of the drafts it did not take
+                    rejected = len(drafts) - taken
+                    llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot.id, sequence.n_past - rejected, -1)
+                    del sequence.slot.tokens[-rejected:]
+                    sequence.n_past -= rejected
         stats = self.stats
         stats["steps"] += 1
         stats["batch_tokens"] += batch.n
@@ -578,16 +588,54 @@ class LoadedModel:
         all logits on the CPU (~0.3 ms each for Llama 3), so beyond a few sequences the chains run on a thread
         pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
 
-        def sample(sequence: Sequence) -> int:
-            if sequence.params.grammar:
-                return self._sample_checked(sequence)
-            return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
-
         if len(sequences) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
-            return [sample(s) for s in sequences]
+            return [self._sample_one(s) for s in sequences]
         for sequence in sequences:  # the first read of an output row may reorder llama.cpp's buffers: do it here
             llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
-        return list(self._sampling_pool.map(sample, sequences))
+        return list(self._sampling_pool.map(self._sample_one, sequences))
+
+    def _take(self, sequence: Sequence, token: int, events: list) -> bool:
+        """One sampled token: its text and logprobs out, or the sequence's end. Whether it goes on generating."""
+        if token < 0:  # a grammar dead end (its error is set)
+            self._finish(sequence, None, events)
+            return False
+        if token in self._eog:
+            self._finish(sequence, "stop", events)
+            return False
+        sequence.completion_tokens += 1
+        sequence.next_token = token  # decoded (and added to slot.tokens) in the next step
+        if sequence.params.logprobs is not None:
+            sequence.logprobs.append(self._logprob(sequence.batch_index, token, sequence.params.logprobs))
+        text = sequence.decoder.feed(self._piece(token, token in sequence.params.preserved_tokens))
+        if text:
+            events.append((sequence, "token", self._token_event(sequence, text)))
+        if sequence.decoder.stop.stopped:
+            self._finish(sequence, "stop", events)
+        elif sequence.completion_tokens >= sequence.max_tokens:
+            self._finish(sequence, "length", events)
+        return sequence.finish_reason is None and sequence.error is None
+
+    def _draft(self, sequence: Sequence, limit: int) -> list[int]:
+        """Prompt lookup: the tokens that followed the last place where the sequence's latest tokens (3, else 2)
+        appeared before, in its prompt or its answer: an edit repeats what the prompt holds. Empty if none."""
+        history = [*sequence.slot.tokens, sequence.next_token]
+        data = array.array("i", history).tobytes()
+        for n in (3, 2):
+            if len(history) <= n:
+                continue
+            key, end = data[-4 * n :], len(data) - 4
+            at = data.rfind(key, 0, end)
+            while at > 0 and at % 4:  # only whole tokens
+                at = data.rfind(key, 0, at + 4 * n - 1)
+            if at >= 0 and not at % 4:
+                start = at // 4 + n
+                return history[start : start + limit]
+        return []
+
+    def _sample_one(self, sequence: Sequence) -> int:
+        if sequence.params.grammar:
+            return self._sample_checked(sequence)
+        return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
 
     def _sample_checked(self, sequence: Sequence) -> int:
         """llama_sampler_sample, step by step, for a sequence under a grammar. When the grammar rejects every
@@ -761,14 +809,15 @@ class _Batch:
     def room(self) -> int:
         return self.capacity - self.n
 
-    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits_last: bool) -> int:
-        """Append tokens of one sequence; return the batch index of the last one."""
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits: int) -> int:
+        """Append tokens of one sequence, the last `logits` of them with logits; return the batch index of the
+        last one."""
         n, k = self.n, len(tokens)
         self.token[n : n + k] = tokens
         self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
         self.seq_id[n : n + k] = seq_id
         self.logits[n : n + k] = 0
-        self.logits[n + k - 1] = 1 if logits_last else 0
+        self.logits[n + k - logits : n + k] = 1
         self.n = self.struct.n_tokens = n + k
         return n + k - 1
 
