@@ -3,6 +3,7 @@ the default model (streamed text, token counts), Stop (the request ends `cancell
 run script, load and unload from the models page, the status page showing requests; axe-core on each page.
 Screenshots go to var/screenshots/."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -126,16 +127,44 @@ def test_stop_aborts_the_answer_and_the_server_logs_it_cancelled(page):
     assert row.status == "cancelled" and 0 < row.completion_tokens < 2000
 
 
+def test_an_api_error_shows_the_apis_message(page):
+    page.goto("/")
+    page.fill("#max-tokens", "0")
+    page.fill("#prompt", "Say hello.")
+    page.click("#send")
+    expect(page.locator("#error")).to_contain_text("max_tokens")
+    expect(page.locator(".message.assistant .stats")).to_contain_text("finish: error")
+
+
+def test_reasoning_is_folded_and_tool_calls_are_shown_as_json(page):
+    call = {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    answer = {"role": "assistant", "model": MODEL, "content": "", "reasoning": "The user wants the weather.",
+              "tool_calls": {"0": call}}  # fmt: skip
+    _seed(page, [{"role": "user", "content": "Weather in Paris?"}, answer])
+    reasoning = page.locator(".message.assistant details")
+    expect(reasoning).not_to_have_attribute("open", "")
+    expect(reasoning.locator("summary")).to_have_text("Reasoning")
+    expect(reasoning.locator(".reasoning")).to_be_hidden()
+    reasoning.locator("summary").click()
+    expect(reasoning.locator(".reasoning")).to_have_text("The user wants the weather.")
+    calls = page.locator(".message.assistant .tool-calls pre").text_content()
+    assert json.loads(calls) == [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+def _seed(page: Page, messages: list[dict]) -> None:
+    """Open the page with one stored conversation holding `messages`."""
+    page.goto("/")
+    page.evaluate("c => { localStorage.setItem('minerva.conversations', JSON.stringify([c]));"
+                  " localStorage.setItem('minerva.current', 'c1'); }",
+                  {"id": "c1", "title": "seeded", "messages": messages})  # fmt: skip
+    page.reload()
+
+
 def test_model_output_never_runs_script(page):
     hostile = ('Look: <img src="x" onerror="window.pwned = 1"> <script>window.pwned = 2</script> '
                '[link](javascript:window.pwned=3) <svg><animate onbegin="window.pwned = 4"/></svg>\n\n'
                "```python\nprint('<b>not bold</b>')\n```")  # fmt: skip
-    conversation = {"id": "c1", "title": "hostile", "messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "model": MODEL, "content": hostile}]}  # fmt: skip
-    page.goto("/")
-    page.evaluate("c => { localStorage.setItem('minerva.conversations', JSON.stringify([c]));"
-                  " localStorage.setItem('minerva.current', 'c1'); }", conversation)  # fmt: skip
-    page.reload()
+    _seed(page, [{"role": "user", "content": "hi"}, {"role": "assistant", "model": MODEL, "content": hostile}])
     content = page.locator(".message.assistant .content")
     expect(content).to_contain_text("Look:")
     page.locator(".message.assistant .content a").click()  # a javascript: link would run now

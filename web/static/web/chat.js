@@ -176,6 +176,13 @@ async function send(text) {
     showError("No model to send to: the model list is empty or could not be read.");
     return;
   }
+  let tools;
+  try {
+    tools = $("tools").value.trim() ? JSON.parse($("tools").value) : undefined;
+  } catch (error) {
+    showError(`The tools are not JSON: ${error.message}`);
+    return;
+  }
   showError("");
   c.system = $("system").value;
   if (!c.messages.length) c.title = text.slice(0, 40);
@@ -192,7 +199,7 @@ async function send(text) {
   const body = {
     model, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value),
+    max_tokens: Number($("max-tokens").value), tools,
   };
   controller = new AbortController();
   setBusy(true);
@@ -326,7 +333,7 @@ $("system").addEventListener("change", () => {
   conversation().system = $("system").value;
   save();
 });
-for (const id of ["temperature", "top-p", "max-tokens"]) {
+for (const id of ["temperature", "top-p", "max-tokens", "tools"]) {
   const stored = localStorage.getItem(`minerva.${id}`);
   if (stored) $(id).value = stored;
   $(id).addEventListener("change", () => localStorage.setItem(`minerva.${id}`, $(id).value));
