@@ -9,6 +9,7 @@ from django.views.decorators.http import require_POST
 
 from access.services import auth_required
 from models_app.models import LanguageModel
+from models_app.selectors import model_generates
 from models_app.services import models_set_enabled
 
 from .csp import csp
@@ -38,7 +39,10 @@ def status_json(request: HttpRequest) -> HttpResponse:
 @csp()
 @staff_member_required
 def models(request: HttpRequest) -> HttpResponse:
-    return render(request, "web/models.html", {"page": "models", "models": LanguageModel.objects.all()})
+    models = list(LanguageModel.objects.all())
+    for model in models:
+        model.generates = model_generates(model)  # an embedding model loads with its first request instead
+    return render(request, "web/models.html", {"page": "models", "models": models})
 
 
 @staff_member_required
