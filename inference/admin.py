@@ -99,7 +99,7 @@ class LanguageModelAdmin(models_admin.LanguageModelAdmin):
                     audit=audit,
                     on_queued=lambda: None,
                 )
-                self.message_user(request, f"{model.name}: {done}ed")
+                self.message_user(request, f"{done}ed {model.name}")
             except MinervaError as exc:
                 self.message_user(request, f"{model.name}: {exc.message}", level=messages.ERROR)
 

@@ -192,4 +192,6 @@ def test_staff_load_and_unload_a_model_from_the_page_and_see_requests_on_the_sta
     page.screenshot(path=SHOTS / "status-phone.png")
     page.goto("/minerva/api/docs")  # ReDoc from this server, over every surface
     expect(page.get_by_text("Chat, streamed as NDJSON").first).to_be_attached()
-    page.screenshot(path=SHOTS / "docs-phone.png")
+    _accessible(page, "docs-phone")
+    page.goto("/")
+    _accessible(page, "chat-phone")

@@ -344,5 +344,10 @@ $("api-key").addEventListener("change", () => {
   loadModels();
 });
 
+// On a phone the conversations and settings start folded, so the transcript comes first (unless a key is
+// required and none is typed yet).
+const keyMissing = !$("api-key-field").hidden && !$("api-key").value;
+if (matchMedia("(max-width: 48rem)").matches && !keyMissing) $("sidebar-box").open = false;
+
 renderAll();
 loadModels();
