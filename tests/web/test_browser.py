@@ -15,6 +15,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from inference.models import RequestLog
 from tests.conftest import MODEL, ROOT
+from tests.test_end_to_end import WEATHER_TOOL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -136,10 +137,21 @@ def test_an_api_error_shows_the_apis_message(page):
     expect(page.locator(".message.assistant .stats")).to_contain_text("finish: error")
 
 
-def test_reasoning_is_folded_and_tool_calls_are_shown_as_json(page):
-    call = {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
-    answer = {"role": "assistant", "model": MODEL, "content": "", "reasoning": "The user wants the weather.",
-              "tool_calls": {"0": call}}  # fmt: skip
+def test_streamed_tool_calls_are_shown_as_json(page):
+    page.goto("/")
+    page.fill("#tools", json.dumps([WEATHER_TOOL]))
+    page.select_option("#tool-choice", "required")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "60")
+    page.fill("#prompt", "What is the weather in Paris?")
+    page.click("#send")
+    expect(page.locator(".message.assistant .stats")).to_contain_text("finish: tool_calls")
+    [call] = json.loads(page.locator(".message.assistant .tool-calls pre").text_content())
+    assert call["id"].startswith("call_") and call["name"] == "get_weather" and "city" in call["arguments"]
+
+
+def test_reasoning_is_folded(page):
+    answer = {"role": "assistant", "model": MODEL, "content": "Sunny.", "reasoning": "The user wants the weather."}
     _seed(page, [{"role": "user", "content": "Weather in Paris?"}, answer])
     reasoning = page.locator(".message.assistant details")
     expect(reasoning).not_to_have_attribute("open", "")
@@ -147,8 +159,6 @@ def test_reasoning_is_folded_and_tool_calls_are_shown_as_json(page):
     expect(reasoning.locator(".reasoning")).to_be_hidden()
     reasoning.locator("summary").click()
     expect(reasoning.locator(".reasoning")).to_have_text("The user wants the weather.")
-    calls = page.locator(".message.assistant .tool-calls pre").text_content()
-    assert json.loads(calls) == [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}]
 
 
 def _seed(page: Page, messages: list[dict]) -> None:

@@ -199,7 +199,8 @@ async function send(text) {
   const body = {
     model, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("temperature").value), top_p: Number($("top-p").value),
-    max_tokens: Number($("max-tokens").value), tools,
+    max_tokens: Number($("max-tokens").value),
+    ...(tools ? { tools, tool_choice: $("tool-choice").value } : {}),
   };
   controller = new AbortController();
   setBusy(true);
@@ -333,7 +334,7 @@ $("system").addEventListener("change", () => {
   conversation().system = $("system").value;
   save();
 });
-for (const id of ["temperature", "top-p", "max-tokens", "tools"]) {
+for (const id of ["temperature", "top-p", "max-tokens", "tools", "tool-choice"]) {
   const stored = localStorage.getItem(`minerva.${id}`);
   if (stored) $(id).value = stored;
   $(id).addEventListener("change", () => localStorage.setItem(`minerva.${id}`, $(id).value));
