@@ -32,7 +32,10 @@ def _chromium() -> str:
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             pytest.skip("Debian's chromium is missing (apt-get install -y chromium) and this run cannot install it")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, env=env, stdout=subprocess.DEVNULL)
+        install = ["apt-get", "install", "-y", "chromium"]
+        if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
     return CHROMIUM
 
 
