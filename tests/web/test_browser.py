@@ -113,9 +113,15 @@ def test_a_message_to_the_default_model_streams_its_answer_with_token_counts(pag
     row = _wait_for_row(lambda r: r.status == "completed")
     assert row.completion_tokens == 12 and row.stream
     _accessible(page, "chat")
-    # The conversation is kept in the browser: a reload shows it again.
+    # Conversations are kept in the browser, several at once: a new one starts empty, the first is one click away
+    # (after a reload too).
+    page.click("#new-chat")
+    expect(page.locator(".message")).to_have_count(0)
     page.reload()
+    expect(page.locator("#conversations li")).to_have_count(2)
+    page.click("#conversations >> text=Say hello.")
     expect(page.locator(".message.user")).to_have_text("YouSay hello.")
+    expect(page.locator(".message.assistant .stats")).to_contain_text("completion 12")
 
 
 def test_stop_aborts_the_answer_and_the_server_logs_it_cancelled(page):
