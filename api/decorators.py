@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
@@ -31,6 +32,7 @@ from core.errors import (
     MethodNotAllowed,
     MinervaError,
     OriginNotAllowed,
+    PermissionDenied,
     RequestTooLarge,
     ServerError,
     ServiceUnavailable,
@@ -42,9 +44,10 @@ from .bodies import json_check
 logger = logging.getLogger(__name__)
 
 
-def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError], HttpResponse]):
+def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError], HttpResponse], sessions: bool = False):
     """Wrap an async API view; `render_error` turns a MinervaError into the surface's error response (it must set
-    `response.minerva_error`, which the request log reads)."""
+    `response.minerva_error`, which the request log reads). With `sessions`, a request without a key may come from
+    a staff user's admin session instead (with Django's CSRF check): `request.staff_session` says so."""
 
     def decorate(view):
         @csrf_exempt
@@ -54,6 +57,7 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
             request.request_logged = False  # set by views once a worker owns the request's log row
             request.log_model = ""
             request.api_key, limits = None, None
+            request.staff_session = False
             request.audit = {
                 "client_ip": client_address(request.META),
                 "user_agent": request.headers.get("User-Agent", "")[:255],
@@ -65,7 +69,9 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
                 if response is None:
                     # The key next: a caller without one learns nothing, not even which methods a path takes.
                     header = authorization_header(request)
-                    if header or auth_required():
+                    if sessions and not header:
+                        request.staff_session = await staff_session_check(request)
+                    if header or (auth_required() and not request.staff_session):
                         request.api_key, limits = await sync_to_async(_access)(header)
                     request.audit["api_key_prefix"] = request.api_key.prefix if request.api_key else ""
                     if request.headers.get(BODY_REFUSED) == "too-large":  # daphne did not read it (daphne.py)
@@ -123,6 +129,19 @@ DATABASE_UNAVAILABLE = ServiceUnavailable(
     "The database is unavailable; try again shortly.", code="database_unavailable"
 )
 REDIS_UNAVAILABLE = ServiceUnavailable("Redis is unavailable; try again shortly.", code="redis_unavailable")
+
+
+async def staff_session_check(request: HttpRequest) -> bool:
+    """Whether the request comes from a staff user's admin session and passes Django's CSRF check (a page's
+    fetch sends the token as X-CSRFToken). Only paths outside /v1 and /api pass the session middleware."""
+    if not hasattr(request, "auser"):
+        return False
+    user = await request.auser()
+    if not user.is_staff:
+        return False
+    if CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None:
+        raise PermissionDenied("CSRF check failed: send the page's CSRF token as X-CSRFToken.", code="csrf_failed")
+    return True
 
 
 def authorization_header(request: HttpRequest) -> str:

@@ -3,7 +3,7 @@
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+from drf_spectacular.views import SpectacularAPIView
 from rest_framework import exceptions, generics
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -73,7 +73,3 @@ class _JsonErrors:
 
 class Schema(_JsonErrors, SpectacularAPIView):
     """The history API's OpenAPI document."""
-
-
-class Docs(_JsonErrors, SpectacularRedocView):
-    """A page showing the history API's OpenAPI document."""

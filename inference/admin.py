@@ -1,10 +1,18 @@
 import csv
+import uuid
 
-from django.contrib import admin
+from asgiref.sync import async_to_sync
+from django.contrib import admin, messages
 from django.db.models import Count, Sum
 from django.http import HttpResponse
 
+from access.services import client_address
+from core.errors import MinervaError
+from models_app import admin as models_admin
+from models_app.models import LanguageModel
+
 from .models import RequestLog
+from .serving import model_load
 
 CSV_FIELDS = ["created", "request_id", "endpoint", "method", "model", "api_key_prefix", "client_ip", "user_agent",
               "retry_count", "stream", "status", "status_code", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -62,3 +70,39 @@ class RequestLogAdmin(ReadOnlyAdmin):
         for row in queryset.values_list(*CSV_FIELDS):
             writer.writerow(row)
         return response
+
+
+class LanguageModelAdmin(models_admin.LanguageModelAdmin):
+    """The registry's admin, with the actions that run on a worker: load and unload now (models_app cannot
+    import inference, so they are added here, the way the API's POST /minerva/api/models/<name>/load does)."""
+
+    actions = [*models_admin.LanguageModelAdmin.actions, "load_now", "unload_now"]
+
+    @admin.action(description="Load the selected models now")
+    def load_now(self, request, queryset):
+        self._load(request, queryset, unload=False)
+
+    @admin.action(description="Unload the selected models")
+    def unload_now(self, request, queryset):
+        self._load(request, queryset, unload=True)
+
+    def _load(self, request, queryset, *, unload: bool) -> None:
+        audit = {"client_ip": client_address(request.META), "user_agent": request.headers.get("User-Agent", "")[:255]}
+        for model in queryset:
+            try:
+                done = async_to_sync(model_load)(
+                    request_id=uuid.uuid4().hex,
+                    endpoint=request.path,
+                    name=model.name,
+                    unload=unload,
+                    api_key=None,
+                    audit=audit,
+                    on_queued=lambda: None,
+                )
+                self.message_user(request, f"{done}ed {model.name}")
+            except MinervaError as exc:
+                self.message_user(request, f"{model.name}: {exc.message}", level=messages.ERROR)
+
+
+admin.site.unregister(LanguageModel)
+admin.site.register(LanguageModel, LanguageModelAdmin)

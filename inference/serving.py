@@ -299,3 +299,13 @@ async def tokenize_answer(*, request_id: str, endpoint: str, body: TokenizeReque
         await stream.cancel()
         raise
     raise ServerError()  # unreachable: a stream ends in `done` or `error`, or read() raises
+
+
+async def model_load(*, request_id: str, endpoint: str, name: str, unload: bool, api_key: ApiKey | None,
+                     audit: dict, on_queued: Callable[[], None]) -> str:  # fmt: skip
+    """Load a model now (or unload it once its running requests end) through its queue, as Ollama's empty request
+    does: a neutral `load_only` request that a worker serving the model runs. Returns "load" or "unload"."""
+    body = GenerationRequest(model=name, prompt="", max_tokens=1, load_only=True, keep_alive=0 if unload else None)
+    generation = await generation_start(request_id=request_id, endpoint=endpoint, body=body, api_key=api_key,
+                                        audit=audit, on_queued=on_queued)  # fmt: skip
+    return (await generation.collect()).choices[0].finish_reason

@@ -202,12 +202,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # ReDoc's bundle for the docs page, served from here
     "api",
     "access",
     "models_app",
     "inference",
     "responses",
     "batches",
+    "web",
 ]
 
 MIDDLEWARE = [

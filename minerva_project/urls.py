@@ -1,7 +1,8 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from api import history, views
+from api import history, minerva, views
+from web import docs
 
 from . import ops
 
@@ -20,5 +21,9 @@ urlpatterns = [
     path("minerva/api/requests/<str:request_id>", history.RequestDetail.as_view()),
     path("minerva/api/usage", history.Usage.as_view()),
     path("minerva/api/schema", history.Schema.as_view(), name="schema"),
-    path("minerva/api/docs", history.Docs.as_view(url_name="schema")),
+    path("minerva/api/models/<path:name>/load", minerva.load),
+    path("minerva/api/models/<path:name>/unload", minerva.unload),
+    path("minerva/api/docs", docs.Docs.as_view(), name="docs"),
+    path("minerva/api/openapi.json", docs.openapi, name="openapi"),
+    path("", include("web.urls")),  # the pages for people: /, /status, /models
 ]

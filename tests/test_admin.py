@@ -55,3 +55,13 @@ def test_the_rescan_action_registers_new_files(staff, settings, tmp_path):
 def test_disable_action_hides_a_model_from_the_api(staff, smollm2):
     staff.post("/admin/models_app/languagemodel/", {"action": "disable", "_selected_action": [smollm2.pk]})
     assert not LanguageModel.objects.get(pk=smollm2.pk).enabled
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_models_admin_loads_and_unloads_through_the_models_queue(admin_client, smollm2):
+    changelist = "/admin/models_app/languagemodel/"
+    for action, done in (("load_now", "load"), ("unload_now", "unload")):
+        page = admin_client.post(changelist, {"action": action, "_selected_action": [smollm2.pk]}, follow=True)
+        assert f"{done.capitalize()}ed {smollm2.name}".encode() in page.content
+    rows = RequestLog.objects.filter(endpoint=changelist).order_by("created")
+    assert [(r.finish_reason, r.status) for r in rows] == [("load", "completed"), ("unload", "completed")]
