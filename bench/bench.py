@@ -121,10 +121,11 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-async def one_request(client, base_url: str, model: str, i: int, max_tokens: int) -> dict:
+async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str = "") -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt(i)}],
+        "messages": [*messages, {"role": "user", "content": prompt(i)}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -156,7 +157,11 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
     }
 
 
-async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, offset: int):
+async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, offset: int,
+                    shared_words: int = 0):  # fmt: skip
+    # --shared-prefix: one system prompt for every request of the level (new for each level, so no server has it
+    # cached beforehand): agents of one team starting together.
+    system = f"Session {offset}. " + prompt(offset, shared_words) if shared_words else ""
     # A fresh connection per request: llama-server closes streamed responses, which confuses pooled reuse.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
@@ -165,7 +170,7 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
 
         async def worker():
             while queue:
-                results.append(await one_request(client, base_url, model, queue.pop(0), max_tokens))
+                results.append(await one_request(client, base_url, model, queue.pop(0), max_tokens, system))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -204,6 +209,13 @@ def main() -> None:
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--n-gpu-layers", type=int, default=-1)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="words of a system prompt every request of a level shares (~1.3 tokens a word)",
+    )
+    parser.add_argument("--minerva-env", action="append", default=[], help="NAME=VALUE for Minerva (repeatable)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -213,7 +225,7 @@ def main() -> None:
     servers = {}
     try:
         servers["llama-server"] = start_llama_server(args, work, slots)
-        servers["minerva"] = start_minerva(args, work, slots)
+        servers["minerva"] = start_minerva(args, work, slots, dict(e.split("=", 1) for e in args.minerva_env))
         for _process, url, model in servers.values():  # warm-up: load, first graph, caches
             asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000))
         results = {name: {} for name in servers}
@@ -221,7 +233,9 @@ def main() -> None:
         for level in levels:
             n = args.requests or max(4, 2 * level)
             for name, (_process, url, model) in servers.items():
-                results[name][level] = asyncio.run(run_level(url, model, level, n, args.max_tokens, offset))
+                results[name][level] = asyncio.run(
+                    run_level(url, model, level, n, args.max_tokens, offset, args.shared_prefix)
+                )
                 print(f"  {name:12} c={level:<3} {results[name][level]}", flush=True)
             offset += n
     finally:

@@ -52,6 +52,12 @@ run)
     /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
         --levels "${2:-1,4,16,64}" --n-batch 2048 --n-ctx 1024 --out "${OUT:-/tmp}/bench-gpu.json"
     ;;
+prefix)  # 16 agents arriving together with one ~3k-token system prompt, 64 tokens out each
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels "${2:-16}" --requests "${2:-16}" --shared-prefix 2300 --max-tokens 64 --n-batch 2048 --n-ctx 4096 \
+        --out "${OUT:-/tmp}/prefix-gpu.json"
+    ;;
 batch)
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
