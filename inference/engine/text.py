@@ -56,4 +56,7 @@ class TextDecoder:
         return self.stop.feed(self._utf8.decode(data))
 
     def flush(self) -> str:
-        return self.stop.feed(self._utf8.decode(b"", final=True)) + self.stop.flush()
+        """The end: held text goes out; the start of a character the answer never finished (cut by max_tokens) is
+        dropped, as llama-server drops it, rather than sent as U+FFFD."""
+        self._utf8.reset()
+        return self.stop.flush()

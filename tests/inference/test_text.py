@@ -39,7 +39,13 @@ def test_a_character_split_across_tokens_is_never_replaced():
     assert "\ufffd" not in "".join(pieces)
 
 
-def test_invalid_bytes_become_one_replacement_character_at_the_end():
+def test_a_character_the_answer_never_finished_is_dropped_at_the_end():
     decoder = TextDecoder([])
-    assert decoder.feed(b"ok\xf0\x9f") == "ok"
-    assert decoder.flush() == "\ufffd"
+    assert decoder.feed(b"ok\xf0\x9f") == "ok"  # max_tokens cut a 4-byte emoji after two bytes
+    assert decoder.flush() == ""
+
+
+def test_bytes_that_are_no_utf8_become_replacement_characters():
+    decoder = TextDecoder([])
+    assert decoder.feed(b"a\xffb") == "a\ufffdb"
+    assert decoder.flush() == ""
