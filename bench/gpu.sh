@@ -16,7 +16,8 @@ prepare)
     tar xzf "$CARRY"/src/llama_cpp_python-*.tar.gz -C "$CARRY/src"
     sdist=$(ls -d "$CARRY"/src/llama_cpp_python-*/)
     vendor="$sdist/vendor/llama.cpp"
-    rm -rf "$vendor"/{.git,docs,media,benches,tests,pocs} "$vendor"/examples/*/
+    rm -rf "$vendor"/{.git,docs,media,benches,tests,pocs,conversion} "$vendor"/examples/*/ "$vendor"/models/templates
+    rm -rf "$vendor"/tools/ui/{src,tests}  # the web UI's sources: not built (no npm there), 8 MiB
     find "$vendor/models" -name '*.gguf' ! -name ggml-vocab-llama-bpe.gguf -delete
     for backend in vulkan sycl metal opencl cann hexagon openvino webgpu et virtgpu zdnn zendnn musa hip rpc blas; do
         rm -rf "$vendor/ggml/src/ggml-$backend"
