@@ -18,13 +18,17 @@ prepare)
     vendor="$sdist/vendor/llama.cpp"
     rm -rf "$vendor"/{.git,docs,media,benches,tests,pocs,conversion} "$vendor"/examples/*/ "$vendor"/models/templates
     rm -rf "$vendor"/tools/ui/{src,tests}  # the web UI's sources: not built (no npm there), 8 MiB
+    rm -f "$vendor"/models/*.inp "$vendor"/models/*.out
+    for arch in arm loongarch powerpc riscv s390 wasm; do rm -rf "$vendor/ggml/src/ggml-cpu/arch/$arch"; done
     find "$vendor/models" -name '*.gguf' ! -name ggml-vocab-llama-bpe.gguf -delete
     for backend in vulkan sycl metal opencl cann hexagon openvino webgpu et virtgpu zdnn zendnn musa hip rpc blas; do
         rm -rf "$vendor/ggml/src/ggml-$backend"
     done
     tar cJf "$CARRY/llama.cpp.tar.xz" -C "$sdist/vendor" llama.cpp
     mkdir -p "$CARRY/py" && cp -r "$sdist/llama_cpp" "$CARRY/py/"
-    grep -vE '^(#|$)|llama-cpp-python|psycopg' requirements/base.txt > "$CARRY/requirements.txt"
+    # Not the docs page's ReDoc bundle (2.6 MiB; the tree plus carry must stay under 64 MiB): `build` leaves an empty
+    # package in its place, enough for INSTALLED_APPS.
+    grep -vE '^(#|$)|llama-cpp-python|psycopg|drf-spectacular-sidecar' requirements/base.txt > "$CARRY/requirements.txt"
     echo "diskcache==5.6.3" >> "$CARRY/requirements.txt"
     echo "httpx==0.28.1" >> "$CARRY/requirements.txt"  # the benches' client (httpx2 is the tests' pin)
     pip download -q --python-version 3.12 --implementation cp --only-binary=:all: \
@@ -42,6 +46,8 @@ build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M mod
     cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
     python3 -m venv --system-site-packages /tmp/venv
     /tmp/venv/bin/pip install -q --no-index --find-links "$CARRY/wheels" -r "$CARRY/requirements.txt"
+    sidecar=$(/tmp/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/drf_spectacular_sidecar
+    mkdir -p "$sidecar" && touch "$sidecar/__init__.py"
     PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
         /tmp/w/llama.cpp/models/ggml-vocab-llama-bpe.gguf /tmp/m-f16.gguf 8b
     /tmp/lbuild/bin/llama-quantize /tmp/m-f16.gguf /tmp/m-q4km.gguf Q4_K_M 16 > /tmp/quantize.log
