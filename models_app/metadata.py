@@ -471,11 +471,11 @@ def estimate_memory(summary: dict, n_cells: int, cache_type: str = "f16") -> int
     return int(summary.get("file_size") or 0) + n_cells * kv_bytes_per_token(summary, cache_type)
 
 
-def context_that_fits(summary: dict, trained: int, budget: int, cache_type: str = "f16") -> int:
-    """The largest context, up to the trained one, whose KV cache fits beside the weights in half of `budget`
-    (the other half leaves room for a second model and llama.cpp's compute buffers), in steps of 256 tokens;
-    at least 2,048 (or the trained context, if smaller)."""
-    per_token = kv_bytes_per_token(summary, cache_type)
+def context_that_fits(summary: dict, trained: int, budget: int, cache_type: str = "f16", slots: int = 1) -> int:
+    """The largest context, up to the trained one, whose KV cache (one per slot: `slots` of them) fits beside the
+    weights in half of `budget` (the other half leaves room for a second model and llama.cpp's compute buffers), in
+    steps of 256 tokens; at least 2,048 (or the trained context, if smaller)."""
+    per_token = kv_bytes_per_token(summary, cache_type) * slots
     room = budget // 2 - int(summary.get("file_size") or 0)
     fits = room // per_token if per_token else trained
     return max(min(trained, fits // 256 * 256), min(trained, 2048))

@@ -65,8 +65,8 @@ def model_n_ctx(model: LanguageModel) -> int:
     trained = model.context_length or 0
     n_ctx = model.n_ctx or settings.N_CTX
     if not n_ctx:
-        budget = memory_budget() // (1 if model_shared_cells(model) else model_parallel(model))  # per n_ctx cells
-        n_ctx = context_that_fits(model.metadata or {}, trained or 4096, budget, settings.KV_CACHE_TYPE)
+        slots = 1 if model_shared_cells(model) else model_parallel(model)  # caches of n_ctx cells
+        n_ctx = context_that_fits(model.metadata or {}, trained or 4096, memory_budget(), settings.KV_CACHE_TYPE, slots)
     return min(n_ctx, trained) if trained else n_ctx
 
 
@@ -80,7 +80,8 @@ def model_shared_cells(model: LanguageModel) -> bool:
     wanted = model.n_ctx or settings.N_CTX or model.context_length or 4096
     if parallel == 1:
         return False
-    return context_that_fits(model.metadata or {}, wanted, memory_budget() // parallel, settings.KV_CACHE_TYPE) < wanted
+    fits = context_that_fits(model.metadata or {}, wanted, memory_budget(), settings.KV_CACHE_TYPE, parallel)
+    return fits < wanted
 
 
 def memory_budget() -> int:

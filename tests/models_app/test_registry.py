@@ -52,8 +52,8 @@ def test_a_models_context_is_its_trained_one_unless_set_or_the_memory_budget_is_
     settings.SHARED_CONTEXT = "on"  # one cache for the slots
     settings.MEMORY_BUDGET = 2 * (model.file_size + 5000 * per_token)
     assert model_n_ctx(model) == 4864  # 5,000 tokens fit; in steps of 256
-    settings.SHARED_CONTEXT, settings.PARALLEL = "off", 2  # a cache per slot: the budget is shared by two
-    settings.MEMORY_BUDGET = 2 * 2 * (model.file_size + 5000 * per_token)
+    settings.SHARED_CONTEXT, settings.PARALLEL = "off", 2  # a cache per slot: two caches beside one set of weights
+    settings.MEMORY_BUDGET = 2 * (model.file_size + 2 * 5000 * per_token)
     assert model_n_ctx(model) == 4864
     settings.SHARED_CONTEXT = "on"
     settings.KV_CACHE_TYPE = "q8_0"  # about half the bytes per token: the trained context fits again
