@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from access.services import auth_required
@@ -141,10 +140,9 @@ def _ps() -> list[dict]:
         if model is None or entry["name"] in running:
             continue
         size = entry.get("estimated_bytes") or model.file_size
-        gpu_layers = model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS
         running[model.name] = RunningModel(
             name=model.name, model=model.name, size=size, digest=_digest(model), details=_details(model),
-            expires_at=_expiry(entry["expires_at"]), size_vram=size if gpu_layers else 0,
+            expires_at=_expiry(entry["expires_at"]), size_vram=entry.get("device_bytes", 0),
             context_length=model_n_ctx(model),
         ).model_dump()  # fmt: skip
     return list(running.values())
