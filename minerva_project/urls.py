@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from api import history, views
+from api import history, models_api, views
 
 from . import ops
 
@@ -19,6 +19,10 @@ urlpatterns = [
     path("minerva/api/requests", history.RequestList.as_view()),
     path("minerva/api/requests/<str:request_id>", history.RequestDetail.as_view()),
     path("minerva/api/usage", history.Usage.as_view()),
+    path("minerva/api/pulls", models_api.Pulls.as_view()),
+    path("minerva/api/pulls/<str:pull_id>", models_api.PullDetail.as_view()),
+    path("minerva/api/models/<path:name>", models_api.ModelDetail.as_view()),
+    path("minerva/api/memory", models_api.Memory.as_view()),
     path("minerva/api/schema", history.Schema.as_view(), name="schema"),
     path("minerva/api/docs", history.Docs.as_view(url_name="schema")),
 ]

@@ -20,7 +20,6 @@ from core.redis import get_async_redis, get_redis
 
 from . import hub
 from .hub import HubError, Ref
-from .metadata import SPLIT_RE
 from .models import LanguageModel
 from .services import RegistryError, model_register
 
@@ -45,7 +44,8 @@ def pulled_dir(repo: str) -> Path:
 
 def model_pull(*, ref: str | Ref, progress: Callable[[Line], None] | None = None) -> LanguageModel:
     """Resolve `ref` on the Hub, check the disk, download every file (resuming), verify each sha256 and register
-    the model (named as a scan would name the file, with `owner/repo:QUANT` and `hf.co/...` as aliases)."""
+    the model as `hf.co/owner/repo:QUANT` (Ollama's name for it), with `owner/repo:QUANT` as an alias (and the
+    bare repo, when no quant was asked for)."""
     ref = ref if isinstance(ref, Ref) else Ref.parse(ref)
     emit = progress or (lambda line: None)
     emit({"status": "pulling manifest"})
@@ -71,13 +71,10 @@ def model_pull(*, ref: str | Ref, progress: Callable[[Line], None] | None = None
         for file in resolved.files:
             hub.verify(file, folder / Path(file.name).name)
     emit({"status": "writing manifest"})
-    first = folder / Path(resolved.files[0].name).name
-    split = SPLIT_RE.match(first.name)
     quant = resolved.quant or Path(resolved.files[0].name).stem
-    aliases = [f"{ref.repo}:{quant}", f"hf.co/{ref.repo}:{quant}"]
-    if not ref.selector:
-        aliases += [ref.repo, f"hf.co/{ref.repo}"]
-    model = model_register(name=split["stem"] if split else first.stem, path=first, aliases=aliases)
+    aliases = [f"{ref.repo}:{quant}"] + ([ref.repo, f"hf.co/{ref.repo}"] if not ref.selector else [])
+    first = folder / Path(resolved.files[0].name).name
+    model = model_register(name=f"hf.co/{ref.repo}:{quant}", path=first, aliases=aliases)
     emit({"status": "success"})
     return model
 
@@ -131,12 +128,14 @@ def pull_run(*, key: str, ref: str) -> None:
             logger.warning("cannot release the pull lock of %s", ref, exc_info=True)
 
 
-def pull_state(key: str) -> dict:
-    """The pull's latest line and whether it is still going (for pages and JSON that poll)."""
+def pull_state(key: str) -> dict | None:
+    """The pull's latest line and whether it has ended (for pages and JSON that poll); None for an unknown key."""
     redis = get_redis()
     last = redis.xrevrange(STREAM_KEY.format(key), count=1)
-    line = json.loads(last[0][1]["line"]) if last else {"status": "queued"}
     running = bool(redis.exists(LOCK_KEY.format(key)))
+    if not last and not running:
+        return None
+    line = json.loads(last[0][1]["line"]) if last else {"status": "queued"}
     done = line.get("status") == "success" or "error" in line
     if not running and not done:
         line = {"error": "the pull stopped before it finished (its worker went away); pull again to resume",

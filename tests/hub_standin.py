@@ -27,6 +27,7 @@ class StandIn:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
     cut_after: dict[str, int] = field(default_factory=dict)  # file -> close the next GET's connection after N bytes
     corrupt: set[str] = field(default_factory=set)  # files served with one byte flipped (same size)
+    gates: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)  # file -> wait after N bytes
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -124,6 +125,7 @@ def start(hub: StandIn) -> StandIn:
             if not body:
                 return
             cut = hub.cut_after.pop(name, None)
+            gate = hub.gates.pop(name, None)
             sent = start_at
             with file.path.open("rb") as f:
                 f.seek(start_at)
@@ -139,6 +141,10 @@ def start(hub: StandIn) -> StandIn:
                         return
                     self.wfile.write(chunk)
                     sent += len(chunk)
+                    if gate is not None and sent >= gate[0]:
+                        self.wfile.flush()
+                        gate[1].wait(60)  # until the test opens it
+                        gate = None
 
     hub.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     hub.server.daemon_threads = True

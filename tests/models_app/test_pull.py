@@ -12,6 +12,7 @@ from models_app.hub import DigestMismatch, NoDiskSpace, NotOnHub, Ref, quant_of,
 from models_app.models import LanguageModel
 from models_app.pulls import LOCK_KEY, STREAM_KEY, model_pull, pull_key, pull_lines, pull_start, pulled_dir
 from models_app.selectors import model_get
+from models_app.services import models_scan
 from tests.conftest import SMOL_FILE, SMOL_REPO
 
 pytestmark = pytest.mark.django_db
@@ -29,9 +30,10 @@ def test_a_pulled_model_is_registered_with_its_aliases_after_progress_in_ollamas
     lines = []
     model = model_pull(ref=f"{SMOL_REPO}:q4_1", progress=lines.append)
 
-    assert model.name == "SmolLM2-135M-Instruct-Q4_1" and model.quantization == "Q4_1"
+    assert model.name == f"hf.co/{SMOL_REPO}:Q4_1" and model.quantization == "Q4_1"
     assert model.path == str(pulled(settings).resolve()) and model.context_length == 8192
-    assert model_get(f"{SMOL_REPO}:Q4_1") == model == model_get(f"hf.co/{SMOL_REPO}:Q4_1")
+    assert model_get(f"{SMOL_REPO}:Q4_1") == model
+    assert not [name for name in models_scan().added if "SmolLM2" in name]  # already registered, as pulled
     assert not list(pulled_dir(SMOL_REPO).glob("*.partial"))
     size, digest = default_model_path().stat().st_size, smol_sha256()
     statuses = [line["status"] for line in lines]
@@ -72,7 +74,7 @@ def test_a_corrupted_download_is_refused_by_its_digest_and_removed(hub, settings
     assert not list(pulled_dir(SMOL_REPO).iterdir()) or list(pulled_dir(SMOL_REPO).iterdir()) == [
         pulled_dir(SMOL_REPO) / ".pull.lock"
     ]
-    assert not LanguageModel.objects.filter(name="SmolLM2-135M-Instruct-Q4_1").exists()
+    assert not LanguageModel.objects.filter(name=f"hf.co/{SMOL_REPO}:Q4_1").exists()
 
 
 def test_a_quant_that_does_not_exist_is_refused_listing_those_that_do(hub):
