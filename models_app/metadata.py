@@ -431,10 +431,6 @@ def _parse_json(raw: bytes, name: str):
         raise MetadataError(f"{name}: invalid JSON ({type(exc).__name__})") from None
 
 
-# Windows has no O_NONBLOCK (nor FIFOs a path could name) and needs O_BINARY, which POSIX systems lack.
-OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-
-
 class _open_regular:
     """Open a path for reading only if it is a regular file: opening a FIFO would block, a device could be
     endless. O_NONBLOCK makes the open itself safe; fstat then checks what was actually opened."""
@@ -444,7 +440,8 @@ class _open_regular:
 
     def __enter__(self):
         try:
-            fd = os.open(self.path, OPEN_FLAGS)
+            # Windows has no O_NONBLOCK (nor FIFOs a path could name) and needs O_BINARY, which POSIX lacks.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except OSError as exc:
             raise MetadataError(f"cannot read {self.path}: {exc.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -3,6 +3,7 @@ digests, quants, disk space, and a pull's progress through Redis."""
 
 import asyncio
 import hashlib
+import json
 
 import pytest
 
@@ -144,3 +145,17 @@ def test_a_pull_publishes_its_lines_and_a_second_one_joins_it(hub, settings):
 
 async def _collect(key: str) -> list[dict]:
     return [line async for line in pull_lines(key, first_timeout=5)]
+
+
+def test_the_models_pull_command_shows_progress_and_says_what_it_pulled(hub, capsys):
+    from django.core.management import CommandError, call_command
+
+    call_command("models", "pull", f"{SMOL_REPO}:Q4_1")
+    out, err = capsys.readouterr()
+    assert f"pulled hf.co/{SMOL_REPO}:Q4_1 (Q4_1, 94 MiB)" in out and f"also called {SMOL_REPO}:Q4_1" in out
+    assert "pulling manifest" in err and "93.8M/93.8M" in err and err.rstrip().endswith("success")
+    call_command("models", "--json", "pull", f"{SMOL_REPO}:Q4_1")  # already here: verified only
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+    with pytest.raises(CommandError, match="has no quant Q3_K_S; it has: Q4_1, Q8_0"):
+        call_command("models", "pull", f"{SMOL_REPO}:Q3_K_S")
