@@ -62,9 +62,10 @@ def gpu_devices() -> list[Device]:
     """The GPUs llama.cpp's backends see, with the memory each reports free now (`ggml_backend_dev_memory`);
     [] on a CPU-only build, or where the library does not export the call."""
     try:
-        from llama_cpp import _ggml
+        from llama_cpp import llama_cpp as bindings
 
-        lib = _ggml.libggml
+        # libllama's handle: dlsym searches the libggml it links to, wherever LLAMA_CPP_LIB_PATH put them both.
+        lib = bindings._lib
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.restype = ctypes.c_void_p
         lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]

@@ -53,10 +53,10 @@ def test_model_headers_are_read_without_o_nonblock(monkeypatch):
 
 
 def test_without_llama_cpps_device_calls_there_are_no_gpus(monkeypatch):
-    from llama_cpp import _ggml
+    from llama_cpp import llama_cpp as bindings
 
     assert host.gpu_devices() == []  # this CPU-only build: its one device, the CPU, is not a GPU
-    monkeypatch.setattr(_ggml, "libggml", object())
+    monkeypatch.setattr(bindings, "_lib", object())
     assert host.gpu_devices() == []
 
 

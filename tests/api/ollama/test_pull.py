@@ -97,3 +97,19 @@ def test_delete_removes_a_pulled_models_files_but_not_while_a_request_for_it_wai
     assert not (models_dir / "hf.co" / SMOL_REPO / SMOL_FILE).exists()
     assert not LanguageModel.objects.filter(name=name).exists()
     assert name not in {m.model for m in client(server).list().models}
+
+
+def test_a_pull_goes_on_when_the_client_that_started_it_goes_away(pulls):
+    server, hub, models_dir = pulls
+    name = "SmolLM2-135M-Instruct-Q6_K.gguf"
+    hub.add(SMOL_REPO, name, default_model_path())
+    gate = threading.Event()
+    hub.gates[name] = (20_000_000, gate)
+    with client(server) as gone:
+        lines = gone.pull(f"{SMOL_REPO}:Q6_K", stream=True)
+        assert next(lines).status == "pulling manifest"
+        lines.close()  # the client hangs up mid-download
+    gate.set()
+    assert client(server).pull(f"{SMOL_REPO}:Q6_K", stream=False).status == "success"
+    assert len(hub.ranges(name)) == 1  # the first pull finished the file: nothing was fetched twice
+    assert (models_dir / "hf.co" / SMOL_REPO / name).exists()
