@@ -3,7 +3,7 @@ model, and the workers' memory (system and GPU budgets, what each loaded model t
 
 import re
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
@@ -31,6 +31,15 @@ class PullStateSerializer(serializers.Serializer):
     error = serializers.CharField(required=False)
     status_code = serializers.IntegerField(required=False, help_text="With `error`: the HTTP status it maps to")
     done = serializers.BooleanField()
+
+
+class DeletedSerializer(serializers.Serializer):
+    deleted = serializers.CharField()
+    files = serializers.ListField(child=serializers.CharField(), help_text="The files removed")
+
+
+class MemorySerializer(serializers.Serializer):
+    workers = serializers.ListField(child=serializers.DictField(), help_text="models_app.selectors.memory_status()")
 
 
 class Pulls(generics.GenericAPIView):
@@ -64,8 +73,7 @@ class PullDetail(generics.GenericAPIView):
 class ModelDetail(generics.GenericAPIView):
     """Delete a pulled model: its files and registry row (409 while requests for it are queued or running)."""
 
-    serializer_class = inline_serializer("DeletedModel", {"deleted": serializers.CharField(),
-                                                          "files": serializers.ListField()})  # fmt: skip
+    serializer_class = DeletedSerializer
 
     def delete(self, request, name: str):
         model = LanguageModel.objects.filter(name=name).first()
@@ -81,7 +89,7 @@ class ModelDetail(generics.GenericAPIView):
 class Memory(generics.GenericAPIView):
     """Per live worker: system and GPU memory budgets, GPUs, and each loaded model's size and size_vram."""
 
-    serializer_class = inline_serializer("WorkerMemory", {"workers": serializers.ListField()})
+    serializer_class = MemorySerializer
 
     def get(self, request):
         return Response({"workers": memory_status()})

@@ -102,6 +102,7 @@ class Resolved:
     """The files a ref names at one commit: one GGUF, or every part of a split one."""
 
     ref: Ref
+    repo: str  # as the Hub spells it (`ref.repo` may differ in case)
     commit: str
     files: list[HubFile]
     quant: str
@@ -157,7 +158,7 @@ def resolve(ref: Ref) -> Resolved:
         hub_files.append(HubFile(name, sibling.lfs.size or sibling.size, sibling.lfs.sha256))
     if SPLIT_RE.match(Path(chosen).name) and len(files) != int(SPLIT_RE.match(Path(chosen).name)["count"]):
         raise NotOnHub(f"{ref.repo} lacks parts of the split model {chosen}: found {len(files)}")
-    return Resolved(ref, info.sha or ref.revision, hub_files, quant_of(chosen) or "")
+    return Resolved(ref, info.id or ref.repo, info.sha or ref.revision, hub_files, quant_of(chosen) or "")
 
 
 def _choose(ref: Ref, models: dict) -> str:
@@ -257,7 +258,7 @@ def verify(file: HubFile, dest: Path) -> None:
 
 
 def _fetch(resolved: Resolved, file: HubFile, partial: Path, progress: Progress) -> None:
-    url = hf_hub_url(resolved.ref.repo, file.name, revision=resolved.commit, endpoint=endpoint())
+    url = hf_hub_url(resolved.repo, file.name, revision=resolved.commit, endpoint=endpoint())
     headers = build_hf_headers(token=token(), library_name="minerva")
     try:
         location = get_hf_file_metadata(url, token=token(), endpoint=endpoint()).location

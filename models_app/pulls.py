@@ -50,7 +50,8 @@ def model_pull(*, ref: str | Ref, progress: Callable[[Line], None] | None = None
     emit = progress or (lambda line: None)
     emit({"status": "pulling manifest"})
     resolved = hub.resolve(ref)
-    folder = pulled_dir(ref.repo)
+    repo = resolved.repo
+    folder = pulled_dir(repo)
     folder.mkdir(parents=True, exist_ok=True)
     # One pull per folder at a time, across processes (the CLI beside a worker): the second waits, then finds
     # the files complete and only verifies them.
@@ -72,9 +73,9 @@ def model_pull(*, ref: str | Ref, progress: Callable[[Line], None] | None = None
             hub.verify(file, folder / Path(file.name).name)
     emit({"status": "writing manifest"})
     quant = resolved.quant or Path(resolved.files[0].name).stem
-    aliases = [f"{ref.repo}:{quant}"] + ([ref.repo, f"hf.co/{ref.repo}"] if not ref.selector else [])
+    aliases = [f"{repo}:{quant}"] + ([repo, f"hf.co/{repo}"] if not ref.selector else [])
     first = folder / Path(resolved.files[0].name).name
-    model = model_register(name=f"hf.co/{ref.repo}:{quant}", path=first, aliases=aliases)
+    model = model_register(name=f"hf.co/{repo}:{quant}", path=first, aliases=aliases)
     emit({"status": "success"})
     return model
 

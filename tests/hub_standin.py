@@ -42,6 +42,9 @@ class StandIn:
         self.repos.setdefault(repo, {})[name] = file
         return file
 
+    def canonical(self, repo: str) -> str:
+        return next((r for r in self.repos if r.lower() == repo.lower()), repo)
+
     def ranges(self, name: str) -> list[str | None]:
         """The Range header of every GET of `name`."""
         return [r for method, path, r in self.requests if method == "GET" and path.endswith("/" + name)]
@@ -96,6 +99,7 @@ def start(hub: StandIn) -> StandIn:
             self.wfile.write(raw)
 
         def _info(self, repo: str) -> None:
+            repo = hub.canonical(repo)  # the Hub finds a repository whatever the case of its name
             if repo not in hub.repos:
                 return self._json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             siblings = [{"rfilename": name, "size": f.size, "blobId": f.sha256[:40],
@@ -104,7 +108,7 @@ def start(hub: StandIn) -> StandIn:
             self._json(200, {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings})
 
         def _file(self, repo: str, name: str, *, body: bool) -> None:
-            file = hub.repos.get(repo, {}).get(name)
+            file = hub.repos.get(hub.canonical(repo), {}).get(name)
             if file is None:
                 return self._json(404, {"error": "Entry not found"},
                                   {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})  # fmt: skip

@@ -44,6 +44,9 @@ def test_a_staff_key_pulls_watches_and_deletes_a_model(client, hub):
     deleted = client.delete(f"/minerva/api/models/{name}", headers=bearer(staff)).json()
     assert deleted == {"deleted": name, "files": [str((pulled_dir(SMOL_REPO) / SMOL_FILE).resolve())]}
     assert not LanguageModel.objects.filter(name=name).exists() and not pulled_dir(SMOL_REPO).exists()
+    schema = client.get("/minerva/api/schema?format=json", headers=bearer(staff)).json()
+    paths = {"/minerva/api/pulls", "/minerva/api/pulls/{pull_id}", "/minerva/api/models/{name}", "/minerva/api/memory"}
+    assert paths <= set(schema["paths"])
 
 
 def test_deleting_a_model_that_was_not_pulled_keeps_its_file(client, smollm2):

@@ -29,7 +29,7 @@ def smol_sha256() -> str:
 
 def test_a_pulled_model_is_registered_with_its_aliases_after_progress_in_ollamas_order(hub, settings):
     lines = []
-    model = model_pull(ref=f"{SMOL_REPO}:q4_1", progress=lines.append)
+    model = model_pull(ref=f"{SMOL_REPO.lower()}:q4_1", progress=lines.append)  # named as the Hub spells it
 
     assert model.name == f"hf.co/{SMOL_REPO}:Q4_1" and model.quantization == "Q4_1"
     assert model.path == str(pulled(settings).resolve()) and model.context_length == 8192
