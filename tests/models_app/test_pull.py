@@ -91,6 +91,13 @@ def test_an_unknown_repository_is_a_404_naming_it(hub):
     assert refused.value.status == 404
 
 
+def test_an_unreachable_hub_is_a_502_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard: nothing listens
+    with pytest.raises(hub_module.HubUnreachable, match=r"cannot reach http://127\.0\.0\.1:9") as refused:
+        model_pull(ref=f"{SMOL_REPO}:Q4_1")
+    assert refused.value.status == 502
+
+
 def test_without_disk_space_a_pull_is_refused_and_its_partial_file_removed(hub, settings, monkeypatch):
     partial = hub_module.partial_path(pulled(settings))
     partial.parent.mkdir(parents=True)
@@ -100,6 +107,29 @@ def test_without_disk_space_a_pull_is_refused_and_its_partial_file_removed(hub, 
         model_pull(ref=f"{SMOL_REPO}:Q4_1")
     assert refused.value.status == 507 and not partial.exists()
     assert hub.ranges(SMOL_FILE) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 MiB tmpfs (needs root, as CI runs): a disk that really fills up."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_up_mid_download_fails_the_pull_and_removes_the_partial_file(hub, settings, tiny_disk,
+                                                                                      monkeypatch):  # fmt: skip
+    settings.MODELS_DIR = tiny_disk
+    monkeypatch.setattr(hub_module, "free_bytes", lambda folder: 10**12)  # as if the disk filled after the check
+    with pytest.raises(NoDiskSpace, match="the disk filled up while downloading SmolLM2") as refused:
+        model_pull(ref=f"{SMOL_REPO}:Q4_1")
+    assert refused.value.status == 507
+    assert not list(pulled_dir(SMOL_REPO).glob("*.partial")) and not pulled(settings).exists()
 
 
 def test_a_split_gguf_resolves_to_every_part_and_a_bare_repo_to_q4_k_m(hub, tmp_path):
