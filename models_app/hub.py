@@ -77,7 +77,7 @@ class Ref:
     @classmethod
     def parse(cls, text: str) -> "Ref":
         match = REF_RE.match(text.strip())
-        if match is None:
+        if match is None or not repo_name_ok(match["repo"]):
             raise HubError(f"{text!r} is not a Hugging Face model: expected owner/repo[:QUANT or file.gguf][@revision]")
         return cls(match["repo"], match["selector"] or "", match["revision"] or "main")
 
@@ -110,6 +110,12 @@ class Resolved:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def repo_name_ok(repo: str) -> bool:
+    """`owner/name` of letters, digits, `_.-`, neither part `.` or `..`: it becomes two folders on disk."""
+    parts = repo.split("/")
+    return bool(re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", repo, re.ASCII)) and not {".", ".."} & set(parts)
 
 
 def endpoint() -> str:
@@ -158,7 +164,8 @@ def resolve(ref: Ref) -> Resolved:
         hub_files.append(HubFile(name, sibling.lfs.size or sibling.size, sibling.lfs.sha256))
     if SPLIT_RE.match(Path(chosen).name) and len(files) != int(SPLIT_RE.match(Path(chosen).name)["count"]):
         raise NotOnHub(f"{ref.repo} lacks parts of the split model {chosen}: found {len(files)}")
-    return Resolved(ref, info.id or ref.repo, info.sha or ref.revision, hub_files, quant_of(chosen) or "")
+    repo = info.id if info.id and info.id.lower() == ref.repo.lower() and repo_name_ok(info.id) else ref.repo
+    return Resolved(ref, repo, info.sha or ref.revision, hub_files, quant_of(chosen) or "")
 
 
 def _choose(ref: Ref, models: dict) -> str:

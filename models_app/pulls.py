@@ -29,7 +29,9 @@ PULL_QUEUE = "minerva.pull"
 STREAM_KEY = "minerva:pull:{}"  # the pull's progress lines, {"line": json}
 LOCK_KEY = "minerva:pull:{}:lock"  # held while the pull is queued or running; gone = nobody is pulling
 LOCK_SECONDS = 60  # refreshed by every progress line; a dead worker's pull is free again after this
-QUEUED_SECONDS = 300  # how long a pull may wait for a worker before it counts as lost
+# A queued pull waits for the worker's pull thread, maybe behind another download: its lock lasts while its
+# message can still run (a day), so a request for it meanwhile joins it instead of queueing a second one.
+QUEUED_SECONDS = 86400
 STREAM_SECONDS = 3600  # a finished pull's lines stay readable this long
 PROGRESS_EVERY = 0.25  # seconds between two progress lines of one file (each chunk is 10 MiB)
 
@@ -165,7 +167,8 @@ async def pull_lines(key: str, *, first_timeout: float) -> AsyncIterator[Line]:
             if batches:
                 continue
             if last_id == "0" and time.monotonic() - started > first_timeout:
-                yield {"error": "no worker took the pull (is `manage.py serve` running?)", "status_code": 503}
+                yield {"error": "no worker has taken the pull yet (is `manage.py serve` running, or another pull "
+                       "ahead of it?); it stays queued", "status_code": 503}  # fmt: skip
                 return
             # The lock gone and still no ending line (the last lines may come just before it goes): a dead worker.
             if not await redis.exists(lock) and not await redis.xread({stream: last_id}, count=1):

@@ -151,8 +151,9 @@ def test_quant_labels_are_read_from_file_names():
     assert quant_of("model-IQ2_XXS-00001-of-00002.gguf") == "IQ2_XXS"
     assert quant_of("nomic-embed-text-v1.5.f16.gguf") == "F16"
     assert quant_of("UD-Q4_K_XL/GLM-UD-Q4_K_XL-00001-of-00003.gguf") == "UD-Q4_K_XL"
-    with pytest.raises(hub_module.HubError, match="not a Hugging Face model"):
-        Ref.parse("not a repo")
+    for bad in ("not a repo", "../models", "owner/..", "hf.co/./x"):
+        with pytest.raises(hub_module.HubError, match="not a Hugging Face model"):
+            Ref.parse(bad)
 
 
 @pytest.mark.django_db(transaction=True)
