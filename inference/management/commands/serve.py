@@ -93,9 +93,9 @@ class Command(BaseCommand):
                           f"{len(result.unavailable)} unavailable, {len(result.errors)} skipped")  # fmt: skip
         models = list(LanguageModel.objects.filter(enabled=True, available=True))
         queues = [m.queue for m in models] or ["minerva.default"]
-        # One task thread per slot: each waits while its model's scheduler decodes it with the others; and one
-        # more for the pull queue, so a download never holds a slot's thread.
-        concurrency = (sum(model_parallel(m) for m in models) or 1) + 1
+        # One task thread per slot: each waits while its model's scheduler decodes it with the others. The pull
+        # queue's task only starts a thread of its own (models_app/tasks.py), so it needs none.
+        concurrency = sum(model_parallel(m) for m in models) or 1
         worker_cmd = [
             sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
             "--queues", ",".join([*queues, PULL_QUEUE]),
