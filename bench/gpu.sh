@@ -75,8 +75,12 @@ embed)
     /tmp/venv/bin/python bench/embed_compare.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
         --inputs "${2:-256}" --out "${OUT:-/tmp}/embed-gpu.json"
     ;;
+memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measured GPU memory, a budget refusal
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
+    ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]|embed [INPUTS]" >&2
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac

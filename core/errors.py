@@ -94,3 +94,9 @@ class WorkerLost(MinervaError):
         super().__init__(
             "The worker running this request stopped unexpectedly; the request was not retried. Try again."
         )
+
+
+class ModelInUse(MinervaError):
+    """A model cannot be deleted while requests for it are queued or running."""
+
+    status, code = 409, "model_in_use"

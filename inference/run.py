@@ -53,6 +53,7 @@ from .engine import (
     embedding_context_bytes,
     parse_keep_alive,
 )
+from .engine.host import Device, gpu_devices, offloaded_fraction, unified_memory
 from .heartbeat import WORKER_ID
 from .metrics import metrics_record
 from .models import RequestLog
@@ -347,6 +348,7 @@ def model_cache() -> ModelCache:
         if _cache is None:
             _cache = ModelCache(
                 budget_bytes=memory_budget(),
+                device_budget_bytes=device_budget(),
                 default_keep_alive=parse_keep_alive(settings.KEEP_ALIVE),
                 io_factory=RedisStepIO,
                 on_change=_report_loaded,
@@ -354,9 +356,30 @@ def model_cache() -> ModelCache:
         return _cache
 
 
+_devices: list[Device] | None = None
+
+
+def devices() -> list[Device]:
+    """The GPUs this worker offloads to, as llama.cpp reported them at its first load ([] on Apple Silicon,
+    whose unified memory is counted as system memory, and on CPU-only builds)."""
+    global _devices
+    if _devices is None:
+        _devices = [] if unified_memory() else gpu_devices()
+    return _devices
+
+
+def device_budget() -> int:
+    """GPU memory for models: MINERVA_GPU_MEMORY_BUDGET, else 90% of what the GPUs report free (0 without one)."""
+    if not devices():
+        return 0
+    return settings.GPU_MEMORY_BUDGET or int(sum(d.free for d in devices()) * 0.9)
+
+
 def _report_loaded(loaded: list[dict]) -> None:
-    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names)."""
-    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded}))
+    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names), and its
+    memory budgets and devices (read by memory_status)."""
+    memory = {**_cache.memory(), "devices": [d.to_dict() for d in devices()]} if _cache is not None else {}
+    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded, "memory": memory}))
 
 
 def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
@@ -369,7 +392,8 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
             name=model.name, path=model.path, n_ctx=n_ctx, n_parallel=n_seq, embedding=True,
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
             n_threads=settings.N_THREADS or None,
-            estimated_bytes=model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq),
+            estimated_bytes=(size := model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq)),
+            device_bytes=_device_share(model, size),
         )  # fmt: skip
     return ModelSpec(
         name=model.name,
@@ -383,10 +407,19 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         shared_cells=shared,
         cache_type=settings.KV_CACHE_TYPE,
         draft_max=settings.SPECULATIVE_DRAFT,
-        estimated_bytes=estimate_memory(
-            model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE
+        estimated_bytes=(
+            size := estimate_memory(model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE)
         ),
+        device_bytes=_device_share(model, size),
     )
+
+
+def _device_share(model: LanguageModel, size: int) -> int:
+    """The bytes of a loaded model that sit on GPUs: its offloaded layers' share (0 without a GPU)."""
+    if not devices():
+        return 0
+    n_gpu_layers = model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS
+    return int(size * offloaded_fraction(n_gpu_layers, (model.metadata or {}).get("block_count")))
 
 
 def _tool_format(model: LanguageModel, engine) -> str:

@@ -17,6 +17,7 @@ from access.models import ApiKey
 from access.services import tokens_reserve, tokens_settle
 from core.errors import (
     InvalidRequest,
+    ModelInUse,
     ModelNotFound,
     ServiceUnavailable,
 )
@@ -24,6 +25,7 @@ from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
 from core.redis import get_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_generates, model_get, model_n_ctx
+from models_app.services import model_files_delete
 
 from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
@@ -207,3 +209,14 @@ def request_logs_prune(*, days: int) -> int:
     deleted, _ = RequestLog.objects.filter(created__lt=cutoff).delete()
     logs_pruned.send(sender=RequestLog, cutoff=cutoff)
     return deleted
+
+
+def model_delete(*, model: LanguageModel) -> list:
+    """Delete a pulled model's files and registry row, unless requests for it are queued or running (ModelInUse):
+    a worker may be reading the file, and the requests would fail."""
+    busy = RequestLog.objects.filter(
+        model=model.name, status__in=[RequestLog.Status.QUEUED, RequestLog.Status.RUNNING]
+    ).count()
+    if busy:
+        raise ModelInUse(f"{model.name} has {busy} request(s) queued or running; delete it once they have ended")
+    return model_files_delete(model=model)

@@ -183,6 +183,8 @@ KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded 
 if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = api.protocol.KEEP_ALIVE_RE
     raise ImproperlyConfigured(f"MINERVA_KEEP_ALIVE must be seconds or a duration like 5m or 1h, got {KEEP_ALIVE!r}")
 MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
+# GPU memory for the offloaded part of loaded models; 0 = 90% of what the GPUs report free when a worker starts
+GPU_MEMORY_BUDGET = env_bytes("GPU_MEMORY_BUDGET", 0)
 INSTANCE_ID = env_str("INSTANCE_ID", "")  # set by `serve` for its daphne: names it in Redis while it drains
 WORKER_MAX_REQUESTS = env_int("WORKER_MAX_REQUESTS", 0, minimum=0)  # recycle a worker after this many; 0 = never
 WORKER_MAX_RSS = env_bytes("WORKER_MAX_RSS", 0)  # recycle a worker whose memory passes this; 0 = never

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from api import history, minerva, views
+from api import history, minerva, models_api, views
 from web import docs
 
 from . import ops
@@ -20,9 +20,14 @@ urlpatterns = [
     path("minerva/api/requests", history.RequestList.as_view()),
     path("minerva/api/requests/<str:request_id>", history.RequestDetail.as_view()),
     path("minerva/api/usage", history.Usage.as_view()),
-    path("minerva/api/schema", history.Schema.as_view(), name="schema"),
+    path("minerva/api/pulls", models_api.Pulls.as_view()),
+    path("minerva/api/pulls/<str:pull_id>", models_api.PullDetail.as_view()),
+    # load/unload before the model's own route: <path:name> would take "name/load" too
     path("minerva/api/models/<path:name>/load", minerva.load),
     path("minerva/api/models/<path:name>/unload", minerva.unload),
+    path("minerva/api/models/<path:name>", models_api.ModelDetail.as_view()),
+    path("minerva/api/memory", models_api.Memory.as_view()),
+    path("minerva/api/schema", history.Schema.as_view(), name="schema"),
     path("minerva/api/docs", docs.Docs.as_view(), name="docs"),
     path("minerva/api/openapi.json", docs.openapi, name="openapi"),
     path("", include("web.urls")),  # the pages for people: /, /status, /models

@@ -1,8 +1,14 @@
 from django.contrib import admin, messages
+from django.http import Http404
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
+from .hub import HubError
 from .models import LanguageModel, ModelAlias
-from .services import RegistryError, model_refresh_metadata, models_scan, models_set_enabled
+from .pulls import pull_start, pull_state
+from .services import RegistryError, model_is_pulled, model_refresh_metadata, models_scan, models_set_enabled
 
 LOAD_OPTIONS = [
     "n_ctx",
@@ -35,7 +41,7 @@ class LanguageModelAdmin(admin.ModelAdmin):
         ("Load options", {"fields": LOAD_OPTIONS}),
         ("Metadata", {"fields": ["metadata_panel", "file_size", "created", "updated"]}),
     ]
-    actions = ["rescan", "refresh_metadata", "enable", "disable"]
+    actions = ["rescan", "refresh_metadata", "enable", "disable", "pull_again"]
 
     @admin.display(description="parameters")
     def parameters(self, obj: LanguageModel) -> str:
@@ -75,3 +81,45 @@ class LanguageModelAdmin(admin.ModelAdmin):
     @admin.action(description="Disable selected models")
     def disable(self, request, queryset):
         models_set_enabled(names=[m.name for m in queryset], enabled=False)
+
+    @admin.action(description="Pull selected pulled models again (new files on the Hub, or an interrupted pull)")
+    def pull_again(self, request, queryset):
+        for model in queryset:
+            if not model_is_pulled(model):
+                self.message_user(request, f"{model.name} was not pulled", level=messages.WARNING)
+                continue
+            key = pull_start(ref=model.name.removeprefix("hf.co/"))
+            url = reverse("admin:models_app_languagemodel_pull_progress", args=[key])
+            self.message_user(request, format_html('Pulling {}: <a href="{}">progress</a>', model.name, url))
+
+    def get_urls(self):
+        return [
+            path("pull/", self.admin_site.admin_view(self.pull_view), name="models_app_languagemodel_pull"),
+            path("pull/<str:key>/", self.admin_site.admin_view(self.pull_progress_view),
+                 name="models_app_languagemodel_pull_progress"),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def pull_view(self, request):
+        """A form for `owner/repo:QUANT`; the pull runs on the workers' pull queue, this page only starts it."""
+        if request.method == "POST":
+            try:
+                key = pull_start(ref=request.POST.get("ref", ""))
+            except HubError as exc:
+                self.message_user(request, exc.message, level=messages.ERROR)
+            else:
+                return redirect("admin:models_app_languagemodel_pull_progress", key=key)
+        return self._pull_page(request, state=None)
+
+    def pull_progress_view(self, request, key: str):
+        """The pull's latest line, refreshed every second until it ends."""
+        state = pull_state(key) if key.isalnum() and len(key) <= 64 else None
+        if state is None:
+            raise Http404("no such pull")
+        return self._pull_page(request, state=state)
+
+    def _pull_page(self, request, *, state: dict | None):
+        percent = int(100 * state["completed"] / state["total"]) if state and state.get("total") else None
+        context = {**self.admin_site.each_context(request), "opts": self.model._meta, "state": state,
+                   "percent": percent, "title": "Pull a model from Hugging Face"}  # fmt: skip
+        return TemplateResponse(request, "admin/models_app/languagemodel/pull.html", context)

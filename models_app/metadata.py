@@ -440,7 +440,8 @@ class _open_regular:
 
     def __enter__(self):
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            # Windows has no O_NONBLOCK (nor FIFOs a path could name) and needs O_BINARY, which POSIX lacks.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except OSError as exc:
             raise MetadataError(f"cannot read {self.path}: {exc.strerror}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):

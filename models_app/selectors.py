@@ -1,8 +1,8 @@
 """Looking models up."""
 
 import logging
-import os
 
+import psutil
 from django.conf import settings
 from django.db.models import Count, Max, Q
 
@@ -85,8 +85,9 @@ def model_shared_cells(model: LanguageModel) -> bool:
 
 
 def memory_budget() -> int:
-    """Bytes a worker may fill with loaded models: MINERVA_MEMORY_BUDGET, else 75% of physical memory."""
-    return settings.MEMORY_BUDGET or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
+    """Bytes of system memory a worker may fill with loaded models: MINERVA_MEMORY_BUDGET, else 75% of physical
+    memory (psutil: the same on Linux, macOS and Windows)."""
+    return settings.MEMORY_BUDGET or int(psutil.virtual_memory().total * 0.75)
 
 
 def model_generates(model: LanguageModel) -> bool:
@@ -133,3 +134,30 @@ def model_loaded_list() -> list[dict]:
                 start = now if model.get("requests") else data["at"]
                 loaded.append({**model, "expires_at": start + model["keep_alive"] - idle})
     return loaded
+
+
+def memory_status() -> list[dict]:
+    """Per live worker: its system and GPU memory budgets, what its loaded models take of them (estimates), the
+    GPUs it offloads to (free memory as llama.cpp reported it at the worker's start) and each loaded model's
+    `size` and `size_vram` in bytes (as Ollama's /api/ps shows them). For the status page."""
+    import json
+    import time
+
+    from redis.exceptions import RedisError
+
+    from core.redis import get_redis
+
+    try:
+        reports = get_redis().hgetall(LOADED_KEY)
+    except RedisError:
+        logger.warning("cannot read the workers' memory from Redis", exc_info=True)
+        return []
+    workers = []
+    for worker, report in sorted(reports.items()):
+        data = json.loads(report)
+        if time.time() - data["at"] >= LOADED_FRESH_SECONDS:
+            continue
+        models = [{"name": m["name"], "embedding": m.get("embedding", False), "size": m.get("estimated_bytes", 0),
+                   "size_vram": m.get("device_bytes", 0)} for m in data["models"]]  # fmt: skip
+        workers.append({"worker": worker, **data.get("memory", {}), "models": models})
+    return workers

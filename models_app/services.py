@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,41 @@ def model_remove(*, name: str) -> None:
         raise RegistryError(f"no model is called {name!r}")
 
 
+def pulled_root() -> Path:
+    """Where `models pull` puts files (MINERVA_MODELS_DIR/hf.co): the only files Minerva ever deletes."""
+    return (Path(settings.MODELS_DIR) / "hf.co").resolve()
+
+
+def model_is_pulled(model: LanguageModel) -> bool:
+    """Whether the model's files came from `models pull` (so deleting the model may delete them)."""
+    return Path(model.path).resolve().is_relative_to(pulled_root())
+
+
+def model_files_delete(*, model: LanguageModel) -> list[Path]:
+    """Delete a pulled model: its files (every part of a split GGUF, and partial downloads) and its registry row
+    with its aliases; RegistryError for a model that was not pulled (its files are the administrator's)."""
+    if not model_is_pulled(model):
+        raise RegistryError(f"{model.name} was not pulled (its file is {model.path}); only pulled models' files "
+                            "are deleted: remove the file yourself, or disable the model")  # fmt: skip
+    path = Path(model.path)
+    split = SPLIT_RE.match(path.name)
+    files = sorted(path.parent.glob(f"{split['stem']}-*-of-{split['count']}.gguf")) if split else [path]
+    files += [f.with_name(f.name + ".partial") for f in files]
+    removed = [f for f in files if f.exists()]
+    model.delete()
+    for file in removed:
+        file.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != pulled_root() and folder.is_relative_to(pulled_root()):  # empty repo and owner folders
+        leftovers = [p for p in folder.iterdir() if p.name != ".pull.lock"]
+        if leftovers:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        folder = folder.parent
+    logger.info("deleted model %s and its files %s", model.name, [str(f) for f in removed])
+    return removed
+
+
 def models_set_enabled(*, names: list[str], enabled: bool) -> int:
     """Enable or disable models; returns how many changed."""
     return LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
@@ -146,10 +182,13 @@ def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> S
     for name, path in discover(settings.MODELS_DIR, result.errors):
         found.setdefault(name, path)
     known = {m.name: m for m in LanguageModel.objects.all()}
+    registered_paths = {m.path for m in known.values()}
     for i, (name, path) in enumerate(sorted(found.items())):
         if progress:
             progress(i + 1, len(found), name)
         model = known.get(name)
+        if model is None and str(path.resolve()) in registered_paths:
+            continue  # registered under another name (a pulled model is `hf.co/owner/repo:QUANT`)
         try:
             if model and model.available and model.path == str(path.resolve()) and _unchanged(model, path):
                 result.unchanged.append(name)

@@ -136,3 +136,29 @@ def minilm_path(tmp_path_factory) -> Path:
     from models_app.minilm import minilm_gguf
 
     return minilm_gguf(tmp_path_factory.mktemp("minilm") / "all-MiniLM-L6-v2.gguf")
+
+
+SMOL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+SMOL_FILE = "SmolLM2-135M-Instruct-Q4_1.gguf"
+
+
+def hub_start():
+    """A stand-in for the Hugging Face Hub (tests/hub_standin.py) holding SmolLM2's GGUF under two quant names."""
+    from models_app.bundled import default_model_path
+    from tests.hub_standin import StandIn, start
+
+    hub = start(StandIn())
+    hub.add(SMOL_REPO, SMOL_FILE, default_model_path())
+    hub.add(SMOL_REPO, "SmolLM2-135M-Instruct-Q8_0.gguf", default_model_path())
+    return hub
+
+
+@pytest.fixture
+def hub(monkeypatch, settings, tmp_path):
+    """The Hub stand-in at HF_ENDPOINT, and an empty MINERVA_MODELS_DIR to pull into."""
+    hub = hub_start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    settings.MODELS_DIR = tmp_path / "models"
+    yield hub
+    hub.server.shutdown()

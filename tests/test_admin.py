@@ -65,3 +65,21 @@ def test_the_models_admin_loads_and_unloads_through_the_models_queue(admin_clien
         assert f"{done.capitalize()}ed {smollm2.name}".encode() in page.content
     rows = RequestLog.objects.filter(endpoint=changelist).order_by("created")
     assert [(r.finish_reason, r.status) for r in rows] == [("load", "completed"), ("unload", "completed")]
+
+
+def test_the_admin_pulls_a_model_and_shows_its_progress(admin_client, hub):
+    from tests.conftest import SMOL_REPO
+
+    assert b"Pull from Hugging Face" in admin_client.get("/admin/models_app/languagemodel/").content
+    form = admin_client.get("/admin/models_app/languagemodel/pull/")
+    assert form.status_code == 200 and b'name="ref"' in form.content
+    started = admin_client.post("/admin/models_app/languagemodel/pull/", {"ref": f"{SMOL_REPO}:Q4_1"})
+    assert started.status_code == 302  # to the progress page (Celery is eager here: the pull has run)
+    page = admin_client.get(started["Location"])
+    assert b'<p id="pull-status">success</p>' in page.content and b"refresh" not in page.content
+    model = LanguageModel.objects.get(name=f"hf.co/{SMOL_REPO}:Q4_1")
+    action = {"action": "pull_again", "_selected_action": [model.pk]}
+    again = admin_client.post("/admin/models_app/languagemodel/", action, follow=True)
+    assert b"Pulling hf.co/" in again.content and b"progress</a>" in again.content
+    refused = admin_client.post("/admin/models_app/languagemodel/pull/", {"ref": "not a repo"})
+    assert b"is not a Hugging Face model" in refused.content

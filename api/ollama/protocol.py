@@ -300,14 +300,22 @@ class EmbeddingsRequest(_Request):
 class ModelRequest(_Request):
     """/api/show and /api/delete: the model's name (`name` is the older spelling)."""
 
-    model: str | None = Field(default=None, min_length=1)
-    name: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(default=None, min_length=1, max_length=600)
+    name: str | None = Field(default=None, min_length=1, max_length=600)
     verbose: bool = False
 
     def model_name(self) -> str:
         if not (self.model or self.name):
             raise InvalidRequest("Missing required parameter: 'model'.", param="model")
         return _model_name(self.model or self.name)
+
+
+class PullRequest(ModelRequest):
+    """/api/pull: `owner/repo[:QUANT or file.gguf]`, with or without `hf.co/`; NDJSON progress unless `stream`
+    is false. `insecure` (Ollama's registry over plain HTTP) has no meaning for the Hub and is ignored."""
+
+    insecure: bool = False
+    stream: bool = True
 
 
 class CopyRequest(_Request):

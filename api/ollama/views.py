@@ -24,12 +24,21 @@ from core.errors import (
     NotImplementedHere,
     PermissionDenied,
 )
+from inference.services import model_delete
 from inference.serving import Generation, embedding_start, generation_start
 from inference.streams import TokenStream
+from models_app.hub import HubError
 from models_app.metadata import MetadataError, read_metadata
 from models_app.models import LanguageModel
+from models_app.pulls import pull_lines, pull_start
 from models_app.selectors import model_alias_list, model_get, model_list, model_loaded_list, model_n_ctx
-from models_app.services import RegistryError, model_alias_create, model_alias_delete, models_set_enabled
+from models_app.services import (
+    RegistryError,
+    model_alias_create,
+    model_alias_delete,
+    model_is_pulled,
+    models_set_enabled,
+)
 
 from ..decorators import api_view, error_headers, parse_body
 from .protocol import (
@@ -42,6 +51,7 @@ from .protocol import (
     ListedModel,
     ModelDetails,
     ModelRequest,
+    PullRequest,
     ResponseMessage,
     RunningModel,
     ShowResponse,
@@ -52,9 +62,9 @@ logger = logging.getLogger(__name__)
 OLLAMA_VERSION = "0.12.0"  # the Ollama API level this surface follows (clients gate features on it)
 NS = 1_000_000_000
 ADDING_MODELS = (
-    "Minerva does not {what} models. Put a GGUF file (or a SafeTensors folder) under the models directory "
-    "(MINERVA_MODELS_DIR) and run `manage.py models scan`, or register it with `manage.py models add`; see the "
-    'README, "Adding models".'
+    "Minerva does not {what} models. Pull a GGUF model from Hugging Face (/api/pull with owner/repo:QUANT, or "
+    "`manage.py models pull`), or put a GGUF file (or a SafeTensors folder) under the models directory "
+    '(MINERVA_MODELS_DIR) and run `manage.py models scan`; see the README, "Getting models".'
 )
 
 
@@ -141,10 +151,9 @@ def _ps() -> list[dict]:
         if model is None or entry["name"] in running:
             continue
         size = entry.get("estimated_bytes") or model.file_size
-        gpu_layers = model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS
         running[model.name] = RunningModel(
             name=model.name, model=model.name, size=size, digest=_digest(model), details=_details(model),
-            expires_at=_expiry(entry["expires_at"]), size_vram=size if gpu_layers else 0,
+            expires_at=_expiry(entry["expires_at"]), size_vram=entry.get("device_bytes", 0),
             context_length=model_n_ctx(model),
         ).model_dump()  # fmt: skip
     return list(running.values())
@@ -152,7 +161,8 @@ def _ps() -> list[dict]:
 
 @ollama_view(methods=("DELETE",))
 async def delete(request: HttpRequest) -> HttpResponse:
-    """Remove a name: an alias goes; a model is disabled in the registry (its file stays)."""
+    """Remove a name: an alias goes; a pulled model goes with its files (409 while requests for it are queued or
+    running); any other model is disabled in the registry (its file is the administrator's)."""
     body = await parse_body(request, ModelRequest)
     _staff_only(request)
     name = body.model_name()
@@ -161,7 +171,10 @@ async def delete(request: HttpRequest) -> HttpResponse:
         if model_alias_delete(name=name):
             return
         model = model_get(name)
-        models_set_enabled(names=[model.name], enabled=False)
+        if model_is_pulled(model):
+            model_delete(model=model)
+        else:
+            models_set_enabled(names=[model.name], enabled=False)
 
     await sync_to_async(remove)()
     return HttpResponse(status=200)
@@ -182,7 +195,52 @@ async def copy(request: HttpRequest) -> HttpResponse:
 
 @ollama_view(methods=("POST",))
 async def pull(request: HttpRequest) -> HttpResponse:
-    raise NotImplementedHere(ADDING_MODELS.format(what="pull"))
+    """Pull a GGUF model from Hugging Face: a pull task on the worker's pull queue (or the one already running for
+    the same model, which this request then watches), its progress as Ollama's NDJSON lines."""
+    body = await parse_body(request, PullRequest)
+    _staff_only(request)
+    ref = body.model_name()
+    request.log_model = ref[:255]
+    try:
+        key = await sync_to_async(pull_start)(ref=ref)
+    except HubError as exc:
+        raise InvalidRequest(exc.message, param="model") from None
+    lines = pull_lines(key, first_timeout=settings.REQUEST_TIMEOUT)
+    # Wait for the line after the manifest: a repository or quant that does not exist is then a real 404, even
+    # streamed, as the generation views wait for their first event.
+    head = [line async for line in _until_past_manifest(lines)]
+    if "error" in head[-1]:
+        raise _pull_error(head[-1])
+    if not body.stream:
+        async for line in lines:
+            if "error" in line:
+                raise _pull_error(line)
+        return JsonResponse({"status": "success"})
+    response = StreamingHttpResponse(_pull_ndjson(head, lines), content_type="application/x-ndjson")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _until_past_manifest(lines: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    async for line in lines:
+        yield line
+        if line.get("status") != "pulling manifest":
+            return
+
+
+def _pull_error(line: dict) -> MinervaError:
+    return MinervaError.from_dict({"message": line["error"], "status": line.get("status_code", 500),
+                                   "code": "pull_failed"})  # fmt: skip
+
+
+async def _pull_ndjson(head: list[dict], lines: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Ollama's progress lines; an error after the 200 is a line `{"error": "..."}`. A client that goes away
+    leaves the pull running: it belongs to whoever asks next."""
+    for line in head:
+        yield json.dumps(line) + "\n"
+    async for line in lines:
+        yield json.dumps({"error": line["error"]} if "error" in line else line) + "\n"
 
 
 @ollama_view(methods=("POST",))

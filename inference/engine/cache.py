@@ -43,6 +43,7 @@ class ModelSpec:
     cache_type: str = "f16"  # the KV cache's type: f16, q8_0 or q4_0
     draft_max: int = 0  # speculative decoding by prompt lookup: drafted tokens per step (0: off)
     estimated_bytes: int = 0
+    device_bytes: int = 0  # the part of estimated_bytes on GPUs (offloaded layers and their KV cache)
     embedding: bool = False
 
     @property
@@ -63,10 +64,12 @@ class _Entry:
 
 
 class ModelCache:
-    def __init__(self, *, budget_bytes: int, default_keep_alive: float = 300.0,
+    def __init__(self, *, budget_bytes: int, device_budget_bytes: int = 0, default_keep_alive: float = 300.0,
                  io_factory: Callable[[], StepIO] | None = None, reap_interval: float = 1.0,
                  on_change: Callable[[list[dict]], None] | None = None):  # fmt: skip
+        """`budget_bytes`: system memory for models; `device_budget_bytes`: GPU memory for their offloaded part."""
         self.budget_bytes = budget_bytes
+        self.device_budget_bytes = device_budget_bytes
         self.default_keep_alive = default_keep_alive
         self.io_factory = io_factory
         self.on_change = on_change  # called with loaded() after each load and unload, and as a heartbeat
@@ -135,6 +138,7 @@ class ModelCache:
                     "embedding": e.spec.embedding,
                     "path": e.spec.path,
                     "estimated_bytes": e.spec.estimated_bytes,
+                    "device_bytes": e.spec.device_bytes,
                     "busy_slots": e.model.busy_slots(),
                     "requests": e.pins,
                     "slots": e.spec.n_parallel,
@@ -169,24 +173,39 @@ class ModelCache:
             for name in list(self._entries):
                 self._unload(name, "the worker is stopping")
 
+    def memory(self) -> dict:
+        """The budgets and what the loaded models take of them (estimates), in bytes."""
+        with self._lock:
+            used, device = self._used()
+            return {"budget_bytes": self.budget_bytes, "used_bytes": used,
+                    "device_budget_bytes": self.device_budget_bytes, "device_used_bytes": device}  # fmt: skip
+
     def _make_room(self, spec: ModelSpec) -> None:
-        if spec.estimated_bytes > self.budget_bytes:
-            raise ModelUnavailable(
-                f"The model {spec.name} needs about {_gib(spec.estimated_bytes)} (weights and KV cache), more "
-                f"than the memory budget of {_gib(self.budget_bytes)} (MINERVA_MEMORY_BUDGET)."
-            )
-        while self._used() + spec.estimated_bytes > self.budget_bytes:
+        # Two pools: GPU memory for the offloaded part, system memory for the rest. A model that fits neither
+        # empty pool is refused before llama.cpp tries (and fails, or swaps) with what it needs and what there is.
+        host, device = spec.estimated_bytes - spec.device_bytes, spec.device_bytes
+        if host > self.budget_bytes or device > self.device_budget_bytes:
+            raise ModelUnavailable(f"The model {spec.name} needs about {_need(host, device)} (weights and KV "
+                                   f"cache), more than the memory budget of "
+                                   f"{_need(self.budget_bytes, self.device_budget_bytes)} (MINERVA_MEMORY_BUDGET, "
+                                   "MINERVA_GPU_MEMORY_BUDGET).")  # fmt: skip
+        while True:
+            used_host, used_device = self._used()
+            if used_host + host <= self.budget_bytes and used_device + device <= self.device_budget_bytes:
+                return
             idle = [(e.model.last_used, n) for n, e in self._entries.items() if e.pins == 0]
             if not idle:
+                free = _need(self.budget_bytes - used_host, self.device_budget_bytes - used_device)
                 raise ModelUnavailable(
-                    f"The model {spec.name} needs about {_gib(spec.estimated_bytes)} but only "
-                    f"{_gib(self.budget_bytes - self._used())} of the memory budget is free and every loaded "
-                    "model is busy. Try again shortly."
+                    f"The model {spec.name} needs about {_need(host, device)} but only {free} of the memory budget "
+                    "is free and every loaded model is busy. Try again shortly."
                 )
             self._unload(min(idle)[1], "least recently used, to make room")
 
-    def _used(self) -> int:
-        return sum(e.spec.estimated_bytes for e in self._entries.values())
+    def _used(self) -> tuple[int, int]:
+        """(system, GPU) bytes the loaded models take."""
+        device = sum(e.spec.device_bytes for e in self._entries.values())
+        return sum(e.spec.estimated_bytes for e in self._entries.values()) - device, device
 
     def _unload(self, key: str, why: str) -> bool:
         entry = self._entries.pop(key, None)
@@ -219,6 +238,10 @@ class ModelCache:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _need(host: int, device: int) -> str:
+    return f"{_gib(device)} of GPU memory and {_gib(host)} of system memory" if device else f"{_gib(host)}"
 
 
 def parse_keep_alive(value: str | float | int | None) -> float | None:

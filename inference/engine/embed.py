@@ -14,7 +14,6 @@ tokens, so a vector moves slightly with what shares its batch (MiniLM ~1e-4 per 
 
 import collections
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from llama_cpp import _internals
 
 from models_app.metadata import ENCODER_ARCHITECTURES  # run without a KV cache
 
-from .llama import ContextOverflow, EngineError, PromptError, _Batch, _cpu_has_amx
+from .host import cpu_has_amx, usable_cpus
+from .llama import ContextOverflow, EngineError, PromptError, _Batch
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class EmbeddingModel:
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers
-        mparams.use_extra_bufts = not _cpu_has_amx()
+        mparams.use_extra_bufts = not cpu_has_amx()
         self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
@@ -112,7 +112,7 @@ class EmbeddingModel:
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)  # fmt: skip
         cparams.no_perf = True
-        cparams.n_threads = cparams.n_threads_batch = n_threads or len(os.sched_getaffinity(0))
+        cparams.n_threads = cparams.n_threads_batch = n_threads or usable_cpus()
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)  # None for encoder-only models (no KV cache)

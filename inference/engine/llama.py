@@ -12,7 +12,6 @@ import ctypes
 import dataclasses
 import logging
 import math
-import os
 import queue
 import random
 import re
@@ -26,6 +25,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals, _logger
 
+from .host import cpu_has_amx, usable_cpus
 from .template import ChatTemplate, ChatTemplateError
 from .text import TextDecoder
 
@@ -169,7 +169,10 @@ class LoadedModel:
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
-        mparams.use_extra_bufts = not _cpu_has_amx()
+        # llama.cpp (0.3.36's) AMX kernels, which it picks for weights on CPUs with AMX (Sapphire Rapids and later),
+        # crash in mul_mat on any batch of more than a few tokens (seen with Q4_1). Without "extra buffer types" the
+        # weights stay in the plain CPU buffer; elsewhere the extra types only repack weights for speed.
+        mparams.use_extra_bufts = not cpu_has_amx()
         self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
@@ -186,7 +189,7 @@ class LoadedModel:
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         cparams.no_perf = True
         # llama.cpp's default is 4 threads; on a 2-core machine that oversubscribes and triples the time per token.
-        cparams.n_threads = cparams.n_threads_batch = n_threads or len(os.sched_getaffinity(0))
+        cparams.n_threads = cparams.n_threads_batch = n_threads or usable_cpus()
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
         self.memory = llama_cpp.llama_get_memory(self.ctx)
@@ -214,7 +217,7 @@ class LoadedModel:
         # Where the scheduler's time goes (see BENCHMARKS.md): decode = llama_decode, sample = sampling and text,
         # step - decode - sample = Python bookkeeping; io = the IO thread's Redis calls.
         self.stats = {"steps": 0, "batch_tokens": 0, "step_s": 0.0, "decode_s": 0.0, "sample_s": 0.0, "io_s": 0.0}
-        threads = min(n_parallel, len(os.sched_getaffinity(0)))
+        threads = min(n_parallel, usable_cpus())
         self._sampling_pool = ThreadPoolExecutor(threads, thread_name_prefix="sample") if threads > 1 else None
         self._io_queue: queue.SimpleQueue = queue.SimpleQueue()
         self._io_lock = threading.Lock()
@@ -820,17 +823,6 @@ class _Batch:
         self.logits[n + k - logits : n + k] = 1
         self.n = self.struct.n_tokens = n + k
         return n + k - 1
-
-
-def _cpu_has_amx() -> bool:
-    """llama.cpp (0.3.36's) AMX kernels, which it picks for weights on CPUs with AMX (Sapphire Rapids and later),
-    crash in mul_mat on any batch of more than a few tokens (seen with Q4_1). Without "extra buffer types" the
-    weights stay in the plain CPU buffer; elsewhere the extra types only repack weights for speed, so keep them."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return "amx_int8" in cpuinfo.read()
-    except OSError:
-        return False
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -105,3 +105,38 @@ def test_an_idle_model_is_unloaded_after_its_keep_alive(smol):
 )
 def test_keep_alive_takes_ollamas_forms(value, seconds):
     assert parse_keep_alive(value) == seconds
+
+
+def on_gpu(s: ModelSpec, share: float = 1.0) -> ModelSpec:
+    """The spec as a worker with a GPU builds it: `share` of the model offloaded."""
+    return ModelSpec(name=s.name, path=s.path, n_ctx=s.n_ctx, estimated_bytes=s.estimated_bytes,
+                     device_bytes=int(s.estimated_bytes * share))  # fmt: skip
+
+
+def test_an_offloaded_model_that_does_not_fit_gpu_memory_is_refused_before_loading_with_need_and_budget(smol):
+    model = on_gpu(smol, share=0.75)
+    cache = ModelCache(budget_bytes=10**12, device_budget_bytes=model.device_bytes - 1)
+    try:
+        with pytest.raises(ModelUnavailable) as refused, cache.use(model):
+            pass
+        gib = model.device_bytes / 2**30
+        assert f"needs about {gib:.2f} GiB of GPU memory and" in str(refused.value)
+        assert f"memory budget of {(model.device_bytes - 1) / 2**30:.2f} GiB of GPU memory" in str(refused.value)
+        assert cache.loaded() == []
+    finally:
+        cache.close()
+
+
+def test_gpu_memory_and_system_memory_are_two_pools(smol, gemma):
+    smol_gpu, gemma_gpu = on_gpu(smol), on_gpu(gemma)
+    # The whole of each model on the GPU: system memory holds nothing of them, the GPU only one at a time.
+    cache = ModelCache(budget_bytes=1, device_budget_bytes=max(smol_gpu.device_bytes, gemma_gpu.device_bytes) + 1)
+    try:
+        with cache.use(smol_gpu):
+            pass
+        with cache.use(gemma_gpu):
+            assert [(m["name"], m["device_bytes"]) for m in cache.loaded()] == [("gemma", gemma_gpu.device_bytes)]
+        assert cache.memory() == {"budget_bytes": 1, "used_bytes": 0, "device_budget_bytes": cache.device_budget_bytes,
+                                  "device_used_bytes": gemma_gpu.device_bytes}  # fmt: skip
+    finally:
+        cache.close()

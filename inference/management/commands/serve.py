@@ -3,9 +3,10 @@
 Children: an embedded redis-server (unless MINERVA_REDIS_URL is set), one Celery worker consuming every
 enabled model's queue, and daphne (minerva_project/daphne.py: with a guard against bodies not worth reading).
 A child that dies is restarted; SIGINT/SIGTERM stops them all within 10 s.
-Children also get PR_SET_PDEATHSIG, so even a SIGKILLed `serve` leaves no orphan behind."""
+On Linux children also get PR_SET_PDEATHSIG, so even a SIGKILLed `serve` leaves no orphan behind."""
 
 import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from core.redis import get_redis, start_embedded_redis
 from inference.heartbeat import worker_key
 from inference.services import DRAINING_KEY
 from models_app.models import LanguageModel
+from models_app.pulls import PULL_QUEUE
 from models_app.selectors import LOADED_KEY, model_parallel
 from models_app.services import models_scan
 
@@ -35,13 +37,17 @@ RESTART_BACKOFF_SECONDS = 1.0
 
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGTERM us when `serve` dies.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-# Children run in their own session, so a terminal's Ctrl-C reaches only `serve`, which then stops them in
-# order (daphne and the worker before Redis); PR_SET_PDEATHSIG covers a `serve` that is killed outright.
-_CHILD_OPTIONS = {"start_new_session": True, "preexec_fn": _die_with_parent}
+def child_options() -> dict:
+    """Children run in their own session, so a terminal's Ctrl-C reaches only `serve`, which then stops them in
+    order (daphne and the worker before Redis). On Linux PR_SET_PDEATHSIG also covers a `serve` that is killed
+    outright; other systems have no such call (there a SIGKILLed `serve` can leave its children running)."""
+    if sys.platform.startswith("linux"):
+        return {"start_new_session": True, "preexec_fn": _die_with_parent}
+    return {"start_new_session": True}
 
 
 class Child:
@@ -80,18 +86,19 @@ class Command(BaseCommand):
         redis_socket = Path(settings.REDIS_URL.removeprefix("unix://"))
 
         if settings.EMBEDDED_REDIS:
-            children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **_CHILD_OPTIONS)))
+            children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **child_options())))
             env["MINERVA_REDIS_URL"] = settings.REDIS_URL
         result = models_scan()  # new, changed and vanished model files, before the worker's queues are fixed
         self.stdout.write(f"models: {len(result.added)} added, {len(result.changed)} changed, "
                           f"{len(result.unavailable)} unavailable, {len(result.errors)} skipped")  # fmt: skip
         models = list(LanguageModel.objects.filter(enabled=True, available=True))
         queues = [m.queue for m in models] or ["minerva.default"]
-        # One task thread per slot: each waits while its model's scheduler decodes it with the others.
+        # One task thread per slot: each waits while its model's scheduler decodes it with the others. The pull
+        # queue's task only starts a thread of its own (models_app/tasks.py), so it needs none.
         concurrency = sum(model_parallel(m) for m in models) or 1
         worker_cmd = [
             sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
-            "--queues", ",".join(queues),
+            "--queues", ",".join([*queues, PULL_QUEUE]),
             "--pool", "threads", "--concurrency", str(concurrency),
             "--prefetch-multiplier", "1",
             "--without-gossip", "--without-mingle",
@@ -126,7 +133,7 @@ class Command(BaseCommand):
                 redis_socket.unlink()
 
     def _spawn(self, cmd: list[str], env: dict) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, **_CHILD_OPTIONS)
+        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, **child_options())
 
     def _request_stop(self, signum, frame) -> None:
         self.stopping = True

@@ -1,13 +1,17 @@
-"""`python manage.py models list | scan | inspect PATH | add PATH --name NAME [--alias A ...] | remove NAME`."""
+"""`python manage.py models list | scan | pull REPO[:QUANT] | inspect PATH | add PATH --name NAME [--alias A ...] |
+remove NAME`."""
 
 import json
 import sys
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
+from models_app.hub import HubError
 from models_app.metadata import MetadataError, read_metadata
 from models_app.models import LanguageModel
+from models_app.pulls import model_pull
 from models_app.selectors import model_n_ctx
 from models_app.services import RegistryError, model_register, model_remove, models_scan, models_set_enabled
 
@@ -20,6 +24,8 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         sub.add_parser("list", help="registered models")
         sub.add_parser("scan", help="register new and changed models under MINERVA_MODELS_DIR")
+        pull = sub.add_parser("pull", help="download a GGUF model from Hugging Face and register it")
+        pull.add_argument("ref", help="owner/repo[:QUANT or file.gguf][@revision], e.g. bartowski/X-GGUF:Q4_K_M")
         inspect = sub.add_parser("inspect", help="read a model file's metadata (registers nothing)")
         inspect.add_argument("path")
         add = sub.add_parser("add", help="register one model file or folder")
@@ -37,6 +43,8 @@ class Command(BaseCommand):
             getattr(self, f"do_{action}")(**options)
         except (RegistryError, MetadataError) as exc:
             raise CommandError(str(exc)) from None
+        except HubError as exc:
+            raise CommandError(exc.message) from None
 
     def do_list(self, **options):
         models = list(LanguageModel.objects.prefetch_related("aliases"))
@@ -78,6 +86,29 @@ class Command(BaseCommand):
             )
         for path, error in result.errors.items():
             self.stderr.write(f"skipped {path}: {error}")
+
+    def do_pull(self, ref: str, **options):
+        bars: dict[str, tqdm] = {}
+
+        def progress(line: dict) -> None:
+            if self.as_json:
+                self.stdout.write(json.dumps(line))
+            elif "digest" in line:
+                bar = bars.get(line["digest"])
+                if bar is None:
+                    bar = bars[line["digest"]] = tqdm(total=line["total"], desc=line["status"], unit="B",
+                                                      unit_scale=True, unit_divisor=1024, file=sys.stderr)  # fmt: skip
+                bar.update(line["completed"] - bar.n)
+            else:
+                for bar in bars.values():
+                    bar.close()
+                self.stderr.write(line["status"])
+
+        model = model_pull(ref=ref, progress=progress)
+        aliases = ", ".join(a.name for a in model.aliases.all())
+        if not self.as_json:
+            self.stdout.write(f"pulled {model.name} ({model.quantization}, {_human('size', model.file_size)}) into "
+                              f"{Path(model.path).parent}; also called {aliases}")  # fmt: skip
 
     def do_inspect(self, path: str, **options):
         summary = read_metadata(Path(path)).summary()
