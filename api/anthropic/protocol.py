@@ -182,8 +182,25 @@ class Metadata(_Request):
     user_id: str | None = Field(default=None, max_length=256)
 
 
+class OutputFormat(_Request):
+    """Structured outputs: the answer's text is JSON following `schema`, held by a grammar."""
+
+    type: Literal["json_schema"]
+    schema_: dict = Field(alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_bounded(cls, value: dict) -> dict:
+        schema_bounds_check(value)
+        unsupported = _unsupported_schema_keywords(value)
+        if unsupported:
+            raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
+        return value
+
+
 class OutputConfig(_Request):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: OutputFormat | None = None
 
 
 class MessagesBody(_Request):
@@ -228,6 +245,7 @@ class MessagesBody(_Request):
             tool_name=choice.name if isinstance(choice, ToolChoiceTool) else None,
             parallel_tool_calls=not getattr(choice, "disable_parallel_tool_use", False),
             reasoning_effort=_reasoning_effort(self.thinking, self.output_config),
+            json_schema=self.output_config.format.schema_ if self.output_config and self.output_config.format else None,
             **fields,
         )  # fmt: skip
 

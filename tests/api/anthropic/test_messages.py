@@ -125,6 +125,26 @@ def test_sampling_and_metadata_are_taken(client):
     assert message.content and message.stop_reason
 
 
+def test_output_config_format_holds_the_answer_to_its_json_schema(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}  # fmt: skip
+    ask = [{"role": "user", "content": "Name a city in France."}]
+    message = create(client, max_tokens=40, messages=ask, extra_body=GREEDY,
+                     output_config={"format": {"type": "json_schema", "schema": schema}})  # fmt: skip
+    assert message.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(message.content[0].text), schema)
+    with pytest.raises(anthropic.BadRequestError) as refused:  # a keyword a grammar cannot hold
+        create(
+            client,
+            max_tokens=40,
+            messages=ask,
+            output_config={"format": {"type": "json_schema", "schema": {"type": "integer", "multipleOf": 3}}},
+        )
+    assert "multipleOf" in str(refused.value)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_forced_tool_call_and_its_result_make_a_two_step_loop(client, stream):
     if stream:
