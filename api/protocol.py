@@ -196,6 +196,16 @@ UNSUPPORTED_SCHEMA_KEYWORDS = {"not", "if", "then", "else", "patternProperties",
                                "unevaluatedProperties", "unevaluatedItems", "$dynamicRef"}  # fmt: skip
 
 
+def schema_checked(schema: dict) -> dict:
+    """A client's JSON schema for a grammar (any surface's structured output): bounded, and only with keywords the
+    grammar enforces."""
+    schema_bounds_check(schema)
+    unsupported = _unsupported_schema_keywords(schema)
+    if unsupported:
+        raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
+    return schema
+
+
 def _unsupported_schema_keywords(node, depth: int = 0) -> set[str]:
     if depth > 64:
         return {"nesting deeper than 64 levels"}

@@ -13,7 +13,7 @@ from core import generation as neutral
 from core.errors import InvalidRequest
 from inference.schema_bounds import MAX_COUNT, MAX_DEPTH, schema_bounds_check, tools_bounds_check
 
-from ..protocol import UNSUPPORTED_SCHEMA_KEYWORDS, _unsupported_schema_keywords
+from ..protocol import UNSUPPORTED_SCHEMA_KEYWORDS, _unsupported_schema_keywords, schema_checked
 
 MAX_TOOLS = 128  # as on /v1/chat/completions
 MAX_STOP_SEQUENCES = 16  # the neutral request's bound
@@ -190,12 +190,8 @@ class OutputFormat(_Request):
 
     @field_validator("schema_")
     @classmethod
-    def _schema_bounded(cls, value: dict) -> dict:
-        schema_bounds_check(value)
-        unsupported = _unsupported_schema_keywords(value)
-        if unsupported:
-            raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
-        return value
+    def _schema_checked(cls, value: dict) -> dict:
+        return schema_checked(value)
 
 
 class OutputConfig(_Request):

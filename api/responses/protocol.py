@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from inference.schema_bounds import schema_bounds_check, tools_bounds_check
+from inference.schema_bounds import tools_bounds_check
 
-from ..protocol import FunctionDefinition, _unsupported_schema_keywords
+from ..protocol import FunctionDefinition, schema_checked
 
 # Union members are tagged with names holding a "-": validation_error (api/decorators.py) leaves such names out of
 # `param`, so an error in the third item's text is `input[2].content[0].text`, not `input[2].message-item...`.
@@ -184,12 +184,8 @@ class JsonSchemaFormat(_Request):
 
     @field_validator("schema_")
     @classmethod
-    def _schema_supported(cls, value: dict) -> dict:
-        schema_bounds_check(value)
-        unsupported = _unsupported_schema_keywords(value)
-        if unsupported:
-            raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")
-        return value
+    def _schema_checked(cls, value: dict) -> dict:
+        return schema_checked(value)
 
 
 Format = Annotated[
