@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 try:
+    import httpcore2  # noqa: F401  (the GPU machine has httpx2 for huggingface_hub, without its transport)
     import httpx2 as httpx
 except ImportError:  # the GPU machine has plain httpx
     import httpx

@@ -35,7 +35,7 @@ prepare)
     echo "diskcache==5.6.3" >> "$CARRY/requirements.txt"
     echo "httpx==0.28.1" >> "$CARRY/requirements.txt"  # the benches' client (httpx2 is the tests' pin)
     pip download -q --no-deps -d "$CARRY/wheels" "$(grep '^huggingface-hub==' requirements/base.txt | cut -d' ' -f1)" \
-        filelock fsspec httpx2
+        filelock fsspec httpx2 httpcore2 truststore
     pip download -q --python-version 3.12 --implementation cp --only-binary=:all: \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
@@ -51,7 +51,7 @@ build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M mod
     cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
     python3 -m venv --system-site-packages /tmp/venv
     /tmp/venv/bin/pip install -q --no-index --find-links "$CARRY/wheels" -r "$CARRY/requirements.txt"
-    /tmp/venv/bin/pip install -q --no-index --no-deps --find-links "$CARRY/wheels" huggingface-hub filelock fsspec httpx2
+    /tmp/venv/bin/pip install -q --no-index --no-deps --find-links "$CARRY/wheels" huggingface-hub filelock fsspec httpx2 httpcore2 truststore
     sidecar=$(/tmp/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/drf_spectacular_sidecar
     mkdir -p "$sidecar" && touch "$sidecar/__init__.py"
     PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
