@@ -113,7 +113,7 @@ async def file_content(request: HttpRequest, file_id: str) -> HttpResponse:
 
 def file_download(file: File) -> StreamingHttpResponse:
     """A file's bytes, streamed (the API's download and the admin's)."""
-    handle = file.path.open("rb")  # opened now: a delete during the download does not cut it short
+    handle = file.open()  # opened now: on a disk, a delete during the download does not cut it short
     response = StreamingHttpResponse(_chunks(handle), content_type="application/octet-stream")
     response["Content-Length"] = str(file.bytes)
     response["Content-Disposition"] = f'attachment; filename="{file.id}.jsonl"'

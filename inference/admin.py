@@ -2,8 +2,10 @@ import csv
 
 from django.contrib import admin
 from django.db.models import Count, Sum
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 
+from .cluster import cluster_get
 from .models import RequestLog
 
 CSV_FIELDS = ["created", "request_id", "endpoint", "method", "model", "api_key_prefix", "client_ip", "user_agent",
@@ -62,3 +64,10 @@ class RequestLogAdmin(ReadOnlyAdmin):
         for row in queryset.values_list(*CSV_FIELDS):
             writer.writerow(row)
         return response
+
+
+def cluster_view(request: HttpRequest) -> TemplateResponse:
+    """The cluster, read-only: each worker (host, models it has and holds loaded, slots, memory, backend) and each
+    model's hosts and queue; the page refreshes itself every 5 s."""
+    context = {**admin.site.each_context(request), "title": "Cluster", "cluster": cluster_get()}
+    return TemplateResponse(request, "admin/inference/cluster.html", context)
