@@ -116,8 +116,9 @@ def file_delete(*, file: File) -> None:
     """Delete a file's row and bytes, unless a batch still running reads it."""
     if Batch.objects.filter(input_file=file, status__in=Batch.ACTIVE).exists():
         raise InvalidRequest(f"File {file.id} is the input of a batch that is still running.", param="file_id")
+    name = file.id  # delete() clears it
     file.delete()
-    files_storage().delete(file.id)
+    files_storage().delete(name)
 
 
 def file_object(file: File) -> dict:

@@ -30,7 +30,7 @@ from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddi
 from api.views import check_chat, check_completion, collect_answer, collect_embeddings
 from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
 from core.redis import get_redis
-from core.workers import WORKER_ID, worker_alive
+from core.workers import WORKER_ID, worker_alive, workers_list
 from inference.models import RequestLog
 from inference.run import embedding_run_inline, request_run_inline
 from inference.streams import TokenStream
@@ -253,10 +253,13 @@ def _not_run(line: BatchLine) -> str:
 
 
 def batch_lanes_start(*, models: list[str]) -> None:
-    """Queue one lane per batch slot on each model's queue (a lane finding its worker's slots taken just ends)."""
+    """Queue one lane per batch slot of each live worker that has the model, on its queue (a lane finding its
+    worker's slots taken just ends), so the lines of a batch spread over every host that serves the model."""
     lane = current_app.tasks["minerva.run_batch_lines"]  # by name: tasks.py imports this module
+    workers = workers_list()
     for model in LanguageModel.objects.filter(name__in=models):
-        for _ in range(batch_slots(model)):
+        hosts = sum(1 for worker in workers if model.name in worker.get("models", {}))
+        for _ in range(batch_slots(model) * max(hosts, 1)):
             lane.apply_async(args=[model.name], queue=model.queue)
 
 

@@ -119,6 +119,12 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors and isinstance(errors[0], GrammarDeadEnd):
         param = "tools" if body.tools_active() else "response_format"
         return _fail(log, stream, InvalidRequest(str(errors[0]), param=param, code="grammar_dead_end"), sequences)
+    if errors and isinstance(errors[0], RedisError):  # the IO thread could not publish: retryable, not our bug
+        logger.error("request %s lost Redis while generating: %s", log.request_id, errors[0])
+        error = ServiceUnavailable(
+            "Lost the connection to Redis while generating; try again.", code="redis_unavailable"
+        )
+        return _fail(log, stream, error, sequences)
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)

