@@ -1,5 +1,6 @@
-"""Files: uploads streamed to disk under FILES_DIR (never held in memory), described by File rows; a batch input
-file is checked line by line before it is kept. Files and batches belong to the API key that made them."""
+"""Files: uploads streamed to a temp file under FILES_DIR (never held in memory), checked line by line when they are
+a batch's input, then kept in the files storage (batches/storage.py) and described by File rows. Files and batches
+belong to the API key that made them."""
 
 import json
 import os
@@ -18,13 +19,15 @@ from access.models import ApiKey
 from core.errors import InvalidRequest, NotFound, RequestTooLarge
 
 from .models import Batch, File
+from .storage import LocalFile, files_storage
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 UPLOAD_PURPOSES = (File.Purpose.BATCH, File.Purpose.USER_DATA)
 
 
 def _temp_path(prefix: str) -> Path:
-    """A new empty file in FILES_DIR: on the same filesystem as its final place, so keeping it is a rename."""
+    """A new empty file in FILES_DIR: on the same filesystem as the default storage's files, so keeping it is a
+    rename there."""
     settings.FILES_DIR.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=settings.FILES_DIR, prefix=prefix)
     os.close(fd)
@@ -77,12 +80,15 @@ def file_create(*, path: Path, filename: str, purpose: str, api_key: ApiKey | No
     checks."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}.", param="purpose")
-    if purpose == File.Purpose.BATCH and not sum(1 for _ in batch_input_lines(path)):  # reads every line
-        raise InvalidRequest("The file holds no requests.", param="file")
+    if purpose == File.Purpose.BATCH:
+        with path.open("rb") as f:
+            if not sum(1 for _ in batch_input_lines(f)):  # reads every line
+                raise InvalidRequest("The file holds no requests.", param="file")
     with transaction.atomic():
         file = File.objects.create(filename=filename[:255] or "upload", purpose=purpose, bytes=path.stat().st_size,
                                    api_key_prefix=api_key.prefix if api_key is not None else "")  # fmt: skip
-        os.replace(path, file.path)  # if this fails the row goes too
+        with LocalFile(path) as content:  # if this fails the row goes too
+            files_storage().save(file.id, content)
     return file
 
 
@@ -110,9 +116,9 @@ def file_delete(*, file: File) -> None:
     """Delete a file's row and bytes, unless a batch still running reads it."""
     if Batch.objects.filter(input_file=file, status__in=Batch.ACTIVE).exists():
         raise InvalidRequest(f"File {file.id} is the input of a batch that is still running.", param="file_id")
-    path = file.path
+    name = file.id  # delete() clears it
     file.delete()
-    path.unlink(missing_ok=True)
+    files_storage().delete(name)
 
 
 def file_object(file: File) -> dict:
@@ -145,26 +151,25 @@ def page(queryset, *, after: str | None, limit: int, ascending: bool = False) ->
     return rows[:limit], len(rows) > limit
 
 
-def batch_input_lines(path: Path) -> Iterator[tuple[int, int, dict]]:
-    """(line number, byte offset, request) for each request of a batch input file, read one line at a time.
-    Raises InvalidRequest naming the first malformed line; blank lines are skipped."""
+def batch_input_lines(f) -> Iterator[tuple[int, int, dict]]:
+    """(line number, byte offset, request) for each request of a batch input file (open, binary), read one line at a
+    time. Raises InvalidRequest naming the first malformed line; blank lines are skipped."""
     seen: set[str] = set()
-    with path.open("rb") as f:
-        number, offset = 0, 0
-        while raw := f.readline(settings.MAX_BODY_BYTES + 1):
-            number, start, offset = number + 1, offset, offset + len(raw)
-            if len(raw) > settings.MAX_BODY_BYTES:
-                raise _line_error(number, f"is longer than {settings.MAX_BODY_BYTES} bytes (MINERVA_MAX_BODY_BYTES)")
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except (ValueError, RecursionError):
-                raise _line_error(number, "is not valid JSON") from None
-            problem = _line_problem(line, seen)
-            if problem:
-                raise _line_error(number, problem)
-            yield number, start, line
+    number, offset = 0, 0
+    while raw := f.readline(settings.MAX_BODY_BYTES + 1):
+        number, start, offset = number + 1, offset, offset + len(raw)
+        if len(raw) > settings.MAX_BODY_BYTES:
+            raise _line_error(number, f"is longer than {settings.MAX_BODY_BYTES} bytes (MINERVA_MAX_BODY_BYTES)")
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise _line_error(number, "is not valid JSON") from None
+        problem = _line_problem(line, seen)
+        if problem:
+            raise _line_error(number, problem)
+        yield number, start, line
 
 
 def _line_problem(line, seen: set[str]) -> str | None:

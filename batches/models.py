@@ -1,7 +1,5 @@
 import uuid
-from pathlib import Path
 
-from django.conf import settings
 from django.db import models
 
 from core.fields import NulFreeCharField
@@ -16,7 +14,8 @@ def _batch_id() -> str:
 
 
 class File(models.Model):
-    """An uploaded file (or a batch's results): the row describes it, the bytes live in FILES_DIR/<id>."""
+    """An uploaded file (or a batch's results): the row describes it, the bytes live in the files storage under its
+    id (batches/storage.py: FILES_DIR on this host's disk, or the database, which every host of a cluster reaches)."""
 
     class Purpose(models.TextChoices):
         BATCH = "batch"
@@ -38,9 +37,11 @@ class File(models.Model):
     def __str__(self) -> str:
         return f"{self.id} {self.filename}"
 
-    @property
-    def path(self) -> Path:
-        return settings.FILES_DIR / self.id
+    def open(self):
+        """Its bytes, for reading (seekable)."""
+        from .storage import files_storage
+
+        return files_storage().open(self.id, "rb")
 
 
 class Batch(models.Model):
@@ -124,3 +125,15 @@ class BatchLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id} line {self.index} ({self.custom_id})"
+
+
+class StoredChunk(models.Model):
+    """A piece of a file kept in the database (MINERVA_FILES_STORAGE=database, batches/storage.py): every host of a
+    cluster reads and writes the files there, with no shared disk."""
+
+    name = models.CharField(max_length=255, db_index=True)
+    index = models.PositiveIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["name", "index"], name="stored_chunk_name_index")]

@@ -30,7 +30,7 @@ from api.protocol import ChatCompletionRequest, CompletionRequest, CreateEmbeddi
 from api.views import check_chat, check_completion, collect_answer, collect_embeddings
 from core.errors import InvalidRequest, MinervaError, ModelNotFound, NotFound, ServerError, WorkerLost
 from core.redis import get_redis
-from inference.heartbeat import WORKER_ID, worker_alive
+from core.workers import WORKER_ID, worker_alive, workers_list
 from inference.models import RequestLog
 from inference.run import embedding_run_inline, request_run_inline
 from inference.streams import TokenStream
@@ -39,6 +39,7 @@ from models_app.selectors import model_get, model_parallel
 
 from .files import _temp_path, batch_input_lines, owned
 from .models import Batch, BatchLine, File
+from .storage import LocalFile, files_storage
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
 
     _creating(batch.id)
     try:
-        for number, offset, request in batch_input_lines(batch.input_file.path):
+        for number, offset, request in _stored_lines(batch.input_file):
             if request["url"] != batch.endpoint:
                 if len(errors) < MAX_ERRORS:
                     message = f"The url {request['url']} differs from the batch's endpoint, {batch.endpoint}."
@@ -163,6 +164,12 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
     if not errors:
         write()
     return errors, list(models)
+
+
+def _stored_lines(file: File):
+    """batch_input_lines of a kept File, read from the files storage."""
+    with file.open() as f:
+        yield from batch_input_lines(f)
 
 
 def _batch_discard(*, batch_id: str, errors: list[dict]) -> None:
@@ -246,10 +253,13 @@ def _not_run(line: BatchLine) -> str:
 
 
 def batch_lanes_start(*, models: list[str]) -> None:
-    """Queue one lane per batch slot on each model's queue (a lane finding its worker's slots taken just ends)."""
+    """Queue one lane per batch slot of each live worker that has the model, on its queue (a lane finding its
+    worker's slots taken just ends), so the lines of a batch spread over every host that serves the model."""
     lane = current_app.tasks["minerva.run_batch_lines"]  # by name: tasks.py imports this module
+    workers = workers_list()
     for model in LanguageModel.objects.filter(name__in=models):
-        for _ in range(batch_slots(model)):
+        hosts = sum(1 for worker in workers if model.name in worker.get("models", {}))
+        for _ in range(batch_slots(model) * max(hosts, 1)):
             lane.apply_async(args=[model.name], queue=model.queue)
 
 
@@ -305,7 +315,7 @@ def batch_line_run(*, line: BatchLine) -> bool:
             if api_key is not None and not _admitted(api_key):
                 status = Line.PENDING
             else:
-                with batch.input_file.path.open("rb") as f:
+                with batch.input_file.open() as f:
                     f.seek(line.offset)
                     body = _parse(batch.endpoint, json.loads(f.readline(settings.MAX_BODY_BYTES + 1))["body"])
                 embedding = isinstance(body, CreateEmbeddingRequest)
@@ -446,7 +456,8 @@ def _keep(temp, filename: str, api_key_prefix: str) -> File | None:
         return None
     file = File.objects.create(filename=filename, purpose=File.Purpose.BATCH_OUTPUT, bytes=size,
                                api_key_prefix=api_key_prefix)  # fmt: skip
-    temp.replace(file.path)
+    with LocalFile(temp) as content:
+        files_storage().save(file.id, content)
     return file
 
 

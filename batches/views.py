@@ -2,7 +2,6 @@
 minerva_project/urls.py before api.urls, whose catch-all would answer first). Each sees only the rows of the
 request's key (batches.files.owned)."""
 
-import asyncio
 from typing import Annotated
 
 from asgiref.sync import sync_to_async
@@ -108,12 +107,13 @@ async def file(request: HttpRequest, file_id: str) -> HttpResponse:
 
 @openai_view(methods=("GET",))
 async def file_content(request: HttpRequest, file_id: str) -> HttpResponse:
-    return file_download(await sync_to_async(file_get)(file_id, api_key=request.api_key))
+    file = await sync_to_async(file_get)(file_id, api_key=request.api_key)
+    return await sync_to_async(file_download)(file)  # opening may read the database (the database storage)
 
 
 def file_download(file: File) -> StreamingHttpResponse:
     """A file's bytes, streamed (the API's download and the admin's)."""
-    handle = file.path.open("rb")  # opened now: a delete during the download does not cut it short
+    handle = file.open()  # opened now: on a disk, a delete during the download does not cut it short
     response = StreamingHttpResponse(_chunks(handle), content_type="application/octet-stream")
     response["Content-Length"] = str(file.bytes)
     response["Content-Disposition"] = f'attachment; filename="{file.id}.jsonl"'
@@ -123,7 +123,8 @@ def file_download(file: File) -> StreamingHttpResponse:
 async def _chunks(handle):
     # An async iterator: under ASGI, Django reads a sync one (FileResponse's) whole into memory before sending.
     with handle:
-        while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+        # On Django's sync thread: with the database storage a read is a query, and Django manages that connection.
+        while chunk := await sync_to_async(handle.read)(CHUNK_BYTES):
             yield chunk
 
 

@@ -83,6 +83,12 @@ class ServiceUnavailable(MinervaError):
     retry_after = 1  # seconds, sent as Retry-After
 
 
+class NoWorker(ServiceUnavailable):
+    """No live worker can serve the model (none has its file, or none is running): refused at once, not queued."""
+
+    code, retry_after = "model_unavailable", 5
+
+
 class Timeout(MinervaError):
     status, type, code = 504, "server_error", "timeout"
 

@@ -4,13 +4,15 @@ import uuid
 from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.db.models import Count, Sum
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 
 from access.services import client_address
 from core.errors import MinervaError
 from models_app import admin as models_admin
 from models_app.models import LanguageModel
 
+from .cluster import cluster_get
 from .models import RequestLog
 from .serving import model_load
 
@@ -106,3 +108,10 @@ class LanguageModelAdmin(models_admin.LanguageModelAdmin):
 
 admin.site.unregister(LanguageModel)
 admin.site.register(LanguageModel, LanguageModelAdmin)
+
+
+def cluster_view(request: HttpRequest) -> TemplateResponse:
+    """The cluster, read-only: each worker (host, models it has and holds loaded, slots, memory, backend) and each
+    model's hosts and queue; the page refreshes itself every 5 s."""
+    context = {**admin.site.each_context(request), "title": "Cluster", "cluster": cluster_get()}
+    return TemplateResponse(request, "admin/inference/cluster.html", context)

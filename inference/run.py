@@ -28,17 +28,10 @@ from core.errors import (
     ServiceUnavailable,
 )
 from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, with_defaults
-from core.redis import get_redis
+from core.workers import WORKER_ID, worker_announce
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
-from models_app.selectors import (
-    LOADED_KEY,
-    memory_budget,
-    model_generates,
-    model_n_ctx,
-    model_parallel,
-    model_shared_cells,
-)
+from models_app.selectors import memory_budget, model_generates, model_n_ctx, model_parallel, model_shared_cells
 
 from .engine import (
     ContextFull,
@@ -54,7 +47,6 @@ from .engine import (
     parse_keep_alive,
 )
 from .engine.host import Device, gpu_devices, offloaded_fraction, unified_memory
-from .heartbeat import WORKER_ID
 from .metrics import metrics_record
 from .models import RequestLog
 from .services import _params, embedding_token_budget, request_model, request_token_budget
@@ -128,6 +120,12 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors and isinstance(errors[0], GrammarDeadEnd):
         param = "tools" if body.tools_active() else "response_format"
         return _fail(log, stream, InvalidRequest(str(errors[0]), param=param, code="grammar_dead_end"), sequences)
+    if errors and isinstance(errors[0], RedisError):  # the IO thread could not publish: retryable, not our bug
+        logger.error("request %s lost Redis while generating: %s", log.request_id, errors[0])
+        error = ServiceUnavailable(
+            "Lost the connection to Redis while generating; try again.", code="redis_unavailable"
+        )
+        return _fail(log, stream, error, sequences)
     if errors:
         logger.error("request %s failed in the scheduler: %s", log.request_id, errors[0])
         return _fail(log, stream, ServerError(), sequences)
@@ -166,8 +164,15 @@ def _claim(log_id: int, payload: dict) -> tuple[RequestLog, TokenStream] | None:
         else:
             _finish(log, RequestLog.Status.CANCELLED, status_code=499)
         return None
-    log.status = RequestLog.Status.RUNNING
-    _retrying(lambda: log.save(update_fields=["status"]))
+    # A conditional update, not a save: after a worker host is lost its messages are put back, and the same request
+    # may reach two workers (one of them back from a network cut); exactly one of them runs it.
+    running = RequestLog.Status.RUNNING
+    if not _retrying(
+        lambda: RequestLog.objects.filter(pk=log.pk, status=RequestLog.Status.QUEUED).update(status=running)
+    ):
+        logger.warning("request %s was taken by another worker; not running it", log.request_id)
+        return None
+    log.status = running
     stream.publish("accepted", worker=WORKER_ID)  # the view watches this worker's heartbeat from now on
     return log, stream
 
@@ -375,11 +380,42 @@ def device_budget() -> int:
     return settings.GPU_MEMORY_BUDGET or int(sum(d.free for d in devices()) * 0.9)
 
 
+# What this worker process tells the registry (core.workers) in its heartbeat. worker.py fills `worker_state` (its
+# Celery name, queues, slots, the messages it holds) and `hosted` (the models whose files this host has: name ->
+# {"path", "hash"}); the model cache's reports fill `_loaded`. In-process tests have only the cache's reports.
+worker_state: dict = {}
+hosted: dict[str, dict] = {}
+_loaded: tuple[float, list[dict]] = (0.0, [])
+_announce_lock = threading.Lock()
+
+
 def _report_loaded(loaded: list[dict]) -> None:
-    """Publish which models this worker holds, for /v1/models' `loaded` (read by model_loaded_names), and its
-    memory budgets and devices (read by memory_status)."""
-    memory = {**_cache.memory(), "devices": [d.to_dict() for d in devices()]} if _cache is not None else {}
-    get_redis().hset(LOADED_KEY, WORKER_ID, json.dumps({"at": time.time(), "models": loaded, "memory": memory}))
+    """The cache's report (after each load and unload, and every 5 s): announced at once, so /v1/models' `loaded`
+    follows a load without waiting for the next beat."""
+    global _loaded
+    _loaded = (time.time(), loaded)
+    worker_announce_now()
+
+
+def worker_announce_now() -> None:
+    """Write this worker's record to the registry (its heartbeat): never touches the model cache's lock, which a
+    load holds for seconds, nor the database."""
+    loaded_at, loaded = _loaded
+    with _announce_lock:
+        worker_announce({
+            **worker_state,
+            "models": {name: {"hash": info["hash"]} for name, info in hosted.items()},
+            "loaded": loaded, "loaded_at": loaded_at,
+            "memory": _memory(loaded),
+        })  # fmt: skip
+
+
+def _memory(loaded: list[dict]) -> dict:
+    """The worker's budgets and what its loaded models take of them (estimates, bytes), and its GPUs."""
+    device = sum(m.get("device_bytes", 0) for m in loaded)
+    return {"budget_bytes": memory_budget(), "used_bytes": sum(m["estimated_bytes"] for m in loaded) - device,
+            "device_budget_bytes": device_budget(), "device_used_bytes": device,
+            "devices": [d.to_dict() for d in devices()]}  # fmt: skip
 
 
 def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
@@ -389,7 +425,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
     if embedding:
         n_seq = settings.EMBEDDING_BATCH
         return ModelSpec(
-            name=model.name, path=model.path, n_ctx=n_ctx, n_parallel=n_seq, embedding=True,
+            name=model.name, path=_local_path(model), n_ctx=n_ctx, n_parallel=n_seq, embedding=True,
             n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
             n_threads=settings.N_THREADS or None,
             estimated_bytes=(size := model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq)),
@@ -397,7 +433,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         )  # fmt: skip
     return ModelSpec(
         name=model.name,
-        path=model.path,
+        path=_local_path(model),
         n_ctx=n_ctx,
         n_parallel=n_parallel,
         n_gpu_layers=model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS,
@@ -420,6 +456,12 @@ def _device_share(model: LanguageModel, size: int) -> int:
         return 0
     n_gpu_layers = model.n_gpu_layers if model.n_gpu_layers is not None else settings.N_GPU_LAYERS
     return int(size * offloaded_fraction(n_gpu_layers, (model.metadata or {}).get("block_count")))
+
+
+def _local_path(model: LanguageModel) -> str:
+    """The model's file on this host: each worker host has its own models folder, so the row's path (where it was
+    first registered) is only a fallback."""
+    return hosted.get(model.name, {}).get("path") or model.path
 
 
 def _tool_format(model: LanguageModel, engine) -> str:

@@ -27,6 +27,7 @@ from models_app.models import LanguageModel
 from models_app.selectors import model_generates, model_get, model_n_ctx
 from models_app.services import model_files_delete
 
+from .cluster import model_servable_check
 from .metrics import metrics_model_label, metrics_record
 from .models import RequestLog
 
@@ -96,6 +97,7 @@ def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, p
     redis = get_redis()
     if settings.INSTANCE_ID and redis.exists(DRAINING_KEY.format(settings.INSTANCE_ID)):
         raise ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
+    model_servable_check(model)  # 503 model_unavailable at once when no live worker has the model
     if settings.MAX_QUEUE and redis.llen(model.queue) >= settings.MAX_QUEUE:
         raise ServiceUnavailable(
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"

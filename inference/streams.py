@@ -15,8 +15,7 @@ from redis.exceptions import RedisError
 
 from core.errors import ServiceUnavailable, Timeout, WorkerLost
 from core.redis import get_async_redis, get_redis
-
-from .heartbeat import worker_key
+from core.workers import worker_key
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
-"""What a Celery worker process does besides running tasks: a heartbeat in Redis (views watch it to tell a dead
-worker from a slow one), a reaper for log rows whose worker died (on a thread of its own), recycling after N
+"""What a Celery worker process does besides running tasks: its heartbeat in the worker registry (core.workers:
+views watch it to tell a dead worker from a slow one; it says which models this host serves), the models it
+consumes (re-read from its models folder and the registry, so a new model needs no restart), putting back the
+messages a dead worker held, a reaper for log rows whose worker died (on a thread of its own), recycling after N
 requests or past a memory bound, and a bounded drain when it is asked to stop. Wired to Celery's worker signals;
 inert elsewhere."""
 
@@ -11,47 +13,142 @@ import threading
 import time
 from datetime import timedelta
 
+import llama_cpp
 import psutil
-from celery.signals import task_postrun, worker_ready, worker_shutting_down
+from celery import current_app
+from celery.signals import task_postrun, task_prerun, task_received, worker_ready, worker_shutting_down
 from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 from redis.exceptions import RedisError
 
 from core.redis import get_redis
+from core.workers import WORKER_ID, worker_alive, worker_forget, worker_records
+from models_app.models import LanguageModel
+from models_app.pulls import PULL_QUEUE
+from models_app.services import models_hosted
 
 from . import run
-from .heartbeat import WORKER_ID, WORKER_TTL_SECONDS, worker_alive, worker_key
 from .models import RequestLog
 from .services import request_worker_lost
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
+MODELS_SYNC_SECONDS = 2.0  # how soon a new model file (or a model enabled in the admin) gets consumed
 REAP_EVERY_SECONDS = 10
 DRAIN_SECONDS = 3.0  # on SIGTERM, running requests get this long to finish before they are ended with an error
+DEFAULT_QUEUE = "minerva.default"  # consumed by a worker with no model, so Celery has a queue
 
 _stop = threading.Event()
 _tasks_done = 0
 _recycling = False  # a recycle lets running requests finish; a stop asked from outside is bounded
+_held: dict[str, str] = {}  # task id -> its message's delivery tag, from receipt until the task ends
+_running: set[str] = set()  # task ids running now
 
 
 @worker_ready.connect
-def _start(**kwargs) -> None:
-    # Two threads: the reaper waits on the database (a 20 s busy timeout when SQLite is locked), and a heartbeat
-    # that waited with it would expire, making this live worker look dead to every view and batch reaper.
+def _start(sender, **kwargs) -> None:
+    # Threads of their own: the reaper and the model sync wait on the database (a 20 s busy timeout when SQLite is
+    # locked), and a heartbeat that waited with them would expire, making this live worker look dead to every view.
+    consumer = sender
+    run.worker_state.update({
+        "celery": consumer.hostname, "started": time.time(),
+        "backend": "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu",
+        "queues": sorted(consumer.app.amqp.queues.consume_from),
+        "slots": {"total": consumer.controller.concurrency, "busy": 0},
+    })  # fmt: skip
+    _sync_models(consumer)  # announce what this host serves before the first beat
     threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
+    threading.Thread(target=_models, args=(consumer,), name="models", daemon=True).start()
+    threading.Thread(target=_restore, name="restore", daemon=True).start()
     threading.Thread(target=_reap, name="request-reaper", daemon=True).start()
 
 
+@task_received.connect
+def _received(request, **kwargs) -> None:
+    _held[request.id] = request.message.delivery_tag
+    run.worker_state["held"] = list(_held.values())
+    try:  # at once, not at the next beat: if this host dies in between, a survivor must know to put it back
+        run.worker_announce_now()
+    except RedisError:
+        logger.warning("heartbeat failed", exc_info=True)
+
+
+@task_prerun.connect
+def _prerun(task_id, **kwargs) -> None:
+    _running.add(task_id)
+
+
 def _beat() -> None:
-    """Refresh this worker's key every second; Redis only, never the database."""
+    """Announce this worker every second: Redis only, never the database nor the model cache's lock."""
     while not _stop.is_set():
+        run.worker_state["slots"]["busy"] = len(_running)
+        run.worker_state["held"] = list(_held.values())
+        run.worker_state["memory_rss"] = psutil.Process().memory_info().rss
         try:
-            get_redis().set(worker_key(WORKER_ID), "1", ex=WORKER_TTL_SECONDS)
+            run.worker_announce_now()
         except RedisError:  # Redis restarting: the views see us gone and say so; beat again once it is back
             logger.warning("heartbeat failed", exc_info=True)
         _stop.wait(HEARTBEAT_SECONDS)
+
+
+def _models(consumer) -> None:
+    while not _stop.wait(MODELS_SYNC_SECONDS):
+        try:
+            _sync_models(consumer)
+        except (DatabaseError, RedisError, OSError):
+            logger.warning("reading this host's models failed", exc_info=True)
+
+
+def _sync_models(consumer) -> None:
+    """Serve the models this host has now (MINERVA_WORKER_MODELS limits them): consume a new model's queue and
+    stop consuming a removed or disabled one's, through Celery's add_consumer / cancel_consumer control commands
+    (addressed to this worker; they run on its consumer's thread)."""
+    allowed = os.environ.get("MINERVA_WORKER_MODELS", "")
+    names = None if allowed in ("", "*") else set(allowed.split(","))
+    run.hosted = models_hosted(names=names)
+    wanted = ({LanguageModel(name=name).queue for name in run.hosted} or {DEFAULT_QUEUE}) | {PULL_QUEUE}
+    consuming = set(consumer.app.amqp.queues.consume_from)
+    control = current_app.control
+    for queue in sorted(wanted - consuming):
+        logger.info("consuming %s", queue)
+        control.add_consumer(queue, destination=[consumer.hostname])
+    for queue in sorted(consuming - wanted):
+        logger.info("no longer consuming %s", queue)
+        control.cancel_consumer(queue, destination=[consumer.hostname])
+    run.worker_state["queues"] = sorted(wanted)
+
+
+def _restore() -> None:
+    while not _stop.wait(HEARTBEAT_SECONDS):
+        try:
+            workers_restore()
+        except RedisError:
+            logger.warning("restoring a dead worker's messages failed", exc_info=True)
+
+
+def workers_restore() -> int:
+    """Put back in their queues the messages that dead workers had taken and not acknowledged, and forget those
+    workers. With acks late, kombu keeps such a message in its `unacked` hash and would restore it only after
+    the visibility timeout (an hour); the dead worker's record names its messages' delivery tags, so they go
+    back within a heartbeat timeout. A message whose task had already started comes back too, and is dropped by
+    request_run's claim (its row is no longer queued); a batch lane is a wake-up, and the batch reaper requeues
+    its line."""
+    restored = 0
+    dead = [record for record, alive in worker_records() if not alive and record["id"] != WORKER_ID]
+    if not dead:
+        return 0
+    with current_app.connection_for_write() as connection:
+        qos = connection.default_channel.qos
+        for record in dead:
+            for tag in record.get("held", []):
+                qos.restore_by_tag(tag, leftmost=False)  # the queue's head: it was taken first
+                restored += 1
+            if worker_forget(record["id"]):
+                logger.warning("worker %s is gone; put back the %d message(s) it held", record["id"],
+                               len(record.get("held", [])))  # fmt: skip
+    return restored
 
 
 def _reap() -> None:
@@ -92,11 +189,13 @@ def _owner(request_id: str) -> str | None:
 
 
 @task_postrun.connect
-def _recycle(**kwargs) -> None:
+def _recycle(task_id, **kwargs) -> None:
     """After MINERVA_WORKER_MAX_REQUESTS requests, or once its memory passes MINERVA_WORKER_MAX_RSS, the worker
     stops itself gracefully (running requests finish) and `serve` starts a fresh one. The threads pool has no
     --max-tasks-per-child, hence this."""
     global _tasks_done, _recycling
+    _held.pop(task_id, None)
+    _running.discard(task_id)
     _tasks_done += 1
     too_many = settings.WORKER_MAX_REQUESTS and _tasks_done >= settings.WORKER_MAX_REQUESTS
     rss = psutil.Process().memory_info().rss

@@ -11,6 +11,7 @@ from access.services import staff_key_check
 from api.decorators import error_response
 from core.errors import MinervaError
 from core.redis import get_redis
+from core.workers import workers_list
 from inference import metrics
 from inference.models import RequestLog
 from models_app.models import LanguageModel
@@ -30,15 +31,18 @@ def ready(request: HttpRequest) -> HttpResponse:
         queues = {m.queue for m in LanguageModel.objects.filter(enabled=True, available=True)}
     except Exception as exc:  # any driver error means the same thing here: not ready
         missing.append(f"database: {exc.__class__.__name__}")
+    workers: list[dict] = []
     try:
         get_redis().ping()
-        if not any(queues & set(w["queues"]) for w in metrics.workers_alive()):
+        workers = workers_list()
+        if not any(queues & set(w.get("queues", [])) for w in workers):
             missing.append("worker: none alive for an enabled model")
     except RedisError as exc:
         missing.append(f"redis: {exc.__class__.__name__}")
+    cluster = {"workers": len(workers), "hosts": sorted({w["host"] for w in workers})}
     if missing:
-        return JsonResponse({"status": "unavailable", "missing": missing}, status=503)
-    return JsonResponse({"status": "ready"})
+        return JsonResponse({"status": "unavailable", "missing": missing, "cluster": cluster}, status=503)
+    return JsonResponse({"status": "ready", "cluster": cluster})
 
 
 def prometheus(request: HttpRequest) -> HttpResponse:
@@ -83,7 +87,18 @@ class _Collector:
         for name in models:
             busy.add_metric([name], sum(1 for m in running if m == name))
         yield busy
-        yield GaugeMetricFamily("minerva_workers", "Worker processes alive", value=len(metrics.workers_alive()))
+        workers = workers_list()
+        yield GaugeMetricFamily("minerva_workers", "Worker processes alive", value=len(workers))
+        hosts = GaugeMetricFamily("minerva_model_hosts", "Live workers that have the model's file", labels=["model"])
+        for name in models:
+            hosts.add_metric([name], sum(1 for w in workers if name in w.get("models", {})))
+        yield hosts
+        slots = GaugeMetricFamily("minerva_worker_slots", "Task slots per worker", labels=["worker", "host", "state"])
+        for w in workers:
+            total, busy = w.get("slots", {}).get("total", 0), w.get("slots", {}).get("busy", 0)
+            slots.add_metric([w["id"], w["host"], "busy"], busy)
+            slots.add_metric([w["id"], w["host"], "free"], max(total - busy, 0))
+        yield slots
 
     def _histograms(self, redis):
         described = {"ttft": "Time to first token (seconds)", "itl": "Mean inter-token latency (seconds)"}

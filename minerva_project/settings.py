@@ -190,7 +190,9 @@ WORKER_MAX_REQUESTS = env_int("WORKER_MAX_REQUESTS", 0, minimum=0)  # recycle a 
 WORKER_MAX_RSS = env_bytes("WORKER_MAX_RSS", 0)  # recycle a worker whose memory passes this; 0 = never
 
 # Files and batches.
-FILES_DIR = DATA_DIR / "files"  # uploaded files and batch results, named by their file id
+FILES_DIR = DATA_DIR / "files"  # uploaded files and batch results, named by their file id (and upload temp files)
+# Where Files are kept: filesystem (FILES_DIR), database (what every host of a cluster reaches), or a storage class.
+FILES_STORAGE = env_str("FILES_STORAGE", "filesystem")
 MAX_FILE_BYTES = env_bytes("MAX_FILE_BYTES", 512 * 1024**2)  # largest upload; larger ones get 413
 BATCH_SLOTS = env_int("BATCH_SLOTS", 0, minimum=0)  # a model's slots batch lines may use; 0 = all but one
 

@@ -2,11 +2,13 @@ from django.contrib import admin
 from django.urls import include, path
 
 from api import history, minerva, models_api, views
+from inference.admin import cluster_view
 from web import docs
 
 from . import ops
 
 urlpatterns = [
+    path("admin/cluster/", admin.site.admin_view(cluster_view), name="admin-cluster"),
     path("admin/", admin.site.urls),
     path("v1/", include("batches.urls")),  # before api.urls, which ends in a catch-all
     path("v1/", include("api.urls")),

@@ -100,39 +100,33 @@ def model_parallel(model: LanguageModel) -> int:
     return model.n_parallel or settings.PARALLEL
 
 
-LOADED_KEY = "minerva:loaded"  # hash: worker -> {"at": unix time, "models": ModelCache.loaded()}
-LOADED_FRESH_SECONDS = 15  # three missed heartbeats and a worker's report no longer counts
-
-
 def model_loaded_names() -> set[str]:
     """Names of the models some live worker holds loaded right now."""
     return {m["name"] for m in model_loaded_list()}
 
 
 def model_loaded_list() -> list[dict]:
-    """What live workers hold loaded, as they report it (ModelCache.loaded()), each entry with `expires_at`: the
-    unix time it unloads if no request comes (inf: never; a model in use counts its keep-alive from now)."""
-    import json
+    """What live workers hold loaded, as they report it in their heartbeat (ModelCache.loaded()), each entry with
+    `worker` and `expires_at`: the unix time it unloads if no request comes (inf: never; a model in use counts its
+    keep-alive from now)."""
     import time
 
     from redis.exceptions import RedisError
 
-    from core.redis import get_redis
+    from core.workers import workers_list
 
     loaded: list[dict] = []
     try:
-        reports = get_redis().hvals(LOADED_KEY)
+        workers = workers_list()
     except RedisError:  # listing models must not fail because Redis is restarting; `loaded` is a hint
         logger.warning("cannot read loaded models from Redis", exc_info=True)
         return loaded
     now = time.time()
-    for report in reports:
-        data = json.loads(report)
-        if now - data["at"] < LOADED_FRESH_SECONDS:
-            for model in data["models"]:
-                idle = 0 if model.get("requests") else model.get("idle_seconds", 0)
-                start = now if model.get("requests") else data["at"]
-                loaded.append({**model, "expires_at": start + model["keep_alive"] - idle})
+    for worker in workers:
+        for model in worker.get("loaded", []):
+            idle = 0 if model.get("requests") else model.get("idle_seconds", 0)
+            start = now if model.get("requests") else worker["loaded_at"]
+            loaded.append({**model, "worker": worker["id"], "expires_at": start + model["keep_alive"] - idle})
     return loaded
 
 
@@ -140,24 +134,18 @@ def memory_status() -> list[dict]:
     """Per live worker: its system and GPU memory budgets, what its loaded models take of them (estimates), the
     GPUs it offloads to (free memory as llama.cpp reported it at the worker's start) and each loaded model's
     `size` and `size_vram` in bytes (as Ollama's /api/ps shows them). For the status page."""
-    import json
-    import time
-
     from redis.exceptions import RedisError
 
-    from core.redis import get_redis
+    from core.workers import workers_list
 
     try:
-        reports = get_redis().hgetall(LOADED_KEY)
+        records = workers_list()
     except RedisError:
         logger.warning("cannot read the workers' memory from Redis", exc_info=True)
         return []
     workers = []
-    for worker, report in sorted(reports.items()):
-        data = json.loads(report)
-        if time.time() - data["at"] >= LOADED_FRESH_SECONDS:
-            continue
+    for record in sorted(records, key=lambda r: r["id"]):
         models = [{"name": m["name"], "embedding": m.get("embedding", False), "size": m.get("estimated_bytes", 0),
-                   "size_vram": m.get("device_bytes", 0)} for m in data["models"]]  # fmt: skip
-        workers.append({"worker": worker, **data.get("memory", {}), "models": models})
+                   "size_vram": m.get("device_bytes", 0)} for m in record.get("loaded", [])]  # fmt: skip
+        workers.append({"worker": record["id"], **record.get("memory", {}), "models": models})
     return workers

@@ -1,5 +1,7 @@
 """Registering models: discovery under the model roots, header metadata, aliases, enable/disable, removal."""
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -198,12 +200,25 @@ def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> S
         except RegistryError as exc:
             result.errors[str(path)] = str(exc)
             logger.warning("skipping %s: %s", path, exc)
+    hosted_elsewhere = _hosted_by_workers()
     for name, model in known.items():
-        if name not in found and model.available and not Path(model.path).exists():
+        if name not in found and model.available and not Path(model.path).exists() and name not in hosted_elsewhere:
             model.available = False
             model.save(update_fields=["available", "updated"])
             result.unavailable.append(name)
     return result
+
+
+def _hosted_by_workers() -> set[str]:
+    """Models that a live worker (on any host) has a file for: a scan here must not mark them unavailable."""
+    from redis.exceptions import RedisError
+
+    from core.workers import workers_list
+
+    try:
+        return {name for worker in workers_list() for name in worker.get("models", {})}
+    except RedisError:  # `models scan` without Redis (before the first `serve`): only this host's files count
+        return set()
 
 
 def discover(root: Path, errors: dict[str, str]) -> list[tuple[str, Path]]:
@@ -263,6 +278,66 @@ def _unchanged(model: LanguageModel, path: Path) -> bool:
         return _signature(path) == (model.file_size, model.file_mtime)
     except OSError:
         return False
+
+
+def header_hash(summary: dict) -> str:
+    """A short hash of a model's header summary (what read_metadata found, no path): two hosts whose files hash
+    alike have the same model under that name."""
+    return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_hashes: dict[tuple[str, int, float], str] = {}  # (path, size, mtime) -> header hash: a file is read once
+
+
+def models_hosted(*, names: set[str] | None = None) -> dict[str, dict]:
+    """The models this host can serve, {name: {"path", "hash"}}: files found here (the bundled models and
+    MINERVA_MODELS_DIR, as a scan finds them) and registered rows whose path exists here, enabled, limited to
+    `names` if given. Each worker host calls this for itself: a file new to the cluster is registered, a row some
+    other host's scan marked unavailable becomes available again, and nothing is ever marked unavailable here,
+    since a model missing on this host may be on another."""
+    found: dict[str, Path] = {}
+    bundled = default_model_path()
+    if bundled is not None:
+        found[settings.DEFAULT_MODEL] = bundled
+    embedding = bundled_dir() / f"{EMBEDDING_MODEL}.gguf"
+    if embedding.exists():
+        found[EMBEDDING_MODEL] = embedding
+    for name, path in discover(settings.MODELS_DIR, {}):
+        found.setdefault(name, path)
+    rows = {m.name: m for m in LanguageModel.objects.all()}
+    for name, path in found.items():
+        row = rows.get(name)
+        try:
+            if row is None:
+                rows[name] = model_register(name=name, path=path)
+            elif not row.available:
+                LanguageModel.objects.filter(pk=row.pk).update(available=True, updated=timezone.now())
+                row.available = True
+        except RegistryError as exc:
+            logger.warning("skipping %s: %s", path, exc)
+    hosted: dict[str, dict] = {}
+    roots = model_roots()
+    for name, row in rows.items():
+        path = found.get(name) or Path(row.path)
+        if not row.enabled or not row.available or (names is not None and name not in names):
+            continue
+        try:
+            real = path.resolve(strict=True)
+            signature = _signature(real)
+        except (OSError, RuntimeError):
+            continue  # not on this host
+        if name not in found and not any(real.is_relative_to(root) for root in roots):
+            continue  # registered from a folder that is not one of this host's model roots
+        key = (str(path), *signature)
+        if key not in _hashes:
+            same_file = str(path.resolve()) == row.path and signature == (row.file_size, row.file_mtime)
+            try:
+                _hashes[key] = header_hash(row.metadata if same_file else read_metadata(path).summary())
+            except MetadataError as exc:
+                logger.warning("skipping %s: %s", path, exc)
+                continue
+        hosted[name] = {"path": str(path.resolve()), "hash": _hashes[key]}
+    return hosted
 
 
 def models_sync() -> list[LanguageModel]:

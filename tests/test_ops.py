@@ -11,7 +11,7 @@ from django.db import connection
 
 from access.services import key_create
 from core.redis import start_embedded_redis
-from inference.metrics import worker_beat
+from core.workers import worker_announce
 from inference.models import RequestLog
 from tests.conftest import HELLO, MODEL, ROOT
 
@@ -26,8 +26,8 @@ def test_health_answers_without_a_key(client, settings):
 def test_ready_needs_a_worker_for_an_enabled_model(client, smollm2):
     response = client.get("/ready")
     assert response.status_code == 503 and response.json()["missing"] == ["worker: none alive for an enabled model"]
-    worker_beat([smollm2.queue])
-    assert client.get("/ready").json() == {"status": "ready"}
+    worker_beat(smollm2)
+    assert client.get("/ready").json()["status"] == "ready"
 
 
 def test_ready_turns_503_when_redis_is_stopped(client, smollm2, settings, tmp_path):
@@ -35,7 +35,7 @@ def test_ready_turns_503_when_redis_is_stopped(client, smollm2, settings, tmp_pa
     process = start_embedded_redis(socket_path, stdout=subprocess.DEVNULL)
     settings.REDIS_URL = f"unix://{socket_path}"
     try:
-        worker_beat([smollm2.queue])
+        worker_beat(smollm2)
         assert client.get("/ready").status_code == 200
         process.terminate()
         process.wait(timeout=10)
@@ -44,6 +44,11 @@ def test_ready_turns_503_when_redis_is_stopped(client, smollm2, settings, tmp_pa
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def worker_beat(model) -> None:
+    """One heartbeat of a worker serving `model`, as inference/worker.py writes it."""
+    worker_announce({"queues": [model.queue], "models": {model.name: {"hash": "0"}}, "slots": {"total": 4, "busy": 1}})
 
 
 def _sample(text: str, name: str, **labels) -> float:
@@ -66,7 +71,7 @@ def test_metrics_count_known_traffic(client, smollm2, settings):
         usages.append(response.json()["usage"])
     client.post("/v1/chat/completions", {"model": "nope", "messages": HELLO}, content_type="application/json",
                 headers={"Authorization": f"Bearer {plain}"})  # fmt: skip
-    worker_beat([smollm2.queue])
+    worker_beat(smollm2)
     assert client.get("/metrics", headers={"Authorization": f"Bearer {plain}"}).status_code == 401
     text = client.get("/metrics", headers={"Authorization": f"Bearer {staff}"}).content.decode()
     chat = {"endpoint": "/v1/chat/completions"}
@@ -127,4 +132,4 @@ def test_a_served_minerva_is_ready_once_its_worker_beats(minerva_server, smollm2
     while (response := httpx.get(f"http://127.0.0.1:{minerva_server.port}/ready", timeout=5)).status_code != 200:
         assert time.monotonic() < deadline, response.text
         time.sleep(0.5)
-    assert response.json() == {"status": "ready"}
+    assert response.json()["status"] == "ready" and response.json()["cluster"]["workers"] == 1

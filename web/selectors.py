@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from batches.models import Batch
 from batches.services import batch_counts
 from core.redis import get_redis
+from core.workers import workers_list
 from inference import metrics
 from inference.models import RequestLog
 from models_app.models import LanguageModel
@@ -34,13 +35,22 @@ def status_snapshot(*, recent: bool = True) -> dict:
         RequestLog.objects.filter(status=RequestLog.Status.RUNNING).values_list("model").annotate(n=Count("id"))
     )
     try:
-        depths, workers = _queue_depths(models), metrics.workers_alive()
+        depths, workers = _queue_depths(models), workers_list()
     except RedisError:  # the page still shows the database's view while Redis restarts
         depths, workers = {}, []
     snapshot = {
         "at": now,
         "models": [_model(m, loaded.get(m.name), running.get(m.name, 0), depths.get(m.name), now) for m in models],
-        "workers": [{"queues": w["queues"], "seen_seconds_ago": round(now - w["at"], 1)} for w in workers],
+        "workers": [
+            {
+                "id": w["id"],
+                "host": w["host"],
+                "queues": w.get("queues", []),
+                "slots": w.get("slots"),
+                "seen_seconds_ago": round(now - w["at"], 1),
+            }
+            for w in workers
+        ],
         "rates": _rates(),
         "latency": _latency(),
     }

@@ -53,6 +53,32 @@ async def test_an_uploaded_file_can_be_listed_retrieved_downloaded_and_deleted(a
     assert (await async_client.get(f"/v1/files/{created['id']}")).status_code == 404
 
 
+async def test_files_in_the_database_storage_round_trip_and_are_read_at_an_offset(async_client, settings, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    from asgiref.sync import sync_to_async
+
+    from batches import storage
+    from batches.models import File, StoredChunk
+
+    settings.FILES_DIR, settings.FILES_STORAGE = tmp_path, "database"
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 64)  # lines across chunk boundaries
+    content = jsonl(*(chat_line(f"line {i}") for i in range(5)))
+    created = (await upload(async_client, content)).json()
+    assert not (tmp_path / created["id"]).exists()  # nothing on this host's disk: every host reads it the same way
+    assert await StoredChunk.objects.filter(name=created["id"]).acount() == -(-len(content) // 64)
+    download = await async_client.get(f"/v1/files/{created['id']}/content")
+    assert b"".join([chunk async for chunk in download.streaming_content]) == content
+
+    def third_line() -> bytes:
+        with File.objects.get(pk=created["id"]).open() as f:
+            f.seek(content.index(b"line 2") - content[: content.index(b"line 2")][::-1].index(b"\n"))
+            return f.readline()
+
+    assert b"line 2" in await sync_to_async(third_line)()
+    assert (await async_client.delete(f"/v1/files/{created['id']}")).json()["deleted"] is True
+    assert not await StoredChunk.objects.filter(name=created["id"]).aexists()
+
+
 @pytest.mark.parametrize(
     ("line", "says"),
     [

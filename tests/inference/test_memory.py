@@ -1,17 +1,16 @@
 """The memory budget where layers are offloaded: a worker's GPU pool, each model's GPU share, and what /api/ps,
 /minerva/api/memory and the status page's selector show of it."""
 
-import json
 import sys
 import time
 
 import pytest
 
 from access.services import key_create
-from core.redis import get_redis
+from core.workers import WORKER_ID, worker_announce
 from inference import run
 from inference.engine.host import Device
-from models_app.selectors import LOADED_KEY, memory_status
+from models_app.selectors import memory_status
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.django_db
@@ -46,11 +45,11 @@ def test_ps_and_the_memory_selector_show_size_and_size_vram(smollm2, client):
     loaded = {"name": MODEL, "embedding": False, "path": smollm2.path, "estimated_bytes": 3 * 10**8,
               "device_bytes": 2 * 10**8, "busy_slots": 0, "requests": 0, "slots": 1, "keep_alive": 300,
               "idle_seconds": 0}  # fmt: skip
-    get_redis().hset(LOADED_KEY, "gpu-host:42", json.dumps({"at": time.time(), "models": [loaded], "memory": memory}))
+    worker_announce({"models": {}, "loaded": [loaded], "loaded_at": time.time(), "memory": memory})
     [ps] = client.get("/api/ps").json()["models"]
     assert (ps["name"], ps["size"], ps["size_vram"]) == (MODEL, 3 * 10**8, 2 * 10**8)
     shown_model = {"name": MODEL, "embedding": False, "size": 3 * 10**8, "size_vram": 2 * 10**8}
-    expected = [{"worker": "gpu-host:42", **memory, "models": [shown_model]}]
+    expected = [{"worker": WORKER_ID, **memory, "models": [shown_model]}]
     assert memory_status() == expected
     _, staff = key_create(name="ops", staff=True)
     shown = client.get("/minerva/api/memory", headers={"Authorization": f"Bearer {staff}"}).json()

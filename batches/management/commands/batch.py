@@ -81,7 +81,7 @@ class Command(BaseCommand):
         wrote = []
         for file_id, target in ((batch.output_file_id, output), (batch.error_file_id, _errors_path(output))):
             if file_id:
-                with file_get(file_id, api_key=None, operator=True).path.open("rb") as src, target.open("wb") as dst:
+                with file_get(file_id, api_key=None, operator=True).open() as src, target.open("wb") as dst:
                     shutil.copyfileobj(src, dst)
                 wrote.append(str(target))
         self.stdout.write(f"wrote {', '.join(wrote)}" if wrote else f"{batch.id} has no results")

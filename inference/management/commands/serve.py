@@ -1,7 +1,8 @@
 """`python manage.py serve`: start and supervise everything Minerva needs on one machine.
 
-Children: an embedded redis-server (unless MINERVA_REDIS_URL is set), one Celery worker consuming every
-enabled model's queue, and daphne (minerva_project/daphne.py: with a guard against bodies not worth reading).
+Children: an embedded redis-server (unless MINERVA_REDIS_URL is set), one Celery worker consuming the queue of
+every enabled model whose file is here (none with --no-worker: an API host of a cluster, whose workers run
+`manage.py worker`), and daphne (minerva_project/daphne.py: with a guard against bodies not worth reading).
 A child that dies is restarted; SIGINT/SIGTERM stops them all within 10 s.
 On Linux children also get PR_SET_PDEATHSIG, so even a SIGKILLed `serve` leaves no orphan behind."""
 
@@ -21,12 +22,12 @@ from redis.exceptions import RedisError
 
 from access.services import auth_required_without_override
 from core.redis import get_redis, start_embedded_redis
-from inference.heartbeat import worker_key
+from core.workers import HOST, worker_dead
 from inference.services import DRAINING_KEY
 from models_app.models import LanguageModel
 from models_app.pulls import PULL_QUEUE
-from models_app.selectors import LOADED_KEY, model_parallel
-from models_app.services import models_scan
+from models_app.selectors import model_parallel
+from models_app.services import models_hosted, models_scan
 
 # Stopping: the worker first (it gives running requests worker.DRAIN_SECONDS, then ends them with an error
 # event that daphne still delivers), then daphne, then Redis: within 10 s in all.
@@ -63,14 +64,41 @@ class Child:
         return self.process.poll() if self.process else None
 
 
+def celery_worker_argv(*, queues: list[str], slots: int, name: str) -> list[str]:
+    """The Celery worker of `serve` and of `manage.py worker`: a thread per slot (each waits while its model's
+    scheduler decodes it with the others), one message prefetched per thread, queues changed later by the
+    worker itself (inference/worker.py) as models come and go."""
+    return [
+        sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
+        "--queues", ",".join(queues),
+        "--pool", "threads", "--concurrency", str(slots),
+        "--prefetch-multiplier", "1",
+        "--without-gossip", "--without-mingle",
+        "--hostname", name,
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def worker_plan(names: set[str] | None) -> tuple[list[str], int]:
+    """The queues a worker on this host starts with (the models whose files are here, within `names`) and its
+    default slots: the sum of those models' slots, at least MINERVA_PARALLEL, so a model added later has threads."""
+    hosted = models_hosted(names=names)
+    models = list(LanguageModel.objects.filter(name__in=hosted))
+    # The pull queue's task only starts a thread of its own (models_app/tasks.py), so it takes no slot.
+    queues = [*([m.queue for m in models] or ["minerva.default"]), PULL_QUEUE]
+    return queues, max(sum(model_parallel(m) for m in models), settings.PARALLEL)
+
+
 class Command(BaseCommand):
     help = "Serve the OpenAI-compatible API: embedded Redis, a Celery worker and daphne, supervised."
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default=settings.HOST)
         parser.add_argument("--port", type=int, default=settings.PORT)
+        parser.add_argument("--no-worker", action="store_true",
+                            help="an API host only: the workers run elsewhere (manage.py worker)")  # fmt: skip
 
-    def handle(self, *args, host: str, port: int, **options):
+    def handle(self, *args, host: str, port: int, no_worker: bool = False, **options):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         if settings.AUTH == "off" and auth_required_without_override(host):
             self.stderr.write(self.style.ERROR(
@@ -88,28 +116,19 @@ class Command(BaseCommand):
         if settings.EMBEDDED_REDIS:
             children.append(Child("redis", lambda: start_embedded_redis(redis_socket, **child_options())))
             env["MINERVA_REDIS_URL"] = settings.REDIS_URL
-        result = models_scan()  # new, changed and vanished model files, before the worker's queues are fixed
-        self.stdout.write(f"models: {len(result.added)} added, {len(result.changed)} changed, "
-                          f"{len(result.unavailable)} unavailable, {len(result.errors)} skipped")  # fmt: skip
-        models = list(LanguageModel.objects.filter(enabled=True, available=True))
-        queues = [m.queue for m in models] or ["minerva.default"]
-        # One task thread per slot: each waits while its model's scheduler decodes it with the others. The pull
-        # queue's task only starts a thread of its own (models_app/tasks.py), so it needs none.
-        concurrency = sum(model_parallel(m) for m in models) or 1
-        worker_cmd = [
-            sys.executable, "-m", "celery", "-A", "minerva_project", "worker",
-            "--queues", ",".join([*queues, PULL_QUEUE]),
-            "--pool", "threads", "--concurrency", str(concurrency),
-            "--prefetch-multiplier", "1",
-            "--without-gossip", "--without-mingle",
-            "--hostname", f"minerva-{port}@%h",
-            "--loglevel", "INFO",
-        ]  # fmt: skip
+        if not no_worker:
+            result = models_scan()  # new, changed and vanished model files, before the worker's queues are fixed
+            self.stdout.write(f"models: {len(result.added)} added, {len(result.changed)} changed, "
+                              f"{len(result.unavailable)} unavailable, {len(result.errors)} skipped")  # fmt: skip
+            queues, slots = worker_plan(None)
+            worker_cmd = celery_worker_argv(queues=queues, slots=slots, name=f"minerva-{port}@{HOST}")
+            children.append(Child("worker", lambda: self._spawn(worker_cmd, env)))
+        else:
+            queues = ["none here (--no-worker)"]
         daphne_cmd = [
             sys.executable, "-m", "minerva_project.daphne", "-b", host, "-p", str(port),
             "--application-close-timeout", "5", "minerva_project.asgi:application",
         ]  # fmt: skip
-        children.append(Child("worker", lambda: self._spawn(worker_cmd, env)))
         children.append(Child("daphne", lambda: self._spawn(daphne_cmd, env)))
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -159,8 +178,7 @@ class Command(BaseCommand):
                 if code is not None and not self.stopping:
                     self.stderr.write(f"{child.name} exited with code {code}; restarting it")
                     if child.name == "worker":  # its requests' views need not wait for its heartbeat to expire
-                        worker_id = f"{socket.gethostname()}:{child.process.pid}"
-                        self._redis(lambda r, w=worker_id: (r.delete(worker_key(w)), r.hdel(LOADED_KEY, w)))
+                        self._redis(lambda r, pid=child.process.pid: worker_dead(f"{HOST}:{pid}"))
                     time.sleep(min(RESTART_BACKOFF_SECONDS * (child.restarts + 1), 10))
                     child.restarts += 1
                     child.start()

@@ -56,7 +56,8 @@ function draw(status) {
   $("workers").replaceChildren(...(status.workers.length ? status.workers.map((w) => {
     const li = document.createElement("li");
     const models = w.queues.map((q) => q.replace(/^minerva\.model\./, "")).join(", ");
-    li.textContent = `serving ${models || "no model queue"} · last heartbeat ${w.seen_seconds_ago} s ago`;
+    const slots = w.slots ? ` · slots ${w.slots.busy}/${w.slots.total} busy` : "";
+    li.textContent = `${w.id}: serving ${models || "no model queue"}${slots} · last heartbeat ${w.seen_seconds_ago} s ago`;
     return li;
   }) : [Object.assign(document.createElement("li"), { textContent: "No worker alive." })]));
   $("requests").tBodies[0].replaceChildren(...status.requests.map((r) => {
