@@ -10,6 +10,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from access.services import key_create
+from core.workers import HOST, WORKER_ID, worker_announce
 from inference import metrics
 from inference.models import RequestLog
 from models_app.models import LanguageModel
@@ -56,12 +57,20 @@ def test_the_status_snapshot_shows_models_queues_rates_latency_and_recent_reques
                                     status_code=200, prompt_tokens=12, completion_tokens=30, ttft_ms=80,
                                     latency_ms=380)  # fmt: skip
     metrics.metrics_record(row)
-    metrics.worker_beat([smollm2.queue])
+    worker_announce({"queues": [smollm2.queue], "slots": {"total": 4, "busy": 1}, "models": {}, "loaded": []})
     status = staff_client.get("/status.json").json()
     [model] = [m for m in status["models"] if m["name"] == MODEL]
     assert model["loaded"] is False and model["queue_depth"] == 0 and model["slots_busy"] == 0
     assert model["n_ctx"] > 0 and model["quantization"] and model["file_size"] > 0
-    assert status["workers"] == [{"queues": [smollm2.queue], "seen_seconds_ago": pytest.approx(0, abs=5)}]
+    assert status["workers"] == [
+        {
+            "id": WORKER_ID,
+            "host": HOST,
+            "queues": [smollm2.queue],
+            "slots": {"total": 4, "busy": 1},
+            "seen_seconds_ago": pytest.approx(0, abs=5),
+        }
+    ]
     assert status["rates"] == {"requests_per_minute": 1, "prompt_tokens_per_minute": 12,
                                "completion_tokens_per_minute": 30}  # fmt: skip
     # 80 ms falls in the 0.1 s bucket; (380 - 80) / 29 ms per token in the 0.025 s one
