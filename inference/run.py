@@ -5,6 +5,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -646,6 +647,14 @@ def _grammar(
     except ValueError as exc:
         param = "tools" if tool_format is not None else "response_format"
         raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
+
+
+def model_preload(name: str) -> None:
+    """Load a model as the worker starts and keep it loaded (keep-alive forever), as Ollama's keep_alive -1 does."""
+    model = LanguageModel.objects.get(name=name, enabled=True, available=True)
+    started = time.monotonic()
+    with model_cache().use(_spec(model), keep_alive=math.inf):
+        logger.info("preloaded %s in %.1f s", name, time.monotonic() - started)
 
 
 def _load_only(log: RequestLog, stream: TokenStream, model: LanguageModel, keep_alive: float | None) -> None:

@@ -59,10 +59,35 @@ def _start(sender, **kwargs) -> None:
         "slots": {"total": consumer.controller.concurrency, "busy": 0},
     })  # fmt: skip
     _sync_models(consumer)  # announce what this host serves before the first beat
+    preload = _preload_names()
+    run.worker_state["preloading"] = preload  # /ready waits for them
+    threading.Thread(target=_preload, args=(preload,), name="preload", daemon=True).start()
     threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
     threading.Thread(target=_models, args=(consumer,), name="models", daemon=True).start()
     threading.Thread(target=_restore, name="restore", daemon=True).start()
     threading.Thread(target=_reap, name="request-reaper", daemon=True).start()
+
+
+def _preload_names() -> list[str]:
+    """The models this worker loads as it starts: MINERVA_PRELOAD's and those marked "preload", if their files
+    are on this host."""
+    try:
+        marked = set(LanguageModel.objects.filter(preload=True, enabled=True).values_list("name", flat=True))
+    except DatabaseError:
+        logger.warning("cannot read which models to preload", exc_info=True)
+        marked = set()
+    return sorted((set(settings.PRELOAD) | marked) & set(run.hosted))
+
+
+def _preload(names: list[str]) -> None:
+    """Load them, one after another, kept loaded for good (a load that fails is logged; requests load it later)."""
+    for name in names:
+        try:
+            run.model_preload(name)
+        except Exception:
+            logger.exception("preloading %s failed", name)
+        finally:
+            run.worker_state["preloading"] = [n for n in run.worker_state["preloading"] if n != name]
 
 
 @task_received.connect

@@ -37,6 +37,9 @@ def ready(request: HttpRequest) -> HttpResponse:
         workers = workers_list()
         if not any(queues & set(w.get("queues", [])) for w in workers):
             missing.append("worker: none alive for an enabled model")
+        loading = sorted({name for w in workers for name in w.get("preloading", [])})
+        if loading:
+            missing.append(f"models: still loading {', '.join(loading)}")
     except RedisError as exc:
         missing.append(f"redis: {exc.__class__.__name__}")
     cluster = {"workers": len(workers), "hosts": sorted({w["host"] for w in workers})}

@@ -154,6 +154,9 @@ SSE_PING_SECONDS = env_int("SSE_PING_SECONDS", 15, minimum=1)  # quiet seconds b
 STREAM_TTL = env_int("STREAM_TTL", 3600, minimum=10)  # seconds a finished request's Redis keys live
 STREAM_MAXLEN = env_int("STREAM_MAXLEN", 100_000, minimum=100)  # events kept per request stream
 DEFAULT_MODEL = env_str("DEFAULT_MODEL", "smollm2-135m-instruct")
+# Models a worker loads as it starts (comma-separated names; empty: none), so the first request finds them loaded;
+# besides these, every model marked "preload" in the admin. They stay loaded (keep-alive forever).
+PRELOAD = [name.strip() for name in env_str("PRELOAD", DEFAULT_MODEL).split(",") if name.strip()]
 # The most tokens one request may have (a model's slots share them); 0 = the model's trained context, lowered only
 # as far as the memory budget requires (models_app.selectors.model_n_ctx).
 N_CTX = env_int("N_CTX", 0, minimum=0)

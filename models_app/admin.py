@@ -11,6 +11,7 @@ from .pulls import pull_start, pull_state
 from .services import RegistryError, model_is_pulled, model_refresh_metadata, models_scan, models_set_enabled
 
 LOAD_OPTIONS = [
+    "preload",
     "n_ctx",
     "n_gpu_layers",
     "n_parallel",

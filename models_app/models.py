@@ -19,6 +19,7 @@ class LanguageModel(models.Model):
     available = models.BooleanField(default=True, help_text="The file was present at the last scan")
     enabled = models.BooleanField(default=True, help_text="Served by the API")
     # Load options (empty = the MINERVA_* default)
+    preload = models.BooleanField(default=False, help_text="Load it when a worker starts, and keep it loaded")
     n_ctx = models.PositiveIntegerField(null=True, blank=True, help_text="Context per request; empty = MINERVA_N_CTX")
     n_gpu_layers = models.IntegerField(null=True, blank=True, help_text="Empty = MINERVA_N_GPU_LAYERS")
     n_parallel = models.PositiveIntegerField(null=True, blank=True, help_text="Slots; empty = MINERVA_PARALLEL")

@@ -62,6 +62,7 @@ def serve_env(data_dir: Path) -> dict:
     """Environment for a `serve` child that shares this test run's database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
     env["MINERVA_DATA_DIR"] = str(data_dir)
+    env["MINERVA_PRELOAD"] = ""  # tests see a model load on first use unless they ask for a preload
     db = connection.settings_dict
     if db["ENGINE"].endswith("sqlite3"):
         env["MINERVA_DB_PATH"] = str(db["NAME"])

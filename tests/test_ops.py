@@ -30,6 +30,35 @@ def test_ready_needs_a_worker_for_an_enabled_model(client, smollm2):
     assert client.get("/ready").json()["status"] == "ready"
 
 
+def test_ready_waits_for_the_models_a_worker_preloads(client, smollm2):
+    worker_announce({"queues": [smollm2.queue], "models": {}, "loaded": [], "preloading": [smollm2.name]})
+    response = client.get("/ready")
+    assert response.status_code == 503 and response.json()["missing"] == [f"models: still loading {smollm2.name}"]
+    worker_beat(smollm2)
+    assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_a_preloaded_model_is_loaded_before_the_first_request(tmp_path, smollm2):
+    import time
+
+    import httpx2 as httpx
+
+    from tests.conftest import Server
+
+    server = Server(tmp_path, PRELOAD=MODEL)
+    try:
+        deadline = time.monotonic() + 90
+        while (ready := httpx.get(f"http://127.0.0.1:{server.port}/ready", timeout=5)).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.3)
+        [loaded] = httpx.get(f"http://127.0.0.1:{server.port}/api/ps", timeout=5).json()["models"]
+        assert loaded["name"] == MODEL and loaded["expires_at"].startswith("2318")  # Ollama's "forever"
+        # no request loaded it: the only rows are the Server fixture's /v1/models polls and this /api/ps
+        assert set(RequestLog.objects.values_list("endpoint", flat=True)) == {"/v1/models", "/api/ps"}
+    finally:
+        server.stop()
+
+
 def test_ready_turns_503_when_redis_is_stopped(client, smollm2, settings, tmp_path):
     socket_path = tmp_path / "redis.sock"
     process = start_embedded_redis(socket_path, stdout=subprocess.DEVNULL)

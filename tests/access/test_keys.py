@@ -42,13 +42,19 @@ def _urls(patterns, prefix=""):
             yield prefix + route
 
 
-def test_every_url_needs_a_key_except_health_ready_and_the_admin_login(client, keys_on):
+def test_every_url_needs_a_key_except_health_ready_the_chat_page_and_the_staff_login(client, keys_on):
     paths = sorted(set(_urls(get_resolver().url_patterns)))
     assert "/" + "v1/chat/completions" in ["/" + p for p in paths] and "metrics" in paths
     for path in paths:
         response = client.get("/" + path)
         if path in ("health", "ready"):
             assert response.status_code in (200, 503), path
+        elif path == "":  # the chat page: a shell with no data; its API calls need the key (README, "The page")
+            assert response.status_code == 200 and b"API key" in response.content, path
+        elif path in ("status", "minerva/api/docs") or path.startswith("models"):  # staff pages: the admin's login
+            assert response.status_code == 302 and response["Location"].startswith("/admin/login/?next="), path
+        elif path in ("status.json", "minerva/api/openapi.json") and response.status_code == 403:
+            assert response.json()["error"]["code"] == "staff_session_required", path
         elif path.startswith("admin/"):
             # The admin is the staff's session login: every page but the login itself ends there.
             final = client.get("/" + path, follow=True)

@@ -111,6 +111,7 @@ class Cluster:
             "MINERVA_N_THREADS": "1",
             "MINERVA_AUTH": "off",
             "MINERVA_KEEP_ALIVE": "-1",
+            "MINERVA_PRELOAD": "",
         }
         from core.redis import redis_server_binary
 
