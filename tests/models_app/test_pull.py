@@ -44,7 +44,8 @@ def test_a_pulled_model_is_registered_with_its_aliases_after_progress_in_ollamas
     assert {line["status"] for line in progress} == {f"pulling {digest[:12]}"}
     assert all(line["digest"] == f"sha256:{digest}" and line["total"] == size for line in progress)
     completed = [line["completed"] for line in progress]
-    assert completed == sorted(completed) and completed[-1] == size and len(completed) > 2
+    # from 0 to the whole file (how many lines between depends on the machine's speed: progress is throttled)
+    assert completed == sorted(completed) and completed[0] == 0 and completed[-1] == size
 
 
 def test_a_connection_cut_mid_file_resumes_where_it_stopped(hub, settings):
