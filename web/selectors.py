@@ -40,7 +40,11 @@ def status_snapshot(*, recent: bool = True) -> dict:
         depths, workers = {}, []
     snapshot = {
         "at": now,
-        "models": [_model(m, loaded.get(m.name), running.get(m.name, 0), depths.get(m.name), now) for m in models],
+        "models": [
+            _model(m, loaded.get(m.name), running.get(m.name, 0), depths.get(m.name), now)
+            | {"loading": any(m.name in w.get("preloading", []) for w in workers)}
+            for m in models
+        ],
         "workers": [
             {
                 "id": w["id"],
