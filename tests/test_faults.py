@@ -29,7 +29,7 @@ def wait_for(condition, timeout: float, message: str):
         value = condition()
         if value:
             return value
-        assert time.monotonic() < deadline, message
+        assert time.monotonic() < deadline, message() if callable(message) else message
         time.sleep(0.1)
 
 

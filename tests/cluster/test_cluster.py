@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -21,6 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import MODEL, ROOT
+from tests.test_faults import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -48,16 +48,6 @@ def _why_not() -> str | None:
 
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
-
-
-def wait_for(condition, timeout: float, message: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, message() if callable(message) else message
-        time.sleep(0.2)
 
 
 class Cluster:
@@ -281,13 +271,19 @@ def streams_on_both(cluster: Cluster) -> list[Streamer]:
     return streams
 
 
-def test_requests_spread_over_both_worker_hosts(cluster):
+def ask_together(cluster, n: int) -> list[str]:
+    """The hosts that answered `n` requests sent at once."""
     hosts: list[str] = []
-    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=64))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=64))) for _ in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(300)
+    return hosts
+
+
+def test_requests_spread_over_both_worker_hosts(cluster):
+    hosts = ask_together(cluster, 4)
     # Two slots a host and four requests at once: neither host can have taken more than two.
     assert sorted(hosts) == ["w1", "w1", "w2", "w2"]
 
@@ -345,12 +341,7 @@ def test_a_cut_link_is_handled_like_a_death_and_mending_it_brings_the_host_back(
     # Right after the link returns, a connection may still fail while the kernel learns the neighbour again: a
     # request caught there ends with a retryable 503 redis_unavailable; the host is back once it serves one.
     wait_for(lambda: _served_by_w1_or_refused(cluster), 60, lambda: f"w1 serves nothing: {cluster.logs()}")
-    hosts: list[str] = []
-    threads = [threading.Thread(target=lambda: hosts.append(ask(cluster, max_tokens=64))) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    hosts = ask_together(cluster, 4)
     assert sorted(hosts) == ["w1", "w1", "w2", "w2"]
 
 
