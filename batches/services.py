@@ -297,11 +297,15 @@ def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
             if prefix and get_redis().exists(THROTTLED_KEY.format(prefix)):
                 throttled.add(prefix)  # the next key's lines go first, this one's wait for its next minute
                 continue
-            # Conditional: another worker may take the same line between the two queries.
-            claimed = waiting.filter(pk=pk).update(status=Line.RUNNING, worker=WORKER_ID, request_id=uuid.uuid4().hex,
-                                                   attempts=F("attempts") + 1)  # fmt: skip
+            # Conditional: another worker may take the same line between the two queries. On the line's own row,
+            # not through `waiting`: an UPDATE filtered across a join is `WHERE id IN (SELECT ...)`, whose subquery
+            # PostgreSQL does not re-check after waiting on the row's lock, so two workers could both take it.
+            request_id = uuid.uuid4().hex
+            claimed = BatchLine.objects.filter(pk=pk, status=Line.PENDING).update(
+                status=Line.RUNNING, worker=WORKER_ID, request_id=request_id, attempts=F("attempts") + 1
+            )
             if claimed:
-                return BatchLine.objects.select_related("batch").get(pk=pk)
+                return BatchLine.objects.select_related("batch").get(pk=pk, request_id=request_id)
 
 
 def batch_line_run(*, line: BatchLine) -> bool:
@@ -482,9 +486,11 @@ def batches_reap() -> None:
         if not get_redis().exists(CREATING_KEY.format(batch_id)):
             logger.warning("removing batch %s, whose creation was interrupted", batch_id)
             _batch_discard(batch_id=batch_id, errors=[_interrupted("The server stopped while recording the batch.")])
-    BatchLine.objects.filter(
-        status=Line.PENDING, batch__status=Batch.Status.IN_PROGRESS, batch__expires_at__lt=timezone.now()
-    ).update(status=Line.EXPIRED)
+    overdue = Batch.objects.filter(status=Batch.Status.IN_PROGRESS, expires_at__lt=timezone.now())
+    # By the lines' own column, not across the join (see batch_line_claim): a line claimed meanwhile stays claimed.
+    BatchLine.objects.filter(batch_id__in=list(overdue.values_list("pk", flat=True)), status=Line.PENDING).update(
+        status=Line.EXPIRED
+    )
     active = Batch.objects.filter(status__in=[Batch.Status.IN_PROGRESS, Batch.Status.FINALIZING,
                                               Batch.Status.CANCELLING])  # fmt: skip
     for batch_id, finalizer in active.values_list("id", "finalizer"):

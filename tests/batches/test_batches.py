@@ -289,3 +289,47 @@ def test_a_half_written_batch_is_never_run_and_the_reaper_removes_it_once_its_cr
     batch = retrieve(client, batch_id)
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "batch_creation_interrupted"
     assert not BatchLine.objects.filter(batch_id=batch_id).exists()
+
+
+def test_a_line_two_workers_reach_for_at_the_same_moment_is_taken_by_one_only(client, smollm2, files_dir,
+                                                                               lanes_left_queued):  # fmt: skip
+    import threading
+
+    from django.db import connection, connections, transaction
+
+    from tests.test_faults import wait_for
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite lets one writer at a time through; the race is PostgreSQL's row locks")
+    create(client, [chat_line("only")])
+    line = BatchLine.objects.get()
+    held, release, claims = threading.Event(), threading.Event(), []
+
+    def other_worker() -> None:  # takes the line and holds its row lock until told to commit
+        with transaction.atomic():
+            BatchLine.objects.filter(pk=line.pk).update(status="running", worker="other-host:1", request_id="theirs")
+            held.set()
+            release.wait(60)
+        connections.close_all()
+
+    def this_worker() -> None:  # saw the line waiting a moment ago; its claim waits on the other's lock
+        claims.append(batch_line_claim(model=smollm2))
+        connections.close_all()
+
+    threads = [threading.Thread(target=other_worker)]
+    threads[0].start()
+    held.wait(60)
+    threads.append(threading.Thread(target=this_worker))
+    threads[1].start()
+    with connection.cursor() as cursor:
+
+        def waiting_on_the_lock() -> bool:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            return cursor.fetchone()[0] > 0
+
+        wait_for(waiting_on_the_lock, 60, "the second claim never waited on the first one's lock")
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert claims == [None]
+    assert BatchLine.objects.get(pk=line.pk).request_id == "theirs"

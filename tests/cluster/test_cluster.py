@@ -377,7 +377,8 @@ def test_a_batch_survives_a_worker_hosts_death_with_every_line_answered_once(clu
     cluster.kill(wait_for(running_on, 180, lambda: f"no line ever ran: {cluster.logs()}"))
     batch = wait_for(lambda: (b := api.batches.retrieve(batch.id)).status in ("completed", "failed") and b, 420,
                      lambda: f"the batch did not finish: {cluster.logs()}")  # fmt: skip
-    assert batch.status == "completed" and batch.request_counts.completed == 16, batch
+    errors = api.files.content(batch.error_file_id).text if batch.error_file_id else ""
+    assert batch.status == "completed" and batch.request_counts.completed == 16, f"{batch}\n{errors}\n{cluster.logs()}"
     # Read from the database storage through the API host: no host's disk holds the files.
     results = [json.loads(line) for line in api.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(r["custom_id"] for r in results) == sorted(line["custom_id"] for line in lines)
