@@ -71,8 +71,8 @@ def start_llama_server(args, work: Path, slots: int) -> tuple[subprocess.Popen, 
     cmd = [
         args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
         "-np", str(slots), "-c", str(args.n_ctx * slots), "-b", str(args.n_batch), "-ub", str(min(args.n_batch, 512)),
-        "-ngl", str(args.n_gpu_layers if args.n_gpu_layers >= 0 else 999), "-fa", "auto", "--no-kv-unified",
-        "--no-webui",
+        "-ngl", str(args.n_gpu_layers if args.n_gpu_layers >= 0 else 999), "-fa", "auto",
+        "--kv-unified" if args.kv_unified else "--no-kv-unified", "--no-webui", *args.llama_server_arg,
     ]  # fmt: skip
     if args.threads:
         cmd += ["-t", str(args.threads)]
@@ -122,11 +122,12 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str = "") -> dict:
+async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str = "",
+                      user: str = "") -> dict:  # fmt: skip
     messages = [{"role": "system", "content": system}] if system else []
     body = {
         "model": model,
-        "messages": [*messages, {"role": "user", "content": prompt(i)}],
+        "messages": [*messages, {"role": "user", "content": user or prompt(i)}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -159,10 +160,18 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
 
 
 async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, offset: int,
-                    shared_words: int = 0):  # fmt: skip
+                    shared_words: int = 0, prompt_words: int = 80, conversations: int = 0):  # fmt: skip
     # --shared-prefix: one system prompt for every request of the level (new for each level, so no server has it
     # cached beforehand): agents of one team starting together.
     system = f"Session {offset}. " + prompt(offset, shared_words) if shared_words else ""
+
+    def user(i: int) -> str:
+        # --conversations K: request i continues conversation i % K (its long prompt, then a turn of its own), so
+        # with more conversations than slots an agent comes back after others took its slot.
+        if conversations:
+            return prompt(offset + (i - offset) % conversations, prompt_words) + f" Turn {i}."
+        return prompt(i, prompt_words)
+
     # A fresh connection per request: llama-server closes streamed responses, which confuses pooled reuse.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
@@ -171,7 +180,8 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
 
         async def worker():
             while queue:
-                results.append(await one_request(client, base_url, model, queue.pop(0), max_tokens, system))
+                i = queue.pop(0)
+                results.append(await one_request(client, base_url, model, i, max_tokens, system, user(i)))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -216,7 +226,25 @@ def main() -> None:
         default=0,
         help="words of a system prompt every request of a level shares (~1.3 tokens a word)",
     )
+    parser.add_argument("--prompt-words", type=int, default=80, help="words of each request's own prompt")
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=0,
+        help="requests continue this many conversations in turn (0: every prompt new)",
+    )
+    parser.add_argument(
+        "--kv-unified",
+        action="store_true",
+        help="one KV cache shared by the slots on both servers (default: one per slot)",
+    )
     parser.add_argument("--minerva-env", action="append", default=[], help="NAME=VALUE for Minerva (repeatable)")
+    parser.add_argument(
+        "--llama-server-arg",
+        action="append",
+        default=[],
+        help="one more argument for llama-server (repeatable; e.g. --llama-server-arg=--cache-ram=0)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -226,7 +254,9 @@ def main() -> None:
     servers = {}
     try:
         servers["llama-server"] = start_llama_server(args, work, slots)
-        servers["minerva"] = start_minerva(args, work, slots, dict(e.split("=", 1) for e in args.minerva_env))
+        minerva_env = {"MINERVA_SHARED_CONTEXT": "on" if args.kv_unified else "off"}
+        minerva_env.update(e.split("=", 1) for e in args.minerva_env)
+        servers["minerva"] = start_minerva(args, work, slots, minerva_env)
         for _process, url, model in servers.values():  # warm-up: load, first graph, caches
             asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000))
         results = {name: {} for name in servers}
@@ -234,9 +264,8 @@ def main() -> None:
         for level in levels:
             n = args.requests or max(4, 2 * level)
             for name, (_process, url, model) in servers.items():
-                results[name][level] = asyncio.run(
-                    run_level(url, model, level, n, args.max_tokens, offset, args.shared_prefix)
-                )
+                workload = (args.shared_prefix, args.prompt_words, args.conversations)
+                results[name][level] = asyncio.run(run_level(url, model, level, n, args.max_tokens, offset, *workload))
                 print(f"  {name:12} c={level:<3} {results[name][level]}", flush=True)
             offset += n
     finally:

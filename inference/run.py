@@ -444,6 +444,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         shared_cells=shared,
         cache_type=settings.KV_CACHE_TYPE,
         draft_max=settings.SPECULATIVE_DRAFT,
+        cache_ram_bytes=settings.CACHE_RAM_MIB << 20,
         estimated_bytes=(
             size := estimate_memory(model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE)
         ),

@@ -26,6 +26,7 @@ import numpy as np
 from llama_cpp import _internals, _logger
 
 from .host import cpu_has_amx, usable_cpus
+from .prompts import PROMPT_CACHE_MIN_TOKENS, PromptCache, common_prefix
 from .template import ChatTemplate, ChatTemplateError
 from .text import TextDecoder
 
@@ -159,13 +160,15 @@ class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
                  chat_template: str | None = None, shared_cells: bool = True,
-                 cache_type: str = "f16", draft_max: int = 0):  # fmt: skip
+                 cache_type: str = "f16", draft_max: int = 0, cache_ram_bytes: int = 0):  # fmt: skip
         """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
         n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
         the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
         Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding by prompt lookup, up to
-        that many drafted tokens per sequence and step (0: off)."""
+        that many drafted tokens per sequence and step (0: off). `cache_ram_bytes`: prompts that leave the slots
+        are kept in host memory up to this many bytes (prompts.PromptCache; 0: off)."""
         self.draft_max = draft_max
+        self.prompt_cache = PromptCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers  # -1: every layer
@@ -360,14 +363,17 @@ class LoadedModel:
 
     def _admit(self) -> None:
         """Give each waiting request free slots: the first sequence gets the slot whose cached tokens share the
-        longest prefix with its prompt; the others of an n > 1 request get any free slot."""
+        longest prefix with its prompt; the others of an n > 1 request get any free slot. Then, in a shared cache,
+        idle slots' cells move to host memory (_offload_idle)."""
+        admitted = False
         while self._waiting:
             free = [s for s in self.slots if s.sequence is None]
             if len(free) < len(self._waiting[0]):
-                return
+                break
+            admitted = True
             sequence, *followers = self._waiting.popleft()
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, sequence.prompt), -s.last_used))
-            reuse = _common_prefix(slot.tokens, sequence.prompt)
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, sequence.prompt), -s.last_used))
+            reuse = self._through_host(slot, sequence.prompt, common_prefix(slot.tokens, sequence.prompt))
             if reuse == len(sequence.prompt):
                 reuse -= 1  # the last prompt token must be decoded again to get its logits
             if not llama_cpp.llama_memory_seq_rm(self.memory, slot.id, reuse, -1):
@@ -386,6 +392,56 @@ class LoadedModel:
                 slot = min(free, key=lambda s: s.last_used)
                 slot.sequence, follower.slot = slot, slot
                 self._active.append(follower)
+        if admitted and self.shared_cells and self.prompt_cache is not None:
+            self._offload_idle()
+
+    def _offload_idle(self) -> None:
+        """Save idle slots' cells to the host prompt cache and free them (llama-server's --cache-idle-slots): in a
+        shared cache attention spans every used cell, masked or not, so cells nobody reads slow every step."""
+        for slot in self.slots:
+            if slot.sequence is None and slot.tokens:
+                if len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS:
+                    self._save(slot)
+                llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+                slot.tokens = []
+
+    def _through_host(self, slot: Slot, prompt: list[int], reuse: int) -> int:
+        """With the host prompt cache: save what the slot holds before its cells past `reuse` go, and load the
+        saved sequence that shares the most of `prompt` into the slot if it shares clearly more than the slot
+        does. How many tokens of `prompt` the slot holds then."""
+        if self.prompt_cache is None:
+            return reuse
+        saved, length = self.prompt_cache.best(prompt)
+        better = length >= reuse + PROMPT_CACHE_MIN_TOKENS
+        if len(slot.tokens) - (0 if better else reuse) >= PROMPT_CACHE_MIN_TOKENS:
+            self._save(slot)
+        state = self.prompt_cache.take(saved) if better else None  # None too if saving pushed it out
+        if state is None:
+            return reuse
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(state), slot.id) != len(state):
+            # No room for it in one piece (shared cells, fragmented): the prompt is computed instead.
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+            slot.tokens = []
+            return 0
+        slot.tokens = list(saved)
+        self.stats["prompt_cache_loads"] = self.stats.get("prompt_cache_loads", 0) + 1
+        return length
+
+    def _save(self, slot: Slot) -> None:
+        """Copy a slot's KV cells into the host prompt cache."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.id)
+        if not size or size > self.prompt_cache.limit_bytes:
+            return
+        state = bytearray(size)
+        buffer = (ctypes.c_uint8 * size).from_buffer(state)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot.id)
+        del buffer  # the bytearray can be resized once nothing points into it
+        if written:
+            del state[written:]
+            self.prompt_cache.put(slot.tokens, state)
+            self.stats["prompt_cache_saves"] = self.stats.get("prompt_cache_saves", 0) + 1
 
     def _prefix_source(self, prompt: list[int]) -> tuple[Sequence | None, int]:
         """The running sequence (prefilling or generating) whose prompt shares the longest beginning with `prompt`,
@@ -393,7 +449,7 @@ class LoadedModel:
         best, length = None, 0
         for other in self._active:
             if not other.waiting_for_leader:
-                shared = min(_common_prefix(other.prompt, prompt), len(prompt) - 1)
+                shared = min(common_prefix(other.prompt, prompt), len(prompt) - 1)
                 if shared > length:
                     best, length = other, shared
         return best, length
@@ -458,6 +514,8 @@ class LoadedModel:
         for slot in idle:
             if free >= want:
                 break
+            if self.prompt_cache is not None and len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS:
+                self._save(slot)
             llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
             free, slot.tokens = free + len(slot.tokens), []
         # A prompt waits for cells while sequences generate (they end, or fill up and meet the line below); with
@@ -823,11 +881,3 @@ class _Batch:
         self.logits[n + k - logits : n + k] = 1
         self.n = self.struct.n_tokens = n + k
         return n + k - 1
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -1,0 +1,59 @@
+"""Prompts kept in host memory beyond the slots (llama-server's `--cache-ram`): when a slot is given to an unrelated
+prompt, the KV cells of what it held are saved here (`llama_state_seq_get_data`), and a later prompt that starts
+with those tokens loads them back into its slot instead of computing them again. An agent that comes back to its
+conversation after other requests took its slot continues where it was."""
+
+import collections
+
+# A prompt shorter than this is cheap to compute again: not worth its copy.
+PROMPT_CACHE_MIN_TOKENS = 128
+
+
+class PromptCache:
+    """Saved sequences (their tokens and llama.cpp's state bytes), least recently used first out once their bytes
+    pass `limit_bytes`. Only the scheduler thread uses it."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self._entries: collections.OrderedDict[tuple[int, ...], bytearray] = collections.OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def best(self, prompt: list[int]) -> tuple[tuple[int, ...] | None, int]:
+        """The saved sequence sharing the longest beginning with `prompt`, and how many tokens it shares."""
+        best, length = None, 0
+        for tokens in self._entries:
+            shared = common_prefix(tokens, prompt)
+            if shared > length:
+                best, length = tokens, shared
+        return best, length
+
+    def put(self, tokens: list[int], state: bytearray) -> None:
+        """Keep a sequence's state. Saved sequences that are beginnings of this one go: it holds them."""
+        key = tuple(tokens)
+        if len(state) > self.limit_bytes:
+            return
+        for other in [t for t in self._entries if len(t) <= len(key) and key[: len(t)] == t]:
+            self.bytes -= len(self._entries.pop(other))
+        self._entries[key] = state
+        self.bytes += len(state)
+        while self.bytes > self.limit_bytes:
+            self.bytes -= len(self._entries.popitem(last=False)[1])
+
+    def take(self, tokens: tuple[int, ...]) -> bytearray | None:
+        """Remove and return a saved sequence's state (it is going back into a slot, which holds it from then on);
+        None if it is no longer here."""
+        state = self._entries.pop(tokens, None)
+        self.bytes -= len(state) if state is not None else 0
+        return state
+
+
+def common_prefix(a, b) -> int:
+    """How many tokens two token sequences share from their start."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
