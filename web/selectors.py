@@ -42,7 +42,7 @@ def status_snapshot(*, recent: bool = True) -> dict:
         "at": now,
         "models": [
             _model(m, loaded.get(m.name), running.get(m.name, 0), depths.get(m.name), now)
-            | {"loading": any(m.name in w.get("preloading", []) for w in workers)}
+            | {"loading": _loading(m.name, workers)}
             for m in models
         ],
         "workers": [
@@ -87,6 +87,13 @@ def _model(model: LanguageModel, loaded: dict | None, running: int, depth: int |
         "expires_in": None if expires is None or math.isinf(expires) else max(0, round(expires - now)),
         "kept_forever": expires is not None and math.isinf(expires),
     }
+
+
+def _loading(name: str, workers: list[dict]) -> float | None:
+    """How far a worker is in loading the model's weights (0 to 1; 0 for one that will preload it), or None."""
+    progress = [w["loading"][name] for w in workers if name in w.get("loading", {})]
+    progress += [0.0 for w in workers if name in w.get("preloading", [])]
+    return max(progress) if progress else None
 
 
 def _queue_depths(models: list[LanguageModel]) -> dict[str, int]:

@@ -76,6 +76,8 @@ class ModelCache:
         self.on_change = on_change  # called with loaded() after each load and unload, and as a heartbeat
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()  # held while loading, so loads are serialized
+        # Models whose weights are loading now, and how far (0 to 1): read without the lock, which the load holds.
+        self.loading: dict[str, float] = {}
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, args=(reap_interval,), name="model-reaper", daemon=True)
         self._reaper.start()
@@ -123,12 +125,17 @@ class ModelCache:
         if spec.embedding:
             return EmbeddingModel(spec.path, n_ctx=spec.n_ctx, n_seq_max=spec.n_parallel,
                                   n_gpu_layers=spec.n_gpu_layers, n_threads=spec.n_threads)  # fmt: skip
-        return LoadedModel(
-                    spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
-                    n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
-                    shared_cells=spec.shared_cells, cache_type=spec.cache_type, draft_max=spec.draft_max,
-                    cache_ram_bytes=spec.cache_ram_bytes, io=self.io_factory() if self.io_factory else None,
-                )  # fmt: skip
+        self.loading[spec.name] = 0.0
+        try:
+            return LoadedModel(
+                spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
+                n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
+                shared_cells=spec.shared_cells, cache_type=spec.cache_type, draft_max=spec.draft_max,
+                cache_ram_bytes=spec.cache_ram_bytes, io=self.io_factory() if self.io_factory else None,
+                on_progress=lambda value: self.loading.__setitem__(spec.name, value),
+            )  # fmt: skip
+        finally:
+            self.loading.pop(spec.name, None)
 
     def loaded(self) -> list[dict]:
         """What is loaded now: name, estimated size, busy and total slots, seconds until unload when idle."""

@@ -17,6 +17,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -160,13 +161,15 @@ class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
                  chat_template: str | None = None, shared_cells: bool = True,
-                 cache_type: str = "f16", draft_max: int = 0, cache_ram_bytes: int = 0):  # fmt: skip
+                 cache_type: str = "f16", draft_max: int = 0, cache_ram_bytes: int = 0,
+                 on_progress: Callable[[float], None] | None = None):  # fmt: skip
         """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
         n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
         the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
         Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding by prompt lookup, up to
         that many drafted tokens per sequence and step (0: off). `cache_ram_bytes`: prompts that leave the slots
-        are kept in host memory up to this many bytes (prompts.PromptCache; 0: off)."""
+        are kept in host memory up to this many bytes (prompts.PromptCache; 0: off). `on_progress` hears how far
+        the weights' load is (0 to 1), from llama.cpp's progress callback."""
         self.draft_max = draft_max
         self.prompt_cache = PromptCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
         self.path = path
@@ -176,6 +179,17 @@ class LoadedModel:
         # crash in mul_mat on any batch of more than a few tokens (seen with Q4_1). Without "extra buffer types" the
         # weights stay in the plain CPU buffer; elsewhere the extra types only repack weights for speed.
         mparams.use_extra_bufts = not cpu_has_amx()
+        if on_progress is not None:
+
+            def progress(value: float, _user_data) -> bool:
+                try:
+                    on_progress(value)
+                except Exception:  # a listener's failure must not abort the load (False would)
+                    logger.exception("load progress listener failed")
+                return True
+
+            callback = llama_cpp.llama_progress_callback(progress)  # referenced until the load returns
+            mparams.progress_callback = callback
         self.model = _internals.LlamaModel(path_model=path, params=mparams, verbose=False)
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()

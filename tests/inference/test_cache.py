@@ -53,6 +53,28 @@ def test_two_models_stay_loaded_when_both_fit(smol, gemma):
         cache.close()
 
 
+def test_a_load_reports_how_far_it_is_from_nothing_to_the_whole_file(smol):
+    class Recording(dict):  # what the worker's heartbeat reads, with every value it held
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[str, float]] = []
+
+        def __setitem__(self, key, value):
+            self.seen.append((key, value))
+            super().__setitem__(key, value)
+
+    cache = ModelCache(budget_bytes=smol.estimated_bytes)
+    cache.loading = Recording()
+    try:
+        with cache.use(smol):
+            assert cache.loading == {}  # loaded: no longer listed
+        names, values = zip(*cache.loading.seen, strict=True)
+        assert set(names) == {"smollm2"} and values[0] == 0.0 and values[-1] == 1.0
+        assert list(values) == sorted(values) and len(set(values)) > 2  # steps in between, never backwards
+    finally:
+        cache.close()
+
+
 def test_the_least_recently_used_idle_model_is_evicted_to_make_room(smol, gemma):
     cache = ModelCache(budget_bytes=max(smol.estimated_bytes, gemma.estimated_bytes) + 1)
     try:

@@ -61,7 +61,7 @@ def test_the_status_snapshot_shows_models_queues_rates_latency_and_recent_reques
     status = staff_client.get("/status.json").json()
     [model] = [m for m in status["models"] if m["name"] == MODEL]
     assert model["loaded"] is False and model["queue_depth"] == 0 and model["slots_busy"] == 0
-    assert model["loading"] is False
+    assert model["loading"] is None
     assert model["n_ctx"] > 0 and model["quantization"] and model["file_size"] > 0
     assert status["workers"] == [
         {
@@ -74,7 +74,11 @@ def test_the_status_snapshot_shows_models_queues_rates_latency_and_recent_reques
     ]
     worker_announce({"queues": [smollm2.queue], "models": {}, "loaded": [], "preloading": [MODEL]})
     [loading] = [m for m in staff_client.get("/status.json").json()["models"] if m["name"] == MODEL]
-    assert loading["loading"] is True  # a worker is preloading it (MINERVA_PRELOAD)
+    assert loading["loading"] == 0  # a worker is about to preload it (MINERVA_PRELOAD)
+    worker_announce({"queues": [smollm2.queue], "models": {}, "loaded": [], "preloading": [MODEL],
+                     "loading": {MODEL: 0.42}})  # fmt: skip
+    [loading] = [m for m in staff_client.get("/status.json").json()["models"] if m["name"] == MODEL]
+    assert loading["loading"] == 0.42  # and is that far into reading its weights
     assert status["rates"] == {"requests_per_minute": 1, "prompt_tokens_per_minute": 12,
                                "completion_tokens_per_minute": 30}  # fmt: skip
     # 80 ms falls in the 0.1 s bucket; (380 - 80) / 29 ms per token in the 0.025 s one

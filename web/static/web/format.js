@@ -14,6 +14,6 @@ export function duration(seconds) {
 export function modelState(model) {
   if (!model.available) return "file missing";
   if (!model.enabled) return "disabled";
-  if (!model.loaded) return model.loading ? "loading (preload)" : "idle";
+  if (!model.loaded) return model.loading != null ? `loading ${Math.round(model.loading * 100)}%` : "idle";
   return model.slots_busy ? "loaded, generating" : "loaded";
 }
