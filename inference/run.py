@@ -398,6 +398,12 @@ def _report_loaded(loaded: list[dict]) -> None:
     worker_announce_now()
 
 
+def models_loading() -> dict[str, float]:
+    """The models this worker is loading now and how far each is (0 to 1); read without the cache's lock."""
+    cache = _cache
+    return {name: round(value, 3) for name, value in dict(cache.loading).items()} if cache is not None else {}
+
+
 def worker_announce_now() -> None:
     """Write this worker's record to the registry (its heartbeat): never touches the model cache's lock, which a
     load holds for seconds, nor the database."""

@@ -111,7 +111,7 @@ def _beat() -> None:
         run.worker_state["slots"]["busy"] = len(_running)
         run.worker_state["held"] = list(_held.values())
         run.worker_state["memory_rss"] = psutil.Process().memory_info().rss
-        run.worker_state["loading"] = {name: round(value, 3) for name, value in dict(run.model_cache().loading).items()}
+        run.worker_state["loading"] = run.models_loading()
         try:
             run.worker_announce_now()
         except RedisError:  # Redis restarting: the views see us gone and say so; beat again once it is back
