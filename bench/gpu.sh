@@ -71,6 +71,18 @@ prefix)  # 16 agents arriving together with one ~3k-token system prompt, 64 toke
         --levels "${2:-16}" --requests "${2:-16}" --shared-prefix 2300 --max-tokens 64 --n-batch 2048 --n-ctx 4096 \
         --out "${OUT:-/tmp}/prefix-gpu.json"
     ;;
+agents)  # 32 conversations of ~3k tokens on 16 slots, each continued twice: a slot's prompt leaves and comes back
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels 16 --requests 64 --conversations 32 --prompt-words 2300 --max-tokens 64 --n-batch 2048 \
+        --n-ctx 4096 --out "${OUT:-/tmp}/agents-gpu.json"
+    ;;
+long)  # 16 clients with distinct ~5k-token prompts, 128 tokens out each
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels 16 --requests 16 --prompt-words 3800 --max-tokens 128 --n-batch 2048 --n-ctx 8192 \
+        --out "${OUT:-/tmp}/long-gpu.json"
+    ;;
 batch)
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
@@ -86,7 +98,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|prefix [N]|agents|long|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac
