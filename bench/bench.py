@@ -253,13 +253,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="minerva-bench-"))
     servers = {}
     try:
+        first = {}  # the first request, sent as soon as the server's API answers: does it wait for a model load?
+        started = time.perf_counter()
         servers["llama-server"] = start_llama_server(args, work, slots)
+        first["llama-server"] = _first_request(servers["llama-server"], started)
         minerva_env = {"MINERVA_SHARED_CONTEXT": "on" if args.kv_unified else "off"}
         minerva_env.update(e.split("=", 1) for e in args.minerva_env)
+        started = time.perf_counter()
         servers["minerva"] = start_minerva(args, work, slots, minerva_env)
+        first["minerva"] = _first_request(servers["minerva"], started)
+        for name, numbers in first.items():
+            print(f"  {name:12} first request: {numbers}", flush=True)
         for _process, url, model in servers.values():  # warm-up: load, first graph, caches
             asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000))
-        results = {name: {} for name in servers}
+        results = {name: {} for name in servers} | {"first_request": first}
         offset = 0
         for level in levels:
             n = args.requests or max(4, 2 * level)
@@ -278,6 +285,15 @@ def main() -> None:
                 process.kill()
     report(results, levels, args)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_request(server: tuple, started: float) -> dict:
+    """One request right after the server answered: seconds from starting the server until its API answered, and
+    the request's time to first token (a model still loading shows here)."""
+    _process, url, model = server
+    answered = time.perf_counter() - started
+    level = asyncio.run(run_level(url, model, 1, 1, 16, offset=20_000))
+    return {"api_after_s": round(answered, 2), "ttft_ms": level["ttft_p50_ms"]}
 
 
 def report(results: dict, levels: list[int], args) -> None:
