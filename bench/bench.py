@@ -122,12 +122,11 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str = "",
-                      user: str = "") -> dict:  # fmt: skip
+async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str, user: str) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     body = {
         "model": model,
-        "messages": [*messages, {"role": "user", "content": user or prompt(i)}],
+        "messages": [*messages, {"role": "user", "content": user}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -435,9 +435,11 @@ class LoadedModel:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
         buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
         if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(state), slot.id) != len(state):
-            # No room for it in one piece (shared cells, fragmented): the prompt is computed instead.
+            # No room for it in one piece (shared cells, fragmented): the prompt is computed instead, and the saved
+            # copy stays for a later, emptier moment.
             llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
             slot.tokens = []
+            self.prompt_cache.put(list(saved), state)
             return 0
         slot.tokens = list(saved)
         self.stats["prompt_cache_loads"] = self.stats.get("prompt_cache_loads", 0) + 1
