@@ -45,6 +45,56 @@ def prompt(i: int, n_words: int = 80) -> str:
     return f"Request {i}. Continue this text for as long as you can: {body}"
 
 
+# --edit: the code block each request asks the model to rewrite with one change (an agent's edit: most of the answer
+# repeats the prompt, which is what prompt-lookup drafting predicts).
+EDIT_CODE = """\
+class Buffer:
+    \"\"\"Collects lines and writes them out in batches.\"\"\"
+
+    def __init__(self, sink, limit=64):
+        self.sink = sink
+        self.limit = limit
+        self.lines = []
+        self.written = 0
+
+    def add(self, line):
+        if not isinstance(line, str):
+            raise TypeError("a line must be a string")
+        self.lines.append(line.rstrip("\\n"))
+        if len(self.lines) >= self.limit:
+            self.flush()
+
+    def flush(self):
+        if not self.lines:
+            return 0
+        text = "\\n".join(self.lines) + "\\n"
+        self.sink.write(text)
+        count = len(self.lines)
+        self.written += count
+        self.lines.clear()
+        return count
+
+    def close(self):
+        count = self.flush()
+        self.sink.close()
+        return self.written, count
+
+
+def copy_lines(source, sink, limit=64):
+    buffer = Buffer(sink, limit)
+    for line in source:
+        buffer.add(line)
+    return buffer.close()
+"""
+
+
+def edit_prompt(i: int) -> str:
+    return (
+        f"Request {i}. Rewrite this Python code exactly as it is, but rename the method `flush` to `drain_{i}`. "
+        f"Answer with the code only.\n\n```python\n{EDIT_CODE}```"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,7 +172,13 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str, user: str) -> dict:
+# Sampling of the load: random text of a fixed length, EOS suppressed; --edit: greedy, until the model stops.
+SAMPLING = {"ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
+EDIT_SAMPLING = {"temperature": 0}
+
+
+async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str, user: str,
+                      sampling: dict = SAMPLING) -> dict:  # fmt: skip
     messages = [{"role": "system", "content": system}] if system else []
     body = {
         "model": model,
@@ -130,9 +186,9 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-        "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "seed": i,
-    }  # fmt: skip
+        "seed": i,
+        **sampling,
+    }
     started = time.perf_counter()
     stamps, tokens = [], None
     async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
@@ -159,7 +215,8 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
 
 
 async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, offset: int,
-                    shared_words: int = 0, prompt_words: int = 80, conversations: int = 0):  # fmt: skip
+                    shared_words: int = 0, prompt_words: int = 80, conversations: int = 0,
+                    edit: bool = False):  # fmt: skip
     # --shared-prefix: one system prompt for every request of the level (new for each level, so no server has it
     # cached beforehand): agents of one team starting together.
     system = f"Session {offset}. " + prompt(offset, shared_words) if shared_words else ""
@@ -169,7 +226,7 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
         # with more conversations than slots an agent comes back after others took its slot.
         if conversations:
             return prompt(offset + (i - offset) % conversations, prompt_words) + f" Turn {i}."
-        return prompt(i, prompt_words)
+        return edit_prompt(i) if edit else prompt(i, prompt_words)
 
     # A fresh connection per request: llama-server closes streamed responses, which confuses pooled reuse.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
@@ -180,7 +237,8 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
         async def worker():
             while queue:
                 i = queue.pop(0)
-                results.append(await one_request(client, base_url, model, i, max_tokens, system, user(i)))
+                sampling = EDIT_SAMPLING if edit else SAMPLING
+                results.append(await one_request(client, base_url, model, i, max_tokens, system, user(i), sampling))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -233,6 +291,12 @@ def main() -> None:
         help="requests continue this many conversations in turn (0: every prompt new)",
     )
     parser.add_argument(
+        "--edit",
+        action="store_true",
+        help="each request asks for a code block back with one name changed, greedy, until the model stops (with "
+        "drafting: --minerva-env MINERVA_SPECULATIVE_DRAFT=8 --llama-server-arg=--spec-type=ngram-simple)",
+    )
+    parser.add_argument(
         "--kv-unified",
         action="store_true",
         help="one KV cache shared by the slots on both servers (default: one per slot)",
@@ -270,7 +334,7 @@ def main() -> None:
         for level in levels:
             n = args.requests or max(4, 2 * level)
             for name, (_process, url, model) in servers.items():
-                workload = (args.shared_prefix, args.prompt_words, args.conversations)
+                workload = (args.shared_prefix, args.prompt_words, args.conversations, args.edit)
                 results[name][level] = asyncio.run(run_level(url, model, level, n, args.max_tokens, offset, *workload))
                 print(f"  {name:12} c={level:<3} {results[name][level]}", flush=True)
             offset += n

@@ -84,6 +84,20 @@ long)  # 16 clients with distinct ~5k-token prompts, 128 tokens out each
         --levels 16 --requests 16 --prompt-words 3800 --max-tokens 128 --n-batch 2048 --n-ctx 8192 \
         --out "${OUT:-/tmp}/long-gpu.json"
     ;;
+profile)  # issue 18's step profile: the engine alone at 1 and 64 sequences, then both servers at c=1 and c=64
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/engine_profile.py --model /tmp/m-q4km.gguf --parallel 1,64
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels 1,64 --n-batch 2048 --n-ctx 1024 --out "${OUT:-/tmp}/profile-gpu.json"
+    ;;
+edit)  # the edit workload with prompt-lookup drafting on both servers (random weights: drafts rarely hold)
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels "${2:-1,16}" --edit --max-tokens 256 --n-batch 2048 --n-ctx 2048 \
+        --minerva-env MINERVA_SPECULATIVE_DRAFT=8 --llama-server-arg=--spec-type=ngram-simple \
+        --llama-server-arg=--spec-ngram-simple-size-n=3 --llama-server-arg=--spec-ngram-simple-size-m=8 \
+        --out "${OUT:-/tmp}/edit-gpu.json"
+    ;;
 batch)
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
@@ -99,7 +113,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|prefix [N]|agents|long|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac

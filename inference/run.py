@@ -425,10 +425,15 @@ def _memory(loaded: list[dict]) -> dict:
             "devices": [d.to_dict() for d in devices()]}  # fmt: skip
 
 
+# Tokens a draft model proposes per step when MINERVA_SPECULATIVE_DRAFT leaves it to the model (0).
+DRAFT_MODEL_TOKENS = 8
+
+
 def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
     """How a worker loads the model: to generate, or (`embedding`) to embed, in a context of its own whose batch
     holds MINERVA_EMBEDDING_BATCH inputs and n_ctx tokens (the most one input may have)."""
     n_ctx, n_parallel, shared = model_n_ctx(model), model_parallel(model), model_shared_cells(model)
+    cells = n_ctx if shared else n_ctx * n_parallel
     if embedding:
         n_seq = settings.EMBEDDING_BATCH
         return ModelSpec(
@@ -438,6 +443,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
             estimated_bytes=(size := model.file_size + embedding_context_bytes(model.metadata, n_ctx, n_seq)),
             device_bytes=_device_share(model, size),
         )  # fmt: skip
+    draft = model.draft_model if model.draft_model_id and model.draft_model.available else None
     return ModelSpec(
         name=model.name,
         path=_local_path(model),
@@ -449,10 +455,12 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         chat_template=model.chat_template_override or None,
         shared_cells=shared,
         cache_type=settings.KV_CACHE_TYPE,
-        draft_max=settings.SPECULATIVE_DRAFT,
+        draft_max=settings.SPECULATIVE_DRAFT or (DRAFT_MODEL_TOKENS if draft else 0),
+        draft_path=_local_path(draft) if draft else None,
         cache_ram_bytes=settings.CACHE_RAM_MIB << 20,
         estimated_bytes=(
-            size := estimate_memory(model.metadata, n_ctx if shared else n_ctx * n_parallel, settings.KV_CACHE_TYPE)
+            size := estimate_memory(model.metadata, cells, settings.KV_CACHE_TYPE)
+            + (estimate_memory(draft.metadata, cells) if draft else 0)  # its cache is f16 (DraftModel)
         ),
         device_bytes=_device_share(model, size),
     )

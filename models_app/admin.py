@@ -19,6 +19,7 @@ LOAD_OPTIONS = [
     "default_params",
     "chat_template_override",
     "tool_format",
+    "draft_model",
 ]
 
 

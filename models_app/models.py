@@ -44,6 +44,15 @@ class LanguageModel(models.Model):
         ],
         help_text="How the model calls tools; empty = detected from the chat template",
     )
+    draft_model = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="drafts_for",
+        help_text="A small model with this one's tokenizer that drafts tokens for it to verify (speculative decoding, "
+        "MINERVA_SPECULATIVE_DRAFT tokens a step, 8 if that is 0); empty = no draft model",
+    )
     default_params = models.JSONField(
         default=dict, blank=True, help_text='Sampling defaults for requests that omit them, e.g. {"temperature": 0.2}'
     )
@@ -63,6 +72,10 @@ class LanguageModel(models.Model):
             raise ValidationError({"default_params": str(exc.errors()[0]["msg"])}) from None
         except ValueError as exc:
             raise ValidationError({"default_params": str(exc)}) from None
+        if self.draft_model_id is not None and self.draft_model_id == self.pk:
+            raise ValidationError({"draft_model": "a model cannot draft for itself"})
+        if self.draft_model is not None and self.draft_model.format != "gguf":
+            raise ValidationError({"draft_model": "a draft model must be a GGUF file"})
         if self.keep_alive and not KEEP_ALIVE_RE.fullmatch(self.keep_alive.strip()):
             raise ValidationError({"keep_alive": "seconds, or a duration like 10m or 1h; negative = forever"})
 

@@ -41,7 +41,8 @@ class ModelSpec:
     chat_template: str | None = None  # replaces the file's own
     shared_cells: bool = True  # the slots share one KV cache of n_ctx cells (LoadedModel)
     cache_type: str = "f16"  # the KV cache's type: f16, q8_0 or q4_0
-    draft_max: int = 0  # speculative decoding by prompt lookup: drafted tokens per step (0: off)
+    draft_max: int = 0  # speculative decoding: drafted tokens per step (0: off)
+    draft_path: str | None = None  # the draft model's file; None: drafts come from prompt lookup
     cache_ram_bytes: int = 0  # host memory for prompts that left the slots (0: off)
     estimated_bytes: int = 0
     device_bytes: int = 0  # the part of estimated_bytes on GPUs (offloaded layers and their KV cache)
@@ -131,7 +132,8 @@ class ModelCache:
                 spec.path, n_ctx=spec.n_ctx, n_parallel=spec.n_parallel, n_gpu_layers=spec.n_gpu_layers,
                 n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
                 shared_cells=spec.shared_cells, cache_type=spec.cache_type, draft_max=spec.draft_max,
-                cache_ram_bytes=spec.cache_ram_bytes, io=self.io_factory() if self.io_factory else None,
+                draft_path=spec.draft_path, cache_ram_bytes=spec.cache_ram_bytes,
+                io=self.io_factory() if self.io_factory else None,
                 on_progress=lambda value: self.loading.__setitem__(spec.name, value),
             )  # fmt: skip
         finally:

@@ -24,8 +24,9 @@ from llama_cpp import _internals
 
 from models_app.metadata import ENCODER_ARCHITECTURES  # run without a KV cache
 
+from .batch import Batch
 from .host import cpu_has_amx, usable_cpus
-from .llama import ContextOverflow, EngineError, PromptError, _Batch
+from .llama import ContextOverflow, EngineError, PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class EmbeddingModel:
         return vectors
 
 
-class _EmbedBatch(_Batch):
+class _EmbedBatch(Batch):
     """The scheduler's llama_batch, with every token an output (llama.cpp pools them)."""
 
     def __init__(self, capacity: int):

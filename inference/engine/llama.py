@@ -26,6 +26,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals, _logger
 
+from .batch import Batch
+from .draft import DraftModel
 from .host import cpu_has_amx, usable_cpus
 from .prompts import PROMPT_CACHE_MIN_TOKENS, PromptCache, common_prefix
 from .template import ChatTemplate, ChatTemplateError
@@ -161,13 +163,14 @@ class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
                  chat_template: str | None = None, shared_cells: bool = True,
-                 cache_type: str = "f16", draft_max: int = 0, cache_ram_bytes: int = 0,
-                 on_progress: Callable[[float], None] | None = None):  # fmt: skip
+                 cache_type: str = "f16", draft_max: int = 0, draft_path: str | None = None,
+                 cache_ram_bytes: int = 0, on_progress: Callable[[float], None] | None = None):  # fmt: skip
         """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
         n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
         the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
-        Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding by prompt lookup, up to
-        that many drafted tokens per sequence and step (0: off). `cache_ram_bytes`: prompts that leave the slots
+        Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding, up to that many drafted
+        tokens per sequence and step (0: off), by prompt lookup, or by the model at `draft_path` (a DraftModel with
+        this model's vocabulary). `cache_ram_bytes`: prompts that leave the slots
         are kept in host memory up to this many bytes (prompts.PromptCache; 0: off). `on_progress` hears how far
         the weights' load is (0 to 1), from llama.cpp's progress callback."""
         self.draft_max = draft_max
@@ -178,7 +181,9 @@ class LoadedModel:
         # llama.cpp (0.3.36's) AMX kernels, which it picks for weights on CPUs with AMX (Sapphire Rapids and later),
         # crash in mul_mat on any batch of more than a few tokens (seen with Q4_1). Without "extra buffer types" the
         # weights stay in the plain CPU buffer; elsewhere the extra types only repack weights for speed.
-        mparams.use_extra_bufts = not cpu_has_amx()
+        # With speculative decoding they stay off too: repacked weights take other kernels for a row computed in a
+        # batch of several than for one alone, and verified drafts must round as the tokens decoded one by one do.
+        mparams.use_extra_bufts = not cpu_has_amx() and not draft_max
         if on_progress is not None:
 
             def progress(value: float, _user_data) -> bool:
@@ -209,6 +214,16 @@ class LoadedModel:
         cparams.n_threads = cparams.n_threads_batch = n_threads or usable_cpus()
         self.context = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.ctx = self.context.ctx
+        self.drafter = None
+        if draft_max and draft_path:
+            try:
+                self.drafter = DraftModel(draft_path, self.model, n_ctx=n_ctx, n_parallel=n_parallel,
+                                          n_gpu_layers=n_gpu_layers, n_threads=cparams.n_threads, n_batch=n_batch,
+                                          shared_cells=self.shared_cells)  # fmt: skip
+            except Exception:
+                self.context.close()
+                self.model.close()
+                raise
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_cells = llama_cpp.llama_n_ctx(self.ctx)  # KV cells in all
@@ -225,7 +240,7 @@ class LoadedModel:
 
         self.io: StepIO = io or NullIO()
         self.slots = [Slot(i) for i in range(n_parallel)]
-        self._batch = _Batch(n_batch)
+        self._batch = Batch(n_batch)
         self._waiting: collections.deque[list[Sequence]] = collections.deque()  # requests: n sequences each
         self._active: list[Sequence] = []
         self._wakeup = threading.Condition()
@@ -349,6 +364,8 @@ class LoadedModel:
         self._io_thread.join(timeout=30)
         if self._sampling_pool is not None:
             self._sampling_pool.shutdown()
+        if self.drafter is not None:
+            self.drafter.close()
         self.context.close()
         self.model.close()
 
@@ -554,19 +571,15 @@ class LoadedModel:
         batch.clear()
         self._copy_prefixes()
         room = self._make_room()  # prompt tokens this step may add
-        # Generating sequences first (one token each), then prompt chunks in arrival order.
+        if self.draft_max:  # speculative: the drafts are verified in this same step
+            room -= self._draft_all(room)
+        # Generating sequences first (one token each, and its drafts), then prompt chunks in arrival order.
         for sequence in self._active:
             sequence.batch_index = -1
             if sequence.waiting_for_leader or sequence.prefix_from is not None:
                 continue
             if not sequence.pending:
-                tokens = [sequence.next_token]
-                if self.draft_max:  # speculative: the drafts are verified in this same step
-                    limit = min(self.draft_max, sequence.max_tokens - sequence.completion_tokens - 1,
-                                batch.room() - len(self._active), room)  # fmt: skip
-                    sequence.drafts = self._draft(sequence, limit) if limit > 0 else []
-                    room -= len(sequence.drafts)
-                    tokens += sequence.drafts
+                tokens = [sequence.next_token, *sequence.drafts]
                 last = batch.add(tokens, sequence.n_past, sequence.slot.id, logits=len(tokens))
                 sequence.batch_index = last - len(tokens) + 1
                 sequence.slot.tokens.extend(tokens)
@@ -691,6 +704,26 @@ class LoadedModel:
         elif sequence.completion_tokens >= sequence.max_tokens:
             self._finish(sequence, "length", events)
         return sequence.finish_reason is None and sequence.error is None
+
+    def _draft_all(self, room: int) -> int:
+        """Draft tokens for the generating sequences (sequence.drafts), within the batch's room beside everyone's
+        own token and the `room` the cache has; how many in all."""
+        budget = min(self.n_batch - len(self._active), room)
+        wants = []
+        for sequence in self._active:
+            if sequence.pending or sequence.waiting_for_leader or sequence.prefix_from is not None:
+                continue
+            limit = min(self.draft_max, sequence.max_tokens - sequence.completion_tokens - 1, budget)
+            if limit > 0:
+                wants.append((sequence, limit))
+                budget -= limit
+        if self.drafter is not None:
+            drafted = self.drafter.draft([(s.slot.id, [*s.slot.tokens, s.next_token], limit) for s, limit in wants])
+        else:
+            drafted = [self._draft(s, limit) for s, limit in wants]
+        for (sequence, _limit), drafts in zip(wants, drafted, strict=True):
+            sequence.drafts = drafts
+        return sum(len(d) for d in drafted)
 
     def _draft(self, sequence: Sequence, limit: int) -> list[int]:
         """Prompt lookup: the tokens that followed the last place where the sequence's latest tokens (3, else 2)
@@ -856,44 +889,3 @@ class LoadedModel:
         return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
             self.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
         )
-
-
-class _Batch:
-    """A llama_batch over numpy arrays we own, so filling it is a few vectorised slice assignments."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.token = np.zeros(capacity, np.int32)
-        self.pos = np.zeros(capacity, np.int32)
-        self.n_seq_id = np.ones(capacity, np.int32)
-        self.seq_id = np.zeros(capacity, np.int32)
-        self.logits = np.zeros(capacity, np.int8)
-        int_p = ctypes.POINTER(ctypes.c_int32)
-        base = self.seq_id.ctypes.data
-        self._seq_ptrs = (int_p * capacity)(*[ctypes.cast(base + 4 * i, int_p) for i in range(capacity)])
-        self.struct = llama_cpp.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(int_p)
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(int_p)
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_p)
-        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(int_p))
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self.n = 0
-
-    def clear(self) -> None:
-        self.n = self.struct.n_tokens = 0
-
-    def room(self) -> int:
-        return self.capacity - self.n
-
-    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits: int) -> int:
-        """Append tokens of one sequence, the last `logits` of them with logits; return the batch index of the
-        last one."""
-        n, k = self.n, len(tokens)
-        self.token[n : n + k] = tokens
-        self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
-        self.seq_id[n : n + k] = seq_id
-        self.logits[n : n + k] = 0
-        self.logits[n + k - logits : n + k] = 1
-        self.n = self.struct.n_tokens = n + k
-        return n + k - 1

@@ -117,21 +117,24 @@ def _common(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def test_prompt_lookup_drafts_are_verified_so_the_text_is_the_one_decoded_without_them(io):
+@pytest.mark.parametrize("drafter", ["prompt lookup", "a draft model"])
+def test_drafts_are_verified_so_the_text_is_exactly_the_one_decoded_without_them(io, drafter):
     # Text that repeats itself, as an edit repeats its input: the tiny model goes on repeating it whatever the CPU's
-    # kernels (asked to rewrite code, it explains the code instead on some CPUs and copies it on others).
+    # kernels. The draft model is SmolLM2 itself (another file would do, with the same tokenizer).
     text = "Colours, in order, over and over: " + "red, green, blue, yellow, purple, orange, " * 12
+    path = str(default_model_path())
     texts = {}
     for draft_max in (0, 8):
-        model = LoadedModel(str(default_model_path()), n_ctx=2048, n_parallel=2, io=io, shared_cells=False,
-                            draft_max=draft_max)  # fmt: skip
+        model = LoadedModel(path, n_ctx=2048, n_parallel=2, io=io, shared_cells=False, draft_max=draft_max,
+                            draft_path=path if drafter == "a draft model" else None)  # fmt: skip
         try:
             prompt = model.text_prompt(text)
-            sequence = run(model, f"edit-{draft_max}", prompt, SamplingParams(temperature=0, max_tokens=80))
+            key = f"edit-{drafter}-{draft_max}"
+            sequence = run(model, key, prompt, SamplingParams(temperature=0, max_tokens=80))
             assert sequence.completion_tokens == 80 and sequence.error is None
-            texts[draft_max] = io.text(f"edit-{draft_max}")
-            if draft_max:  # the model repeats itself: most drafts are right, and a step takes several tokens
-                assert model.stats["accepted"] > 20 and model.stats["steps"] < 80
+            texts[draft_max] = io.text(key)
+            if draft_max:  # most drafts are right, and a step takes several tokens
+                assert model.stats["accepted"] > 40 and model.stats["steps"] < 60
                 # the cells of rejected drafts are gone: the slot holds the prompt and the answer (but its last
                 # token, never decoded), as its cache claims
                 slot = next(slot for slot in model.slots if slot.tokens)
@@ -139,10 +142,35 @@ def test_prompt_lookup_drafts_are_verified_so_the_text_is_the_one_decoded_withou
                 assert llama_cpp.llama_memory_seq_pos_max(model.memory, slot.id) == len(slot.tokens) - 1
         finally:
             model.close()
-    # The same text, up to the rounding of rows computed in a batch of several: SmolLM2's near-ties can flip within a
-    # few dozen tokens of an explanation (as under llama-server's speculative decoding), while a copying answer came
-    # out identical over 300 tokens (BENCHMARKS.md).
-    assert texts[8][:40] == texts[0][:40] and len(texts[0]) > 40
+    # Bit for bit: a drafted token's row is computed in a batch of several, and on the CPU (weights not repacked
+    # while drafting, fewer than 512 cells in use: BENCHMARKS.md) it rounds exactly as the row of a token alone.
+    assert texts[8] == texts[0] and len(texts[0]) > 100
+
+
+def test_a_draft_model_keeps_up_with_several_sequences_and_what_their_slots_are_reused_for(io):
+    path = str(default_model_path())
+    model = LoadedModel(path, n_ctx=1024, n_parallel=2, io=io, draft_max=4, draft_path=path)
+    try:
+        for round_ in range(2):  # the second round's prompts find the first round's tokens in the draft's cells
+            keys = [f"draft-many-{round_}-{i}" for i in range(3)]
+            params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+            prompts = [model.text_prompt(f"{PROMPTS[i]} Again: {PROMPTS[i]}") for i in range(3)]
+            sequences = [model.submit(key, prompt, params) for key, prompt in zip(keys, prompts, strict=True)]
+            assert all(s.wait(120) for s in sequences)
+            assert all(s.error is None and s.completion_tokens == 24 for s in sequences)
+            assert all(io.text(key) for key in keys)
+        assert model.stats["drafted"] > 0 and model.stats["accepted"] > 0
+        # per slot, the draft's cells followed what the model's cells hold, up to the last step's few drafts
+        for slot in model.slots:
+            assert _common(model.drafter.tokens[slot.id], slot.tokens) >= len(slot.tokens) - 5 > 0
+    finally:
+        model.close()
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused_with_the_reason(minilm_path):
+    reason = r"vocabulary of \d+ tokens, the model \d+; a draft model must share the model's tokenizer"
+    with pytest.raises(ValueError, match=reason):
+        LoadedModel(str(default_model_path()), n_ctx=512, draft_max=4, draft_path=str(minilm_path))
 
 
 def test_the_slots_share_one_context_so_one_request_may_fill_it(model, io):
