@@ -417,6 +417,10 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = Field(description="Generated tokens that went to reasoning (reasoning_content).")
+    accepted_prediction_tokens: int = Field(
+        0, description="Speculative decoding: drafted tokens the model kept (counted in completion_tokens)."
+    )
+    rejected_prediction_tokens: int = Field(0, description="Speculative decoding: drafted tokens the model rejected.")
 
 
 class Usage(BaseModel):

@@ -45,6 +45,9 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0  # generated tokens that went to reasoning (a token straddling its end counts)
+    # Speculative decoding: drafted tokens the model kept (they are in completion_tokens) and those it did not.
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass
@@ -136,8 +139,12 @@ class Generation:
             raise
         prompt = done[0] if done else {}
         completion = sum(d["completion_tokens"] for d in done)
-        self.usage = Usage(prompt_tokens=prompt.get("prompt_tokens", 0), cached_tokens=prompt.get("cached_tokens", 0),
-                           completion_tokens=completion, reasoning_tokens=min(thought, completion))  # fmt: skip
+        kinds = ("accepted_prediction_tokens", "rejected_prediction_tokens")
+        drafts = {k: sum(d.get(k, 0) for d in done) for k in kinds}
+        self.usage = Usage(
+            prompt_tokens=prompt.get("prompt_tokens", 0), cached_tokens=prompt.get("cached_tokens", 0),
+            completion_tokens=completion, reasoning_tokens=min(thought, completion), **drafts,
+        )  # fmt: skip
 
     async def collect(self) -> Answer:
         """The whole answer: the fold of deltas()."""

@@ -134,6 +134,7 @@ class Sequence:
         self.decoder = TextDecoder(params.stop)
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.drafted = self.accepted = 0  # speculative tokens proposed for this sequence, and those it kept
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.submitted = time.monotonic()
@@ -626,6 +627,8 @@ class LoadedModel:
             if drafts:
                 self.stats["drafted"] = self.stats.get("drafted", 0) + len(drafts)
                 self.stats["accepted"] = self.stats.get("accepted", 0) + taken
+                sequence.drafted += len(drafts)
+                sequence.accepted += taken
                 if taken < len(drafts):  # the cells of the drafts it did not take
                     rejected = len(drafts) - taken
                     llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot.id, sequence.n_past - rejected, -1)
@@ -824,6 +827,8 @@ class LoadedModel:
                 "prompt_tokens": len(sequence.prompt),
                 "completion_tokens": sequence.completion_tokens,
                 "cached_tokens": sequence.cached_tokens,
+                "accepted_prediction_tokens": sequence.accepted,
+                "rejected_prediction_tokens": sequence.drafted - sequence.accepted,
             }
             if sequence.decoder.stop.matched is not None:  # which stop string ended it (Anthropic reports it)
                 done["stop_sequence"] = sequence.decoder.stop.matched
