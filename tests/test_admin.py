@@ -1,6 +1,7 @@
 """Django admin lists models and request logs; request logs are read-only."""
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from inference.models import RequestLog
 from models_app.models import LanguageModel
@@ -83,3 +84,11 @@ def test_the_admin_pulls_a_model_and_shows_its_progress(admin_client, hub):
     assert b"Pulling hf.co/" in again.content and b"progress</a>" in again.content
     refused = admin_client.post("/admin/models_app/languagemodel/pull/", {"ref": "not a repo"})
     assert b"is not a Hugging Face model" in refused.content
+
+
+def test_the_model_page_offers_a_draft_model_but_a_model_cannot_draft_for_itself(staff, smollm2):
+    page = staff.get(f"/admin/models_app/languagemodel/{smollm2.pk}/change/")
+    assert b'name="draft_model"' in page.content
+    smollm2.draft_model = smollm2
+    with pytest.raises(ValidationError, match="a model cannot draft for itself"):
+        smollm2.full_clean()

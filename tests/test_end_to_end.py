@@ -243,3 +243,20 @@ def test_the_sdk_gets_several_calls_in_one_turn_streamed_as_written_then_an_answ
     assert_schema("CreateChatCompletionResponse", answer.model_dump(exclude_unset=True))
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
     assert answer.usage.prompt_tokens > reply.usage.prompt_tokens + 20  # both calls and results were rendered
+
+
+def test_a_draft_model_set_in_the_registry_drafts_for_its_model_and_the_text_stays_the_same(client, smollm2):
+    # SmolLM2 registered a second time is a draft model with its tokenizer (a smaller sibling in real use).
+    prompt = "Colours, in order, over and over: " + "red, green, blue, yellow, purple, orange, " * 12
+    params = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 60}
+    plain = client.completions.create(**params)
+    assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0  # no drafting by default
+    smollm2.draft_model = model_register(name="smollm2-draft", path=default_model_path())
+    smollm2.save()  # the worker reloads the model with its draft model at the next request
+    drafted = client.completions.create(**params)
+    assert drafted.choices[0].text == plain.choices[0].text
+    details = drafted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 30 and details.rejected_prediction_tokens >= 0
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0,
+                                          max_tokens=40)  # fmt: skip
+    assert chat.usage.completion_tokens_details.accepted_prediction_tokens > 0
