@@ -89,9 +89,10 @@ def copy_lines(source, sink, limit=64):
 
 
 def edit_prompt(i: int) -> str:
+    # A completion prompt, so that small models copy (asked in a chat, SmolLM2 and Gemma 3 270M explain the code).
     return (
-        f"Request {i}. Rewrite this Python code exactly as it is, but rename the method `flush` to `drain_{i}`. "
-        f"Answer with the code only.\n\n```python\n{EDIT_CODE}```"
+        f"Request {i}. Original code:\n```python\n{EDIT_CODE}```\n\n"
+        f"The same code, with the method `flush` renamed to `drain_{i}`:\n```python\n"
     )
 
 
@@ -172,26 +173,30 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-# Sampling of the load: random text of a fixed length, EOS suppressed; --edit: greedy, until the model stops.
+# Sampling of the load: random text of a fixed length, EOS suppressed; --edit: greedy, until the code block ends.
 SAMPLING = {"ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
-EDIT_SAMPLING = {"temperature": 0}
+EDIT_SAMPLING = {"temperature": 0, "stop": ["```"]}
 
 
 async def one_request(client, base_url: str, model: str, i: int, max_tokens: int, system: str, user: str,
-                      sampling: dict = SAMPLING) -> dict:  # fmt: skip
+                      sampling: dict = SAMPLING, edit: bool = False) -> dict:  # fmt: skip
     messages = [{"role": "system", "content": system}] if system else []
     body = {
         "model": model,
-        "messages": [*messages, {"role": "user", "content": user}],
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
         "seed": i,
         **sampling,
     }
+    if edit:  # a plain completion: /v1/completions
+        body["prompt"] = user
+    else:
+        body["messages"] = [*messages, {"role": "user", "content": user}]
     started = time.perf_counter()
     stamps, tokens = [], None
-    async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+    endpoint = "completions" if edit else "chat/completions"
+    async with client.stream("POST", f"{base_url}/{endpoint}", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{base_url}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
@@ -203,7 +208,7 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
                     stamps.append(time.perf_counter())
     return {
         "ttft": stamps[0] - started if stamps else None,
@@ -238,7 +243,8 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
             while queue:
                 i = queue.pop(0)
                 sampling = EDIT_SAMPLING if edit else SAMPLING
-                results.append(await one_request(client, base_url, model, i, max_tokens, system, user(i), sampling))
+                results.append(await one_request(client, base_url, model, i, max_tokens, system, user(i), sampling,
+                                                 edit))  # fmt: skip
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -293,8 +299,9 @@ def main() -> None:
     parser.add_argument(
         "--edit",
         action="store_true",
-        help="each request asks for a code block back with one name changed, greedy, until the model stops (with "
-        "drafting: --minerva-env MINERVA_SPECULATIVE_DRAFT=8 --llama-server-arg=--spec-type=ngram-simple)",
+        help="each request (a /v1/completions prompt) has the model write a code block again with one name changed, "
+        "greedy, until the block ends (drafting: --minerva-env MINERVA_SPECULATIVE_DRAFT=8 "
+        "--llama-server-arg=--spec-type --llama-server-arg=ngram-simple)",
     )
     parser.add_argument(
         "--kv-unified",
@@ -306,7 +313,8 @@ def main() -> None:
         "--llama-server-arg",
         action="append",
         default=[],
-        help="one more argument for llama-server (repeatable; e.g. --llama-server-arg=--cache-ram=0)",
+        help="one more argument for llama-server (repeatable, one word each: --llama-server-arg=--cache-ram "
+        "--llama-server-arg=0)",
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -319,16 +327,16 @@ def main() -> None:
         first = {}  # the first request, sent as soon as the server's API answers: does it wait for a model load?
         started = time.perf_counter()
         servers["llama-server"] = start_llama_server(args, work, slots)
-        first["llama-server"] = _first_request(servers["llama-server"], started)
+        first["llama-server"] = _first_request(servers["llama-server"], started, args.edit)
         minerva_env = {"MINERVA_SHARED_CONTEXT": "on" if args.kv_unified else "off"}
         minerva_env.update(e.split("=", 1) for e in args.minerva_env)
         started = time.perf_counter()
         servers["minerva"] = start_minerva(args, work, slots, minerva_env)
-        first["minerva"] = _first_request(servers["minerva"], started)
+        first["minerva"] = _first_request(servers["minerva"], started, args.edit)
         for name, numbers in first.items():
             print(f"  {name:12} first request: {numbers}", flush=True)
         for _process, url, model in servers.values():  # warm-up: load, first graph, caches
-            asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000))
+            asyncio.run(run_level(url, model, 1, 2, 16, offset=10_000, edit=args.edit))
         results = {name: {} for name in servers} | {"first_request": first}
         offset = 0
         for level in levels:
@@ -350,12 +358,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _first_request(server: tuple, started: float) -> dict:
+def _first_request(server: tuple, started: float, edit: bool = False) -> dict:
     """One request right after the server answered: seconds from starting the server until its API answered, and
     the request's time to first token (a model still loading shows here)."""
     _process, url, model = server
     answered = time.perf_counter() - started
-    level = asyncio.run(run_level(url, model, 1, 1, 16, offset=20_000))
+    level = asyncio.run(run_level(url, model, 1, 1, 16, offset=20_000, edit=edit))
     return {"api_after_s": round(answered, 2), "ttft_ms": level["ttft_p50_ms"]}
 
 

@@ -94,8 +94,9 @@ edit)  # the edit workload with prompt-lookup drafting on both servers (random w
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
         --levels "${2:-1,16}" --edit --max-tokens 256 --n-batch 2048 --n-ctx 2048 \
-        --minerva-env MINERVA_SPECULATIVE_DRAFT=8 --llama-server-arg=--spec-type=ngram-simple \
-        --llama-server-arg=--spec-ngram-simple-size-n=3 --llama-server-arg=--spec-ngram-simple-size-m=8 \
+        --minerva-env MINERVA_SPECULATIVE_DRAFT=8 --llama-server-arg=--spec-type --llama-server-arg=ngram-simple \
+        --llama-server-arg=--spec-ngram-simple-size-n --llama-server-arg=3 \
+        --llama-server-arg=--spec-ngram-simple-size-m --llama-server-arg=8 \
         --out "${OUT:-/tmp}/edit-gpu.json"
     ;;
 batch)
