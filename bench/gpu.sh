@@ -51,9 +51,17 @@ build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M mod
         -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
     cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
     python3 -m venv --system-site-packages /tmp/venv
+    # numpy is not in the carry: link the machine's (its python3 may itself be a venv, whose packages a venv made
+    # from it does not see).
+    site=$(/tmp/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    if ! /tmp/venv/bin/python -c 'import numpy' 2>/dev/null; then
+        numpy_site=$(python3 -c 'import numpy, os; print(os.path.dirname(os.path.dirname(numpy.__file__)))')
+        ln -sf "$numpy_site"/numpy "$numpy_site"/numpy-*.dist-info "$site"/
+        [ -d "$numpy_site/numpy.libs" ] && ln -sf "$numpy_site/numpy.libs" "$site"/
+    fi
     /tmp/venv/bin/pip install -q --no-index --find-links "$CARRY/wheels" -r "$CARRY/requirements.txt"
     /tmp/venv/bin/pip install -q --no-index --no-deps --find-links "$CARRY/wheels" huggingface-hub filelock fsspec httpx2 httpcore2 truststore
-    sidecar=$(/tmp/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/drf_spectacular_sidecar
+    sidecar=$site/drf_spectacular_sidecar
     mkdir -p "$sidecar" && touch "$sidecar/__init__.py"
     PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
         /tmp/w/llama.cpp/models/ggml-vocab-llama-bpe.gguf /tmp/m-f16.gguf 8b

@@ -135,6 +135,7 @@ class Sequence:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.drafted = self.accepted = 0  # speculative tokens proposed for this sequence, and those it kept
+        self.draft_window = 0  # the most tokens to draft next: halved when none held, doubled when all did (0: max)
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.submitted = time.monotonic()
@@ -153,6 +154,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # exactly what the KV cache holds for this sequence id
     sequence: Sequence | None = None
     last_used: float = 0.0
+    saved_len: int = 0  # tokens[:saved_len] is in the host prompt cache (saved while the slot was idle, or leaving)
 
 
 class NullIO:
@@ -374,12 +376,22 @@ class LoadedModel:
 
     def _run(self) -> None:
         while True:
+            idle_slot = None
             with self._wakeup:
                 while not self._closed and not self._waiting and not self._active:
+                    idle_slot = self._unsaved_idle_slot()
+                    if idle_slot is not None:
+                        break
                     self._wakeup.wait()
                 if self._closed:
                     break
-                self._admit()
+                if idle_slot is None:
+                    self._admit()
+            if idle_slot is not None:
+                # Nothing to decode: copy an idle slot's cells to the host cache now, one slot at a time (a request
+                # arriving waits for one copy at most), so that admitting the next request need not.
+                self._save(idle_slot)
+                continue
             try:
                 self._step()
             except Exception as exc:  # a failed decode fails the sequences in it; the thread lives on
@@ -412,6 +424,7 @@ class LoadedModel:
                 llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
                 reuse = 0
             slot.tokens = slot.tokens[:reuse]
+            slot.saved_len = min(slot.saved_len, reuse)
             slot.sequence, sequence.slot = slot, slot
             sequence.n_past = sequence.cached_tokens = reuse
             sequence.pending = sequence.prompt[reuse:]
@@ -426,6 +439,12 @@ class LoadedModel:
                 self._active.append(follower)
         if admitted and self.shared_cells and self.prompt_cache is not None:
             self._offload_idle()
+
+    def _unsaved_idle_slot(self) -> Slot | None:
+        if self.prompt_cache is None:
+            return None
+        return next((slot for slot in self.slots if slot.sequence is None and slot.saved_len != len(slot.tokens)
+                     and len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS), None)  # fmt: skip
 
     def _offload_idle(self) -> None:
         """Save idle slots' cells to the host prompt cache and free them (llama-server's --cache-idle-slots): in a
@@ -459,12 +478,15 @@ class LoadedModel:
             slot.tokens = []
             self.prompt_cache.put(list(saved), state)
             return 0
-        slot.tokens = list(saved)
+        slot.tokens, slot.saved_len = list(saved), 0  # taken out of the host cache
         self.stats["prompt_cache_loads"] = self.stats.get("prompt_cache_loads", 0) + 1
         return length
 
     def _save(self, slot: Slot) -> None:
-        """Copy a slot's KV cells into the host prompt cache."""
+        """Copy a slot's KV cells into the host prompt cache (unless they are there already)."""
+        if slot.saved_len == len(slot.tokens):
+            return
+        slot.saved_len = len(slot.tokens)  # saved, or tried: cells too large for the cache are not tried again
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.id)
         if not size or size > self.prompt_cache.limit_bytes:
             return
@@ -516,7 +538,7 @@ class LoadedModel:
             else:  # between streams llama.cpp copies only whole buffers: copy, then drop what is past the prefix
                 llama_cpp.llama_memory_seq_cp(self.memory, slot.id, target.id, -1, -1)
                 llama_cpp.llama_memory_seq_rm(self.memory, target.id, length, -1)
-            target.tokens = sequence.prompt[:length]
+            target.tokens, target.saved_len = sequence.prompt[:length], 0
             sequence.n_past = sequence.cached_tokens = length
             sequence.pending = sequence.prompt[length:]
             self.stats["prefix_copies"] = self.stats.get("prefix_copies", 0) + 1
@@ -529,7 +551,7 @@ class LoadedModel:
             if follower.waiting_for_leader and leader.batch_index >= 0 and not leader.pending:
                 llama_cpp.llama_memory_seq_rm(self.memory, follower.slot.id, -1, -1)
                 llama_cpp.llama_memory_seq_cp(self.memory, leader.slot.id, follower.slot.id, -1, -1)
-                follower.slot.tokens = list(leader.slot.tokens)
+                follower.slot.tokens, follower.slot.saved_len = list(leader.slot.tokens), 0
                 follower.n_past, follower.cached_tokens = leader.n_past, leader.cached_tokens
                 follower.batch_index = leader.batch_index
                 follower.waiting_for_leader = False
@@ -629,6 +651,13 @@ class LoadedModel:
                 self.stats["accepted"] = self.stats.get("accepted", 0) + taken
                 sequence.drafted += len(drafts)
                 sequence.accepted += taken
+                # Drafts that keep failing (text unlike its context) cost rows in every step: draft fewer, down to
+                # one, until they hold again.
+                window = sequence.draft_window or self.draft_max
+                if taken == 0:
+                    sequence.draft_window = max(1, window // 2)
+                elif taken == len(drafts):
+                    sequence.draft_window = min(self.draft_max, window * 2)
                 if taken < len(drafts):  # the cells of the drafts it did not take
                     rejected = len(drafts) - taken
                     llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot.id, sequence.n_past - rejected, -1)
@@ -716,7 +745,8 @@ class LoadedModel:
         for sequence in self._active:
             if sequence.pending or sequence.waiting_for_leader or sequence.prefix_from is not None:
                 continue
-            limit = min(self.draft_max, sequence.max_tokens - sequence.completion_tokens - 1, budget)
+            window = sequence.draft_window or self.draft_max
+            limit = min(window, sequence.max_tokens - sequence.completion_tokens - 1, budget)
             if limit > 0:
                 wants.append((sequence, limit))
                 budget -= limit

@@ -477,3 +477,21 @@ def test_a_grammar_no_token_can_continue_fails_only_its_own_sequence(model, io):
     assert isinstance(sequence.error, GrammarDeadEnd)
     assert io.text("dead-end") == '"a'  # what it wrote before the dead end
     assert run(model, "after", prompt, SamplingParams(temperature=0, max_tokens=3)).error is None
+
+
+def test_an_idle_slot_goes_to_host_memory_while_nothing_runs_so_the_next_request_does_not_wait_for_it(io):
+    model = LoadedModel(str(default_model_path()), n_ctx=1024, n_parallel=1, io=io, cache_ram_bytes=64 << 20)
+    try:
+        story = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
+        run(model, "idle-save", model.chat_prompt([{"role": "user", "content": story}]), SamplingParams(max_tokens=4))
+        for _ in range(200):  # the scheduler saves it soon after the request ends, with no other request to come
+            if model.stats.get("prompt_cache_saves"):
+                break
+            threading.Event().wait(0.05)
+        assert model.stats.get("prompt_cache_saves") == 1 and model.slots[0].tokens
+        other = model.chat_prompt([{"role": "user", "content": "Count to five."}])
+        run(model, "idle-save-other", other, SamplingParams(max_tokens=4))
+        assert model.stats["prompt_cache_saves"] == 1  # taking the slot found its cells saved already
+        assert len(model.prompt_cache._entries) == 1
+    finally:
+        model.close()
