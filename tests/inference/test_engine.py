@@ -495,3 +495,20 @@ def test_an_idle_slot_goes_to_host_memory_while_nothing_runs_so_the_next_request
         assert len(model.prompt_cache._entries) == 1
     finally:
         model.close()
+
+
+def test_drafts_that_keep_failing_shrink_to_one_a_step_and_change_nothing(io, monkeypatch):
+    path = str(default_model_path())
+    model = LoadedModel(path, n_ctx=512, n_parallel=1, io=io, shared_cells=False, draft_max=8)
+    try:
+        prompt = model.chat_prompt([{"role": "user", "content": "Name a color."}])
+        run(model, "junk-plain", prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        monkeypatch.setattr(model, "_draft", lambda sequence, limit: [model.n_vocab - 1] * limit)  # never right
+        drafted = run(model, "junk-drafts", prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        assert drafted.accepted == 0
+        # the first token comes from the prompt's step; of the 29 steps after, the last has no room for a draft (it
+        # would pass max_tokens): 28 drafting steps, 8, 4, 2, then one a step
+        assert drafted.drafted == 8 + 4 + 2 + (28 - 3)
+        assert io.text("junk-drafts") == io.text("junk-plain")
+    finally:
+        model.close()
