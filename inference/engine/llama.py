@@ -136,6 +136,8 @@ class Sequence:
         self.cached_tokens = 0
         self.drafted = self.accepted = 0  # speculative tokens proposed for this sequence, and those it kept
         self.draft_window = 0  # the most tokens to draft next: halved when none held, doubled when all did (0: max)
+        self.draft_misses = 0  # drafts of one token that failed in a row; each doubles the steps drafting rests
+        self.draft_rest = 0  # steps to go without drafting
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.submitted = time.monotonic()
@@ -651,13 +653,18 @@ class LoadedModel:
                 self.stats["accepted"] = self.stats.get("accepted", 0) + taken
                 sequence.drafted += len(drafts)
                 sequence.accepted += taken
-                # Drafts that keep failing (text unlike its context) cost rows in every step: draft fewer, down to
-                # one, until they hold again.
+                # Drafts that keep failing (text unlike its context) widen every step for nothing: draft fewer, down
+                # to one, then rest for 2, 4, ... 64 steps between single drafts, until they hold again.
                 window = sequence.draft_window or self.draft_max
-                if taken == 0:
-                    sequence.draft_window = max(1, window // 2)
-                elif taken == len(drafts):
-                    sequence.draft_window = min(self.draft_max, window * 2)
+                if taken == 0 and window > 1:
+                    sequence.draft_window = window // 2
+                elif taken == 0:
+                    sequence.draft_misses += 1
+                    sequence.draft_rest = min(2**sequence.draft_misses, 64)
+                else:
+                    sequence.draft_misses = 0
+                    if taken == len(drafts):
+                        sequence.draft_window = min(self.draft_max, window * 2)
                 if taken < len(drafts):  # the cells of the drafts it did not take
                     rejected = len(drafts) - taken
                     llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot.id, sequence.n_past - rejected, -1)
@@ -744,6 +751,9 @@ class LoadedModel:
         wants = []
         for sequence in self._active:
             if sequence.pending or sequence.waiting_for_leader or sequence.prefix_from is not None:
+                continue
+            if sequence.draft_rest:
+                sequence.draft_rest -= 1
                 continue
             window = sequence.draft_window or self.draft_max
             limit = min(window, sequence.max_tokens - sequence.completion_tokens - 1, budget)

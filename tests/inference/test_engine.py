@@ -497,7 +497,7 @@ def test_an_idle_slot_goes_to_host_memory_while_nothing_runs_so_the_next_request
         model.close()
 
 
-def test_drafts_that_keep_failing_shrink_to_one_a_step_and_change_nothing(io, monkeypatch):
+def test_drafts_that_keep_failing_shrink_then_rest_longer_and_longer_and_change_nothing(io, monkeypatch):
     path = str(default_model_path())
     model = LoadedModel(path, n_ctx=512, n_parallel=1, io=io, shared_cells=False, draft_max=8)
     try:
@@ -507,8 +507,9 @@ def test_drafts_that_keep_failing_shrink_to_one_a_step_and_change_nothing(io, mo
         drafted = run(model, "junk-drafts", prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         assert drafted.accepted == 0
         # the first token comes from the prompt's step; of the 29 steps after, the last has no room for a draft (it
-        # would pass max_tokens): 28 drafting steps, 8, 4, 2, then one a step
-        assert drafted.drafted == 8 + 4 + 2 + (28 - 3)
+        # would pass max_tokens). Of those 28: 8, 4, 2, 1 drafted, then rests of 2, 4, 8 and 16 steps between single
+        # drafts (steps 5-6, 8-11, 13-20, 22-28 rest)
+        assert drafted.drafted == 8 + 4 + 2 + 1 + 1 + 1 + 1
         assert io.text("junk-drafts") == io.text("junk-plain")
     finally:
         model.close()
