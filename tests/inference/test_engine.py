@@ -210,6 +210,8 @@ def test_events_are_start_tokens_then_done(model, io):
         "prompt_tokens": len(prompt),
         "completion_tokens": sequence.completion_tokens,
         "cached_tokens": sequence.cached_tokens,
+        "accepted_prediction_tokens": 0,  # no drafting
+        "rejected_prediction_tokens": 0,
     }
 
 
