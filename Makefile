@@ -7,6 +7,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 NODE_DEPS := tests/node/node_modules/.installed
 # Two cores: let llama.cpp's CMake build use both.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# llama-cpp-python's multimodal library (mtmd, a quarter of the build): Minerva loads no projector and refuses images.
+# Set CMAKE_ARGS yourself (e.g. -DGGML_CUDA=on) and it applies instead.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test test-postgres lint format bootstrap clean
 
