@@ -472,7 +472,7 @@ class LoadedModel:
         if state is None:
             return reuse
         llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        buffer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(state), slot.id) != len(state):
             # No room for it in one piece (shared cells, fragmented): the prompt is computed instead, and the saved
             # copy stays for a later, emptier moment.
@@ -492,13 +492,13 @@ class LoadedModel:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.id)
         if not size or size > self.prompt_cache.limit_bytes:
             return
-        state = bytearray(size)
-        buffer = (ctypes.c_uint8 * size).from_buffer(state)
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot.id)
-        del buffer  # the bytearray can be resized once nothing points into it
+        # Not a bytearray: it zero-fills its memory first, which took longer than the copy (90 MB: ~60 vs ~20 ms).
+        state = np.empty(size, np.uint8)
+        written = llama_cpp.llama_state_seq_get_data(
+            self.ctx, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, slot.id
+        )
         if written:
-            del state[written:]
-            self.prompt_cache.put(slot.tokens, state)
+            self.prompt_cache.put(slot.tokens, state[:written])
             self.stats["prompt_cache_saves"] = self.stats.get("prompt_cache_saves", 0) + 1
 
     def _prefix_source(self, prompt: list[int]) -> tuple[Sequence | None, int]:

@@ -5,6 +5,8 @@ conversation after other requests took its slot continues where it was."""
 
 import collections
 
+import numpy as np
+
 # A prompt shorter than this is cheap to compute again: not worth its copy.
 PROMPT_CACHE_MIN_TOKENS = 128
 
@@ -15,7 +17,7 @@ class PromptCache:
 
     def __init__(self, limit_bytes: int):
         self.limit_bytes = limit_bytes
-        self._entries: collections.OrderedDict[tuple[int, ...], bytearray] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple[int, ...], np.ndarray] = collections.OrderedDict()
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -30,7 +32,7 @@ class PromptCache:
                 best, length = tokens, shared
         return best, length
 
-    def put(self, tokens: list[int], state: bytearray) -> None:
+    def put(self, tokens: list[int], state: np.ndarray) -> None:
         """Keep a sequence's state. Saved sequences that are beginnings of this one go: it holds them."""
         key = tuple(tokens)
         if len(state) > self.limit_bytes:
@@ -42,7 +44,7 @@ class PromptCache:
         while self.bytes > self.limit_bytes:
             self.bytes -= len(self._entries.popitem(last=False)[1])
 
-    def take(self, tokens: tuple[int, ...]) -> bytearray | None:
+    def take(self, tokens: tuple[int, ...]) -> np.ndarray | None:
         """Remove and return a saved sequence's state (it is going back into a slot, which holds it from then on);
         None if it is no longer here."""
         state = self._entries.pop(tokens, None)
