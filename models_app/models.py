@@ -76,6 +76,12 @@ class LanguageModel(models.Model):
             raise ValidationError({"draft_model": "a model cannot draft for itself"})
         if self.draft_model is not None and self.draft_model.format != "gguf":
             raise ValidationError({"draft_model": "a draft model must be a GGUF file"})
+        if self.draft_model is not None:  # the worker checks every token's text when it loads them (DraftModel)
+            mine, theirs = (self.metadata or {}).get("vocab_size"), (self.draft_model.metadata or {}).get("vocab_size")
+            if mine and theirs and mine != theirs:
+                message = (f"{self.draft_model.name} has a vocabulary of {theirs} tokens, this model {mine}: "
+                           "a draft model must share the model's tokenizer")  # fmt: skip
+                raise ValidationError({"draft_model": message})
         if self.keep_alive and not KEEP_ALIVE_RE.fullmatch(self.keep_alive.strip()):
             raise ValidationError({"keep_alive": "seconds, or a duration like 10m or 1h; negative = forever"})
 

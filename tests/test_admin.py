@@ -86,9 +86,12 @@ def test_the_admin_pulls_a_model_and_shows_its_progress(admin_client, hub):
     assert b"is not a Hugging Face model" in refused.content
 
 
-def test_the_model_page_offers_a_draft_model_but_a_model_cannot_draft_for_itself(staff, smollm2):
+def test_the_model_page_offers_a_draft_model_but_not_itself_nor_one_with_another_vocabulary(staff, smollm2):
     page = staff.get(f"/admin/models_app/languagemodel/{smollm2.pk}/change/")
     assert b'name="draft_model"' in page.content
     smollm2.draft_model = smollm2
     with pytest.raises(ValidationError, match="a model cannot draft for itself"):
+        smollm2.full_clean()
+    smollm2.draft_model = LanguageModel.objects.get(name="all-minilm-l6-v2")
+    with pytest.raises(ValidationError, match="vocabulary of 30522 tokens, this model 49152: a draft model must share"):
         smollm2.full_clean()
