@@ -1,6 +1,7 @@
 """The scheduler on its own (no Django): real SmolLM2 through llama.cpp's batch API."""
 
 import dataclasses
+import re
 import threading
 
 import llama_cpp
@@ -513,5 +514,28 @@ def test_drafts_that_keep_failing_shrink_then_rest_longer_and_longer_and_change_
         # drafts (steps 5-6, 8-11, 13-20, 22-28 rest)
         assert drafted.drafted == 8 + 4 + 2 + 1 + 1 + 1 + 1
         assert io.text("junk-drafts") == io.text("junk-plain")
+    finally:
+        model.close()
+
+
+def test_a_draft_model_serves_n_choices_under_a_grammar_in_a_shared_cache(io):
+    # Drafts the grammar forbids are rejected like any other; each choice's slot is caught up on the draft side.
+    path = str(default_model_path())
+    model = LoadedModel(path, n_ctx=1024, n_parallel=2, io=io, shared_cells=True, draft_max=4, draft_path=path)
+    try:
+        grammar = 'root ::= "[" item ("," " "? item)* "]"\nitem ::= [0-9]+'
+        prompt = model.chat_prompt([{"role": "user", "content": "List the numbers from 1 to 20 as JSON."}])
+        choices = model.submit_many("draft-grammar", prompt, SamplingParams(temperature=0.7, seed=3, max_tokens=40,
+                                                                            grammar=grammar), n=2)  # fmt: skip
+        assert all(c.wait(120) for c in choices)
+        assert all(c.error is None and c.completion_tokens > 0 for c in choices)
+        assert model.stats["drafted"] > 0
+        texts = {}
+        for event, data in io.events["draft-grammar"]:
+            if event == "token":
+                texts[data["index"]] = texts.get(data["index"], "") + data["text"]
+        assert set(texts) == {0, 1}
+        # what the grammar allows, cut anywhere by max_tokens
+        assert all(re.fullmatch(r"\[\d+([, ] ?\d*)*\]?", text) for text in texts.values()), texts
     finally:
         model.close()
