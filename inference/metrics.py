@@ -5,7 +5,7 @@ mode because that mode needs one shared directory, so it cannot count across hos
 from .models import RequestLog
 
 REQUESTS = "minerva:metrics:requests"  # "endpoint|model|status" -> count
-TOKENS = "minerva:metrics:tokens"  # "model|prompt" / "model|completion" -> count
+TOKENS = "minerva:metrics:tokens"  # "model|prompt" / "completion" / "drafted" / "draft_accepted" -> count
 HISTOGRAMS = {"ttft": "minerva:metrics:ttft", "itl": "minerva:metrics:itl"}  # "model|le" -> count, plus sum/count
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 
@@ -26,6 +26,9 @@ def metrics_record(log: RequestLog, *, endpoint: str | None = None, model: str |
     if log.prompt_tokens or log.completion_tokens:
         pipe.hincrby(TOKENS, f"{model}|prompt", log.prompt_tokens)
         pipe.hincrby(TOKENS, f"{model}|completion", log.completion_tokens)
+    if drafted := getattr(log, "drafted_tokens", 0):  # speculative decoding (set by the worker, not a column)
+        pipe.hincrby(TOKENS, f"{model}|drafted", drafted)
+        pipe.hincrby(TOKENS, f"{model}|draft_accepted", log.accepted_draft_tokens)
     if log.ttft_ms is not None:
         _observe(pipe, "ttft", model, log.ttft_ms / 1000)
         if log.latency_ms is not None and log.completion_tokens > 1:

@@ -691,6 +691,9 @@ def _count(log: RequestLog, sequences: list[Sequence]) -> None:
         return
     log.prompt_tokens, log.cached_tokens = len(sequences[0].prompt), sequences[0].cached_tokens
     log.completion_tokens = sum(s.completion_tokens for s in sequences)
+    # Not columns: speculative decoding's counts go to the metrics only (metrics_record).
+    log.drafted_tokens = sum(s.drafted for s in sequences)
+    log.accepted_draft_tokens = sum(s.accepted for s in sequences)
     first = min((s.first_token_at for s in sequences if s.first_token_at is not None), default=None)
     if first is not None:
         log.ttft_ms = round(_ms_since(log) - (time.monotonic() - first) * 1000, 1)

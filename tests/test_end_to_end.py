@@ -1,6 +1,7 @@
 """The official openai SDK against a real `manage.py serve`: daphne, a Celery worker process, Redis, SmolLM2."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -259,4 +260,10 @@ def test_a_draft_model_set_in_the_registry_drafts_for_its_model_and_the_text_sta
     assert details.accepted_prediction_tokens > 30 and details.rejected_prediction_tokens >= 0
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0,
                                           max_tokens=40)  # fmt: skip
-    assert chat.usage.completion_tokens_details.accepted_prediction_tokens > 0
+    kept = chat.usage.completion_tokens_details.accepted_prediction_tokens
+    assert kept > 0
+    # operators see the acceptance rate in /metrics: what the two drafted requests drafted and kept
+    metrics = httpx.get(client.base_url.join("/metrics"), timeout=10).text
+    accepted = re.search(rf'^minerva_tokens_total{{kind="draft_accepted",model="{MODEL}"}} (\S+)$', metrics, re.M)
+    assert float(accepted.group(1)) == details.accepted_prediction_tokens + kept
+    assert re.search(rf'^minerva_tokens_total{{kind="drafted",model="{MODEL}"}} ', metrics, re.M)

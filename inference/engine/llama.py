@@ -642,17 +642,17 @@ class LoadedModel:
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.monotonic()
             drafts, sequence.drafts = sequence.drafts, []
+            sequence.drafted += len(drafts)  # counted before _take may end the sequence (its `done` has the counts)
             taken = 0
             # A drafted token the model agrees with was decoded already: its row's logits give the next token.
             while self._take(sequence, token, events) and taken < len(drafts) and token == drafts[taken]:
                 taken += 1
+                sequence.accepted += 1
                 sequence.batch_index += 1
                 token = self._sample_one(sequence)
             if drafts:
                 self.stats["drafted"] = self.stats.get("drafted", 0) + len(drafts)
                 self.stats["accepted"] = self.stats.get("accepted", 0) + taken
-                sequence.drafted += len(drafts)
-                sequence.accepted += taken
                 # Drafts that keep failing (text unlike its context) widen every step for nothing: draft fewer, down
                 # to one, then rest for 2, 4, ... 64 steps between single drafts, until they hold again.
                 window = sequence.draft_window or self.draft_max
