@@ -80,7 +80,7 @@ def request_run(*, log_id: int, payload: dict) -> None:
     param = "messages" if body.is_chat else "prompt"
     sequences: list[Sequence] = []
     try:
-        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        model = _retrying(lambda: LanguageModel.objects.select_related("draft_model").get(name=log.model))
         keep_alive = parse_keep_alive(body.keep_alive if body.keep_alive is not None else model.keep_alive or None)
         if body.load_only:
             return _load_only(log, stream, model, keep_alive)
@@ -265,7 +265,7 @@ def tokenize_run(*, log_id: int, payload: dict) -> None:
     log, stream = claimed
     body = TokenizeRequest.model_validate(payload["tokenize"])
     try:
-        model = _retrying(lambda: LanguageModel.objects.get(name=log.model))
+        model = _retrying(lambda: LanguageModel.objects.select_related("draft_model").get(name=log.model))
         spec = _spec(model) if model_generates(model) else _spec(model, embedding=True)
         with model_cache().use(spec) as engine:
             answer = _tokenize(engine, model, body)

@@ -29,8 +29,11 @@ class DraftModel:
     tokens the served model took, the prompt of a new request), then drafts."""
 
     def __init__(self, path: str, target: _internals.LlamaModel, *, n_ctx: int, n_parallel: int, n_gpu_layers: int,
-                 n_threads: int, n_batch: int, shared_cells: bool):  # fmt: skip
+                 n_threads: int, n_batch: int, shared_cells: bool, draft_max: int):  # fmt: skip
         self.path = path
+        # Between two steps of one sequence only its last tokens can differ from what the draft holds (the drafts it
+        # did not keep): that tail is compared, not the whole context, each step.
+        self.tail = draft_max + 64
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers
         mparams.use_extra_bufts = not cpu_has_amx()  # see LoadedModel (what a draft's rows round to is only a guess)
@@ -54,6 +57,7 @@ class DraftModel:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = self.model.n_vocab()
         self.tokens: list[list[int]] = [[] for _ in range(n_parallel)]
+        self.owners: list[object] = [None] * n_parallel  # the sequence each slot's cells were last drafted for
         self._batch = Batch(n_batch)
 
     def _check_vocab(self, target: _internals.LlamaModel) -> None:
@@ -71,17 +75,21 @@ class DraftModel:
                     "the model's tokenizer"
                 )
 
-    def draft(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
-        """For each (slot, history, limit): up to `limit` tokens the draft model expects after `history` (what the
-        slot holds plus the token about to be decoded). A decode the draft's cache has no room for drafts nothing
-        this time: drafting is an optimisation, never a failure."""
+    def draft(self, wants: list[tuple[int, object, list[int], int, int]]) -> list[list[int]]:
+        """For each (slot, owner, held, next_token, limit): up to `limit` tokens the draft model expects after what
+        the slot holds (`held`, not copied) and the token about to be decoded; `owner` names the sequence (a new one
+        is compared whole). A decode the draft's cache has no room for drafts nothing this time: drafting is an
+        optimisation, never a failure (nor can a wrong draft change the text: the model verifies it)."""
         drafts: list[list[int]] = [[] for _ in wants]
         todo: dict[int, list[int]] = {}  # want index -> tokens to decode before its first draft
-        for i, (slot, history, _limit) in enumerate(wants):
-            keep = min(common_prefix(self.tokens[slot], history), len(history) - 1)  # the last one gives logits
+        for i, (slot, owner, held, next_token, _limit) in enumerate(wants):
+            mine = self.tokens[slot]
+            start = min(max(0, len(mine) - self.tail), len(held)) if self.owners[slot] == owner else 0
+            keep = start + common_prefix(mine[start:], held[start:])  # at most len(held): next_token gives logits
             llama_cpp.llama_memory_seq_rm(self.memory, slot, keep, -1)
-            del self.tokens[slot][keep:]
-            todo[i] = history[keep:]
+            del mine[keep:]
+            self.owners[slot] = owner
+            todo[i] = [*held[keep:], next_token]
         try:
             while todo:  # catch up, a batch at a time; a sequence whose history is in drafts its first token
                 batch, rows = self._batch, {}
@@ -103,7 +111,7 @@ class DraftModel:
             while True:  # then one token per sequence and decode, until each has its limit
                 batch, rows = self._batch, {}
                 batch.clear()
-                for i, (slot, _history, limit) in enumerate(wants):
+                for i, (slot, *_, limit) in enumerate(wants):
                     if drafts[i] and len(drafts[i]) < limit:
                         rows[i] = batch.add([drafts[i][-1]], len(self.tokens[slot]), slot, logits=1)
                         self.tokens[slot].append(drafts[i][-1])
@@ -115,7 +123,7 @@ class DraftModel:
         except _NoRoom:
             self.clear()
             return [[] for _ in wants]
-        return [d[:limit] for d, (_slot, _history, limit) in zip(drafts, wants, strict=True)]
+        return [d[: want[-1]] for d, want in zip(drafts, wants, strict=True)]
 
     def _decode(self) -> None:
         code = llama_cpp.llama_decode(self.ctx, self._batch.struct)
@@ -131,6 +139,7 @@ class DraftModel:
         """Forget every slot's cells (the next call decodes their histories again)."""
         llama_cpp.llama_memory_clear(self.memory, True)
         self.tokens = [[] for _ in self.tokens]
+        self.owners = [None] * len(self.tokens)
 
     def close(self) -> None:
         self.context.close()

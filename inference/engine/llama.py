@@ -224,7 +224,7 @@ class LoadedModel:
             try:
                 self.drafter = DraftModel(draft_path, self.model, n_ctx=n_ctx, n_parallel=n_parallel,
                                           n_gpu_layers=n_gpu_layers, n_threads=cparams.n_threads, n_batch=n_batch,
-                                          shared_cells=self.shared_cells)  # fmt: skip
+                                          shared_cells=self.shared_cells, draft_max=draft_max)  # fmt: skip
             except Exception:
                 self.context.close()
                 self.model.close()
@@ -761,7 +761,9 @@ class LoadedModel:
                 wants.append((sequence, limit))
                 budget -= limit
         if self.drafter is not None:
-            drafted = self.drafter.draft([(s.slot.id, [*s.slot.tokens, s.next_token], limit) for s, limit in wants])
+            owners = [(s.key, s.index) for s, _limit in wants]  # request ids are unique, object ids get reused
+            drafted = self.drafter.draft([(s.slot.id, owner, s.slot.tokens, s.next_token, limit)
+                                          for (s, limit), owner in zip(wants, owners, strict=True)])  # fmt: skip
         else:
             drafted = [self._draft(s, limit) for s, limit in wants]
         for (sequence, _limit), drafts in zip(wants, drafted, strict=True):
