@@ -40,16 +40,23 @@ prepare)
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
     rm -f "$CARRY"/wheels/numpy-*.whl  # 16 MiB; the machine's python3 has numpy, which the venv sees
+    pip download -q --no-deps -d "$CARRY/wheels" py-spy  # `cpu`: where the servers' processes spend the CPU
+    # CUDA binaries an earlier `build` packed (`pack`, copied here from its $OUT): `build` then skips the compile.
+    [ -f build/gpu-lbuild.tar.xz ] && cp build/gpu-lbuild.tar.xz "$CARRY/lbuild.tar.xz"
     cp bench/make_synthetic_llama.py "$CARRY/"
     rm -rf "$CARRY/src"
     du -sh "$CARRY"
     ;;
 build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M model in /tmp/m-q4km.gguf
     mkdir -p /tmp/w && tar xJf "$CARRY/llama.cpp.tar.xz" -C /tmp/w
-    cmake -B /tmp/lbuild -S /tmp/w/llama.cpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-        -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
-    cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
+    if [ -f "$CARRY/lbuild.tar.xz" ]; then  # packed by an earlier session's `pack`: no compile
+        mkdir -p /tmp/lbuild/bin && tar xJf "$CARRY/lbuild.tar.xz" -C /tmp/lbuild/bin
+    else
+        cmake -B /tmp/lbuild -S /tmp/w/llama.cpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+            -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+            -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
+        cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
+    fi
     python3 -m venv --system-site-packages /tmp/venv
     # numpy is not in the carry: link the machine's (its python3 may itself be a venv, whose packages a venv made
     # from it does not see).
@@ -60,7 +67,8 @@ build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M mod
         [ -d "$numpy_site/numpy.libs" ] && ln -sf "$numpy_site/numpy.libs" "$site"/
     fi
     /tmp/venv/bin/pip install -q --no-index --find-links "$CARRY/wheels" -r "$CARRY/requirements.txt"
-    /tmp/venv/bin/pip install -q --no-index --no-deps --find-links "$CARRY/wheels" huggingface-hub filelock fsspec httpx2 httpcore2 truststore
+    /tmp/venv/bin/pip install -q --no-index --no-deps --find-links "$CARRY/wheels" huggingface-hub filelock fsspec httpx2 httpcore2 truststore \
+        py-spy
     sidecar=$site/drf_spectacular_sidecar
     mkdir -p "$sidecar" && touch "$sidecar/__init__.py"
     PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
@@ -107,6 +115,32 @@ edit)  # the edit workload with prompt-lookup drafting on both servers (random w
         --llama-server-arg=--spec-ngram-simple-size-m --llama-server-arg=8 \
         --out "${OUT:-/tmp}/edit-gpu.json"
     ;;
+pack)  # the CUDA binaries `build` compiled, into $OUT: copy it to build/gpu-lbuild.tar.xz here for the next carry
+    tar cJf "${OUT:-/tmp}/gpu-lbuild.tar.xz" -C /tmp/lbuild/bin $(cd /tmp/lbuild/bin && ls *.so* llama-server llama-quantize)
+    ls -la "${OUT:-/tmp}/gpu-lbuild.tar.xz"
+    ;;
+cpu)  # where the CPU goes at c=64, Minerva's level: each process's and the worker's threads' CPU, py-spy profiles
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    out=${OUT:-/tmp}
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels 64 --requests "${2:-256}" --n-batch 2048 --n-ctx 1024 --out "$out/cpu-gpu.json" \
+        "${@:3}" > "$out/cpu-bench.log" 2>&1 &
+    bench=$!
+    until grep -q "llama-server c=64" "$out/cpu-bench.log" || ! kill -0 $bench 2>/dev/null; do sleep 0.5; done
+    sleep 6
+    worker=$(pgrep -f "celery -A minerva_project worker" | head -1)
+    web=$(pgrep -f "minerva_project.daphne" | tr '\n' ',' | sed 's/,$//')
+    top -b -n 2 -d 4 -w 250 > "$out/top.txt" &
+    top -b -H -n 2 -d 4 -w 250 -p "$worker" > "$out/top-worker-threads.txt" &
+    py-spy record -p "$worker" -d 10 -r 200 -f raw --threads --nonblocking -o "$out/pyspy-worker.txt" \
+        > /dev/null 2>&1 &
+    for pid in ${web//,/ }; do
+        py-spy record -p "$pid" -d 10 -r 200 -f raw --nonblocking -o "$out/pyspy-web-$pid.txt" > /dev/null 2>&1 &
+    done
+    wait $bench
+    wait
+    tail -20 "$out/cpu-bench.log"
+    ;;
 batch)
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
@@ -122,7 +156,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|pack|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac

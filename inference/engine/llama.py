@@ -145,6 +145,8 @@ class Sequence:
         self.logprobs: list[dict] = []  # entries not yet sent with a text event
         self.info: dict = {}  # extra data for the `start` event
         self.finished = threading.Event()
+        # Greedy or seeded: the same request must give the same text, so its prompt's last token is decoded alone.
+        self.repeatable = params.temperature <= 0 or params.seed is not None
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
@@ -611,10 +613,12 @@ class LoadedModel:
                 sequence.n_past += len(tokens)
         for sequence in self._active:
             if sequence.pending and batch.room() and room and sequence.prefix_from is None:
-                # The prompt's last token goes in a step of its own, as it does when the rest of the prompt comes
-                # from the prefix cache: its logits (computed in a smaller batch) then do not depend on the cache,
-                # and temperature 0 gives the same text for the same request, cached or not.
-                chunk = (sequence.pending[:-1] or sequence.pending)[: min(batch.room(), room)]
+                # For a request meant to repeat (greedy or seeded), the prompt's last token goes in a step of its
+                # own, as it does when the rest of the prompt comes from the prefix cache: its logits (computed in a
+                # smaller batch) then do not depend on the cache, and the same request gives the same text, cached
+                # or not. Sampling without a seed has nothing to repeat: it does not wait that step.
+                hold = sequence.repeatable and len(sequence.pending) > 1
+                chunk = sequence.pending[: len(sequence.pending) - hold][: min(batch.room(), room)]
                 room -= len(chunk)
                 sequence.pending = sequence.pending[len(chunk) :]
                 last = batch.add(chunk, sequence.n_past, sequence.slot.id, logits=0 if sequence.pending else 1)

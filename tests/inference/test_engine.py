@@ -272,6 +272,17 @@ def test_an_identical_prompt_gives_the_same_text_from_the_cache(model, io):
     assert io.text("warm") == io.text("cold")
 
 
+def test_a_greedy_or_seeded_prompt_holds_its_last_token_back_a_step_and_plain_sampling_does_not(model, io):
+    def steps_for(content, params):
+        before = model.stats["steps"]
+        run(model, content, model.chat_prompt([{"role": "user", "content": content}]), params)
+        return model.stats["steps"] - before
+
+    assert steps_for("Name a tree.", SamplingParams(max_tokens=1)) == 1
+    assert steps_for("Name a river.", SamplingParams(temperature=0, max_tokens=1)) == 2
+    assert steps_for("Name a city.", SamplingParams(seed=7, max_tokens=1)) == 2
+
+
 def test_a_stop_string_ends_the_sequence_and_is_left_out(model, io):
     prompt = model.chat_prompt([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
     run(model, "count", prompt, SamplingParams(temperature=0, max_tokens=40))
