@@ -174,7 +174,8 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     return process, f"http://127.0.0.1:{port}/v1", Path(args.model).stem
 
 
-# Sampling of the load: random text of a fixed length, EOS suppressed; --edit: greedy, until the code block ends.
+# Sampling of the load: random text of a fixed length, EOS suppressed, no seed (as interactive clients send; a seeded
+# request waits one more step for its first token, so that it repeats itself); --edit: greedy, until the block ends.
 SAMPLING = {"ignore_eos": True, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
 EDIT_SAMPLING = {"temperature": 0, "stop": ["```"]}
 
@@ -187,7 +188,6 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
         "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "seed": i,
         **sampling,
     }
     if edit:  # a plain completion: /v1/completions

@@ -41,22 +41,17 @@ prepare)
         --platform manylinux_2_34_x86_64 -d "$CARRY/wheels" -r "$CARRY/requirements.txt"
     rm -f "$CARRY"/wheels/numpy-*.whl  # 16 MiB; the machine's python3 has numpy, which the venv sees
     pip download -q --no-deps -d "$CARRY/wheels" py-spy  # `cpu`: where the servers' processes spend the CPU
-    # CUDA binaries an earlier `build` packed (`pack`, copied here from its $OUT): `build` then skips the compile.
-    [ -f build/gpu-lbuild.tar.xz ] && cp build/gpu-lbuild.tar.xz "$CARRY/lbuild.tar.xz"
     cp bench/make_synthetic_llama.py "$CARRY/"
     rm -rf "$CARRY/src"
     du -sh "$CARRY"
     ;;
 build)  # CUDA llama.cpp into /tmp/lbuild, a venv in /tmp/venv, an 8B Q4_K_M model in /tmp/m-q4km.gguf
     mkdir -p /tmp/w && tar xJf "$CARRY/llama.cpp.tar.xz" -C /tmp/w
-    if [ -f "$CARRY/lbuild.tar.xz" ]; then  # packed by an earlier session's `pack`: no compile
-        mkdir -p /tmp/lbuild/bin && tar xJf "$CARRY/lbuild.tar.xz" -C /tmp/lbuild/bin
-    else
-        cmake -B /tmp/lbuild -S /tmp/w/llama.cpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-            -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-            -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
-        cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
-    fi
+    # ~400 s. (The compiled binaries, xz-compressed, are 44 MiB: with the wheels they do not fit a 64 MiB carry.)
+    cmake -B /tmp/lbuild -S /tmp/w/llama.cpp -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DGGML_CUDA_NCCL=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log
+    cmake --build /tmp/lbuild -j16 --target llama llama-server llama-quantize > /tmp/build.log
     python3 -m venv --system-site-packages /tmp/venv
     # numpy is not in the carry: link the machine's (its python3 may itself be a venv, whose packages a venv made
     # from it does not see).
@@ -115,10 +110,6 @@ edit)  # the edit workload with prompt-lookup drafting on both servers (random w
         --llama-server-arg=--spec-ngram-simple-size-m --llama-server-arg=8 \
         --out "${OUT:-/tmp}/edit-gpu.json"
     ;;
-pack)  # the CUDA binaries `build` compiled, into $OUT: copy it to build/gpu-lbuild.tar.xz here for the next carry
-    tar cJf "${OUT:-/tmp}/gpu-lbuild.tar.xz" -C /tmp/lbuild/bin $(cd /tmp/lbuild/bin && ls *.so* llama-server llama-quantize)
-    ls -la "${OUT:-/tmp}/gpu-lbuild.tar.xz"
-    ;;
 cpu)  # where the CPU goes at c=64, Minerva's level: each process's and the worker's threads' CPU, py-spy profiles
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     out=${OUT:-/tmp}
@@ -132,10 +123,10 @@ cpu)  # where the CPU goes at c=64, Minerva's level: each process's and the work
     web=$(pgrep -f "minerva_project.daphne" | tr '\n' ',' | sed 's/,$//')
     top -b -n 2 -d 4 -w 250 > "$out/top.txt" &
     top -b -H -n 2 -d 4 -w 250 -p "$worker" > "$out/top-worker-threads.txt" &
-    py-spy record -p "$worker" -d 10 -r 200 -f raw --threads --nonblocking -o "$out/pyspy-worker.txt" \
+    /tmp/venv/bin/py-spy record -p "$worker" -d 10 -r 200 -f raw --threads --nonblocking -o "$out/pyspy-worker.txt" \
         > /dev/null 2>&1 &
     for pid in ${web//,/ }; do
-        py-spy record -p "$pid" -d 10 -r 200 -f raw --nonblocking -o "$out/pyspy-web-$pid.txt" > /dev/null 2>&1 &
+        /tmp/venv/bin/py-spy record -p "$pid" -d 10 -r 200 -f raw --nonblocking -o "$out/pyspy-web-$pid.txt" > /dev/null 2>&1 &
     done
     wait $bench
     wait
@@ -156,7 +147,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|pack|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac

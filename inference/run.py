@@ -96,7 +96,7 @@ def request_run(*, log_id: int, payload: dict) -> None:
             elif (body.reasoning_format or (model.default_params or {}).get("reasoning_format")) == "none":
                 info["reasoning"] = "none"  # the view leaves a <think> thought in the content
             sequences = engine.submit_many(log.request_id, prompt, sampling, body.n, info=info)
-            if not db.connection.in_atomic_block:  # this thread may now wait for minutes: free the connection
+            if _holds_a_server_connection():  # this thread may now wait for minutes: free the connection
                 db.connection.close()
             for sequence in sequences:
                 sequence.wait()
@@ -203,7 +203,7 @@ def embedding_run(*, log_id: int, payload: dict) -> None:
             if body.dimensions is not None and body.dimensions > engine.n_embd:
                 raise InvalidRequest(f"dimensions is {body.dimensions}, but the model {model.name} has "
                                      f"{engine.n_embd}.", param="dimensions")  # fmt: skip
-            if not db.connection.in_atomic_block:  # the batch may wait behind others: free the connection
+            if _holds_a_server_connection():  # the batch may wait behind others: free the connection
                 db.connection.close()
             vectors = np.asarray(engine.embed(inputs, truncate=body.truncate), dtype=np.float64)
     except ContextOverflow as exc:
@@ -751,6 +751,12 @@ def _retrying(write, *, seconds: float = DB_RETRY_SECONDS):
                 db.connection.close()
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _holds_a_server_connection() -> bool:
+    """Whether this thread's connection is worth freeing while it waits: a database server's (PostgreSQL keeps a
+    process per connection), not SQLite's (a file handle, which costs ~1 ms of the worker's GIL to open again)."""
+    return db.connection.vendor != "sqlite" and not db.connection.in_atomic_block
 
 
 def _ms_since(log: RequestLog) -> float:

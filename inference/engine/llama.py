@@ -38,6 +38,10 @@ _logger.set_verbose(False)  # llama.cpp logs every tensor of every graph otherwi
 
 
 PARALLEL_SAMPLING_MIN = 4  # sequences in a step before sampling goes to the thread pool
+# With at most this many sequences running, a step that produced a first token waits (briefly) until the IO thread
+# has published it before the next decode: on a CPU the decode's threads take every core, and a first token
+# published meanwhile waited for one (2-5 ms of TTFT on 2 cores). Busier, the wait would cost every sequence a step.
+FIRST_TOKEN_WAIT_MAX = 4
 # Prompt tokens another running sequence must share with a new one before its KV cells are copied rather than
 # decoded again: in a split cache a copy moves a whole slot's buffer, in a shared one it only tags cells.
 PREFIX_COPY_MIN, PREFIX_COPY_MIN_SHARED = 256, 16
@@ -403,7 +407,7 @@ class LoadedModel:
                 for sequence in list(self._active):
                     sequence.error = exc
                     self._finish(sequence, None)
-                self._io_queue.put(([], [], self._ended))
+                self._io_queue.put(([], [], self._ended, None))
                 self._ended = []
         for sequence in [*(s for group in self._waiting for s in group), *self._active]:
             sequence.error = EngineError("The model was unloaded.")
@@ -455,7 +459,7 @@ class LoadedModel:
         shared cache attention spans every used cell, masked or not, so cells nobody reads slow every step."""
         for slot in self.slots:
             if slot.sequence is None and slot.tokens:
-                if len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS:
+                if len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS and self._may_save():
                     self._save(slot)
                 llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
                 slot.tokens = []
@@ -468,7 +472,7 @@ class LoadedModel:
             return reuse
         saved, length = self.prompt_cache.best(prompt)
         better = length >= reuse + PROMPT_CACHE_MIN_TOKENS
-        if len(slot.tokens) - (0 if better else reuse) >= PROMPT_CACHE_MIN_TOKENS:
+        if len(slot.tokens) - (0 if better else reuse) >= PROMPT_CACHE_MIN_TOKENS and self._may_save():
             self._save(slot)
         state = self.prompt_cache.take(saved) if better else None  # None too if saving pushed it out
         if state is None:
@@ -485,6 +489,11 @@ class LoadedModel:
         slot.tokens, slot.saved_len = list(saved), 0  # taken out of the host cache
         self.stats["prompt_cache_loads"] = self.stats.get("prompt_cache_loads", 0) + 1
         return length
+
+    def _may_save(self) -> bool:
+        """Whether to save a leaving slot now. A save stalls every running sequence (a long prompt's cells take tens
+        of ms to copy off a GPU): free with nothing running, otherwise made only while saves pay (worth_saving)."""
+        return not self._active or self.prompt_cache.worth_saving()
 
     def _save(self, slot: Slot) -> None:
         """Copy a slot's KV cells into the host prompt cache (unless they are there already)."""
@@ -574,7 +583,7 @@ class LoadedModel:
         for slot in idle:
             if free >= want:
                 break
-            if self.prompt_cache is not None and len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS:
+            if self.prompt_cache is not None and len(slot.tokens) >= PROMPT_CACHE_MIN_TOKENS and self._may_save():
                 self._save(slot)
             llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
             free, slot.tokens = free + len(slot.tokens), []
@@ -682,8 +691,13 @@ class LoadedModel:
         stats["step_s"] += time.perf_counter() - started
         # Publishing happens on the IO thread while the next step decodes; cancellations it found arrive here
         # one step later. Sequences that ended in this step are marked finished once their events are out.
-        self._io_queue.put((events, list(self._active), self._ended))
+        published = None
+        if len(self._active) <= FIRST_TOKEN_WAIT_MAX and any(kind == "start" for _s, kind, _d in events):
+            published = threading.Event()
+        self._io_queue.put((events, list(self._active), self._ended, published))
         self._ended = []
+        if published is not None:
+            published.wait(0.05)
         with self._io_lock:
             cancelled, self._cancelled = self._cancelled, set()
             io_error, self._io_error = self._io_error, None
@@ -699,7 +713,7 @@ class LoadedModel:
             item = self._io_queue.get()
             if item is None:
                 return
-            events, active, ended = item
+            events, active, ended, published = item
             try:
                 started = time.perf_counter()
                 cancelled = self.io.step(events, active)
@@ -715,6 +729,8 @@ class LoadedModel:
                 self._cancelled |= cancelled
             for sequence in ended:
                 sequence.finished.set()
+            if published is not None:
+                published.set()
 
     def _sample(self, sequences: list[Sequence]) -> list[int]:
         """One token per sequence, each from its own sampler chain. With a large vocabulary every chain walks

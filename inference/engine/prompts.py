@@ -19,6 +19,18 @@ class PromptCache:
         self.limit_bytes = limit_bytes
         self._entries: collections.OrderedDict[tuple[int, ...], np.ndarray] = collections.OrderedDict()
         self.bytes = 0
+        # Recent saves and the saved sequences taken back since, both decayed by each save (worth_saving).
+        self._recent_puts = self._recent_takes = 0.0
+        self._declined = 0
+
+    def worth_saving(self) -> bool:
+        """Whether a save that stalls running sequences pays: yes while at least one in four recent saves came back
+        (an agent returning to its conversation); otherwise one in eight, to notice when they start coming back
+        (distinct prompts, which never do)."""
+        if self._recent_takes * 4 >= self._recent_puts:
+            return True
+        self._declined += 1
+        return self._declined % 8 == 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,6 +53,7 @@ class PromptCache:
             self.bytes -= len(self._entries.pop(other))
         self._entries[key] = state
         self.bytes += len(state)
+        self._recent_puts, self._recent_takes = self._recent_puts * 0.97 + 1, self._recent_takes * 0.97
         while self.bytes > self.limit_bytes:
             self.bytes -= len(self._entries.popitem(last=False)[1])
 
@@ -48,7 +61,9 @@ class PromptCache:
         """Remove and return a saved sequence's state (it is going back into a slot, which holds it from then on);
         None if it is no longer here."""
         state = self._entries.pop(tokens, None)
-        self.bytes -= len(state) if state is not None else 0
+        if state is not None:
+            self.bytes -= len(state)
+            self._recent_takes += 1
         return state
 
 

@@ -39,3 +39,16 @@ def test_common_prefixes_are_counted_across_the_chunks_compared_at_once():
         b = [*a[:cut], -1, *a[cut + 1 :]]
         assert common_prefix(a, b) == cut
     assert common_prefix(a, a[:150]) == 150 and common_prefix(tuple(a), tuple(a)) == 200
+
+
+def test_saving_under_load_stops_while_saved_prompts_do_not_come_back_and_resumes_once_they_do():
+    cache = PromptCache(1 << 20)
+    saved = []
+    for i in range(40):  # distinct prompts, none ever taken back
+        if cache.worth_saving():
+            cache.put([i, i, i], bytearray(10))
+            saved.append((i, i, i))
+    assert 4 <= len(saved) <= 8  # the first, then one in eight: enough to notice a change
+    for tokens in saved:  # now they come back
+        assert cache.take(tokens) is not None
+    assert all(cache.worth_saving() for _ in range(5))
