@@ -11,6 +11,9 @@ import numpy as np
 PROMPT_CACHE_MIN_TOKENS = 128
 
 
+SAVES_BEFORE_JUDGING = 32  # saves made before PromptCache.worth_saving looks at how many came back
+
+
 class PromptCache:
     """Saved sequences (their tokens and llama.cpp's state bytes), least recently used first out once their bytes
     pass `limit_bytes`. Only the scheduler thread uses it."""
@@ -21,13 +24,13 @@ class PromptCache:
         self.bytes = 0
         # Recent saves and the saved sequences taken back since, both decayed by each save (worth_saving).
         self._recent_puts = self._recent_takes = 0.0
-        self._declined = 0
+        self._puts = self._declined = 0
 
     def worth_saving(self) -> bool:
-        """Whether a save that stalls running sequences pays: yes while at least one in four recent saves came back
-        (an agent returning to its conversation); otherwise one in eight, to notice when they start coming back
-        (distinct prompts, which never do)."""
-        if self._recent_takes * 4 >= self._recent_puts:
+        """Whether a save that stalls running sequences pays: yes for the first SAVES_BEFORE_JUDGING (agents come back
+        only after others took their slots), then while at least one in four recent saves came back; otherwise one
+        in eight, to notice when they start coming back (distinct prompts, which never do)."""
+        if self._puts < SAVES_BEFORE_JUDGING or self._recent_takes * 4 >= self._recent_puts:
             return True
         self._declined += 1
         return self._declined % 8 == 0
@@ -54,6 +57,7 @@ class PromptCache:
         self._entries[key] = state
         self.bytes += len(state)
         self._recent_puts, self._recent_takes = self._recent_puts * 0.97 + 1, self._recent_takes * 0.97
+        self._puts += 1
         while self.bytes > self.limit_bytes:
             self.bytes -= len(self._entries.popitem(last=False)[1])
 

@@ -1,6 +1,6 @@
 """The host prompt cache's bookkeeping on its own (the engine test loads real KV cells through it)."""
 
-from inference.engine.prompts import PromptCache, common_prefix
+from inference.engine.prompts import SAVES_BEFORE_JUDGING, PromptCache, common_prefix
 
 
 def test_the_saved_sequence_sharing_the_most_with_a_prompt_is_found():
@@ -44,11 +44,11 @@ def test_common_prefixes_are_counted_across_the_chunks_compared_at_once():
 def test_saving_under_load_stops_while_saved_prompts_do_not_come_back_and_resumes_once_they_do():
     cache = PromptCache(1 << 20)
     saved = []
-    for i in range(40):  # distinct prompts, none ever taken back
+    for i in range(SAVES_BEFORE_JUDGING + 80):  # distinct prompts, none ever taken back
         if cache.worth_saving():
             cache.put([i, i, i], bytearray(10))
             saved.append((i, i, i))
-    assert 4 <= len(saved) <= 8  # the first, then one in eight: enough to notice a change
+    assert len(saved) == SAVES_BEFORE_JUDGING + 10  # every one at first, then one in eight: enough to see a change
     for tokens in saved:  # now they come back
         assert cache.take(tokens) is not None
     assert all(cache.worth_saving() for _ in range(5))
