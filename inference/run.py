@@ -458,6 +458,7 @@ def _spec(model: LanguageModel, *, embedding: bool = False) -> ModelSpec:
         draft_max=settings.SPECULATIVE_DRAFT or (DRAFT_MODEL_TOKENS if draft else 0),
         draft_path=_local_path(draft) if draft else None,
         cache_ram_bytes=settings.CACHE_RAM_MIB << 20,
+        backend_sampling=settings.BACKEND_SAMPLING,
         estimated_bytes=(
             size := estimate_memory(model.metadata, cells, settings.KV_CACHE_TYPE)
             + (estimate_memory(draft.metadata, cells) if draft else 0)  # its cache is f16 (DraftModel)

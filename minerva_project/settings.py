@@ -178,6 +178,9 @@ SPECULATIVE_DRAFT = env_int("SPECULATIVE_DRAFT", 0, minimum=0)
 # MiB of host memory per loaded model for prompts that left its slots (llama-server's --cache-ram, same default): a
 # conversation whose slot went to other requests loads its KV cells back instead of computing them (0 = off).
 CACHE_RAM_MIB = env_int("CACHE_RAM", 8192, minimum=0)
+# Sampling inside the decode's graph, on the GPU (llama.cpp's experimental backend sampling, llama-server's
+# --backend-sampling, off by default there too): requests without a grammar, logprobs or drafting.
+BACKEND_SAMPLING = env_bool("BACKEND_SAMPLING", False)
 N_GPU_LAYERS = env_int("N_GPU_LAYERS", -1, minimum=-1)  # -1 = every layer (when llama.cpp has a GPU backend)
 N_THREADS = env_int("N_THREADS", 0, minimum=0)  # 0 = one per CPU this process may use
 PARALLEL = env_int("PARALLEL", 4, minimum=1)  # sequences a loaded model decodes together (its slots)

@@ -44,6 +44,7 @@ class ModelSpec:
     draft_max: int = 0  # speculative decoding: drafted tokens per step (0: off)
     draft_path: str | None = None  # the draft model's file; None: drafts come from prompt lookup
     cache_ram_bytes: int = 0  # host memory for prompts that left the slots (0: off)
+    backend_sampling: bool = False  # sampler chains run in the decode's graph (LoadedModel)
     estimated_bytes: int = 0
     device_bytes: int = 0  # the part of estimated_bytes on GPUs (offloaded layers and their KV cache)
     embedding: bool = False
@@ -133,6 +134,7 @@ class ModelCache:
                 n_threads=spec.n_threads, n_batch=spec.n_batch, chat_template=spec.chat_template,
                 shared_cells=spec.shared_cells, cache_type=spec.cache_type, draft_max=spec.draft_max,
                 draft_path=spec.draft_path, cache_ram_bytes=spec.cache_ram_bytes,
+                backend_sampling=spec.backend_sampling,
                 io=self.io_factory() if self.io_factory else None,
                 on_progress=lambda value: self.loading.__setitem__(spec.name, value),
             )  # fmt: skip

@@ -135,6 +135,7 @@ class Sequence:
         self.batch_index = -1  # where its logits are in the current batch, or -1
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: _internals.LlamaSampler | None = None
+        self.on_backend = False  # its sampler chain is attached to the context (backend sampling)
         self.decoder = TextDecoder(params.stop)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -175,16 +176,20 @@ class LoadedModel:
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
                  chat_template: str | None = None, shared_cells: bool = True,
                  cache_type: str = "f16", draft_max: int = 0, draft_path: str | None = None,
-                 cache_ram_bytes: int = 0, on_progress: Callable[[float], None] | None = None):  # fmt: skip
+                 cache_ram_bytes: int = 0, backend_sampling: bool = False,
+                 on_progress: Callable[[float], None] | None = None):  # fmt: skip
         """`n_ctx`: the most tokens one sequence may hold. With `shared_cells` the slots share one KV cache of
         n_ctx cells (llama.cpp's unified cache): four slots of a 32k model do not reserve 128k cells, and when
         the cells run out idle slots' cached prefixes go first, then the newest sequence (ContextFull).
         Without, each slot has n_ctx cells of its own. `draft_max`: speculative decoding, up to that many drafted
         tokens per sequence and step (0: off), by prompt lookup, or by the model at `draft_path` (a DraftModel with
         this model's vocabulary). `cache_ram_bytes`: prompts that leave the slots
-        are kept in host memory up to this many bytes (prompts.PromptCache; 0: off). `on_progress` hears how far
-        the weights' load is (0 to 1), from llama.cpp's progress callback."""
+        are kept in host memory up to this many bytes (prompts.PromptCache; 0: off). `backend_sampling`: a
+        sequence's sampler chain runs inside the decode's graph, on the GPU (llama.cpp's experimental
+        `llama_set_sampler`), unless it needs what only the CPU chain does (a grammar, logprobs, drafts).
+        `on_progress` hears how far the weights' load is (0 to 1), from llama.cpp's progress callback."""
         self.draft_max = draft_max
+        self.backend_sampling = backend_sampling and not draft_max  # verifying drafts reads several rows' logits
         self.prompt_cache = PromptCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
         self.path = path
         mparams = llama_cpp.llama_model_default_params()
@@ -434,6 +439,8 @@ class LoadedModel:
             slot.tokens = slot.tokens[:reuse]
             slot.saved_len = min(slot.saved_len, reuse)
             slot.sequence, sequence.slot = slot, slot
+            if not followers:  # n > 1: the followers' first tokens come from the leader's row, on the CPU
+                self._attach_sampler(sequence)
             sequence.n_past = sequence.cached_tokens = reuse
             sequence.pending = sequence.prompt[reuse:]
             source, length = self._prefix_source(sequence.prompt)
@@ -447,6 +454,15 @@ class LoadedModel:
                 self._active.append(follower)
         if admitted and self.shared_cells and self.prompt_cache is not None:
             self._offload_idle()
+
+    def _attach_sampler(self, sequence: Sequence) -> None:
+        """With backend sampling, hand the sequence's chain to llama.cpp for its slot (it samples inside the graph;
+        llama.cpp reserves its graphs again). A grammar, logprobs (raw logits), n > 1 (the other choices sample the
+        leader's row) or a chain llama.cpp cannot run stay here."""
+        params = sequence.params
+        if self.backend_sampling and not params.grammar and params.logprobs is None:
+            sequence.on_backend = llama_cpp.llama_set_sampler(self.ctx, sequence.slot.id, sequence.sampler.sampler)
+            self.stats["backend_samplers"] = self.stats.get("backend_samplers", 0) + sequence.on_backend
 
     def _unsaved_idle_slot(self) -> Slot | None:
         if self.prompt_cache is None:
@@ -737,11 +753,13 @@ class LoadedModel:
         all logits on the CPU (~0.3 ms each for Llama 3), so beyond a few sequences the chains run on a thread
         pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
 
-        if len(sequences) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
+        here = [s for s in sequences if not s.on_backend]  # sampled in the graph: only their token is read
+        if len(here) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
             return [self._sample_one(s) for s in sequences]
-        for sequence in sequences:  # the first read of an output row may reorder llama.cpp's buffers: do it here
+        for sequence in here:  # the first read of an output row may reorder llama.cpp's buffers: do it here
             llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
-        return list(self._sampling_pool.map(self._sample_one, sequences))
+        sampled = dict(zip(here, self._sampling_pool.map(self._sample_one, here), strict=True))
+        return [sampled[s] if s in sampled else self._sample_one(s) for s in sequences]
 
     def _take(self, sequence: Sequence, token: int, events: list) -> bool:
         """One sampled token: its text and logprobs out, or the sequence's end. Whether it goes on generating."""
@@ -808,6 +826,7 @@ class LoadedModel:
         return []
 
     def _sample_one(self, sequence: Sequence) -> int:
+        # With backend sampling, llama_sampler_sample returns the token the graph sampled (and tells the chain).
         if sequence.params.grammar:
             return self._sample_checked(sequence)
         return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
@@ -908,6 +927,9 @@ class LoadedModel:
                 llama_cpp.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
                 slot.tokens = []
             slot.sequence, slot.last_used = None, time.monotonic()
+        if sequence.on_backend:  # before its chain is freed: llama.cpp holds a pointer to it
+            llama_cpp.llama_set_sampler(self.ctx, sequence.slot.id, None)
+            sequence.on_backend = False
         if sequence.sampler is not None:
             sequence.sampler.close()
             sequence.sampler = None

@@ -283,6 +283,28 @@ def test_a_greedy_or_seeded_prompt_holds_its_last_token_back_a_step_and_plain_sa
     assert steps_for("Name a city.", SamplingParams(seed=7, max_tokens=1)) == 2
 
 
+def test_with_backend_sampling_the_graph_samples_unless_a_grammar_or_logprobs_need_the_cpu(model, io):
+    on_graph = LoadedModel(str(default_model_path()), n_ctx=512, n_parallel=4, io=io, backend_sampling=True)
+    try:
+        prompt = model.chat_prompt([{"role": "user", "content": "Describe the sea in one sentence."}])
+        greedy = SamplingParams(temperature=0, max_tokens=24)
+        run(model, "greedy-cpu", prompt, greedy)
+        run(on_graph, "greedy-graph", prompt, greedy)
+        assert io.text("greedy-graph") == io.text("greedy-cpu") and on_graph.stats["backend_samplers"] == 1
+        seeded = SamplingParams(temperature=0.9, seed=11, max_tokens=24, repeat_penalty=1.3)
+        first, again = run(on_graph, "seeded-1", prompt, seeded), run(on_graph, "seeded-2", prompt, seeded)
+        assert io.text("seeded-1") == io.text("seeded-2") and first.completion_tokens == again.completion_tokens > 0
+        assert on_graph.stats["backend_samplers"] == 3
+        grammar = SamplingParams(temperature=0.9, max_tokens=8, grammar='root ::= "yes" | "no"')
+        run(on_graph, "held", prompt, grammar)
+        run(on_graph, "listed", prompt, SamplingParams(max_tokens=3, logprobs=2))
+        assert io.text("held") in ("yes", "no")
+        assert sum(len(d.get("logprobs", [])) for e, d in io.events["listed"] if e == "token") == 3
+        assert on_graph.stats["backend_samplers"] == 3  # neither went to the graph
+    finally:
+        on_graph.close()
+
+
 def test_a_stop_string_ends_the_sequence_and_is_left_out(model, io):
     prompt = model.chat_prompt([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
     run(model, "count", prompt, SamplingParams(temperature=0, max_tokens=40))
