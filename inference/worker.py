@@ -18,7 +18,7 @@ import psutil
 from celery import current_app
 from celery.signals import task_postrun, task_prerun, task_received, worker_ready, worker_shutting_down
 from django.conf import settings
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -52,10 +52,6 @@ def _start(sender, **kwargs) -> None:
     # Threads of their own: the reaper and the model sync wait on the database (a 20 s busy timeout when SQLite is
     # locked), and a heartbeat that waited with them would expire, making this live worker look dead to every view.
     consumer = sender
-    if connections["default"].vendor == "sqlite":
-        # Each task thread keeps its SQLite connection between requests (a file handle; opening one and reading the
-        # schema again cost ~1.5 ms of a request's first token). Celery's Django fixup still closes a broken one.
-        connections.settings["default"]["CONN_MAX_AGE"] = None
     run.worker_state.update({
         "celery": consumer.hostname, "started": time.time(),
         "backend": "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu",
