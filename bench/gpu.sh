@@ -132,6 +132,12 @@ cpu)  # where the CPU goes at c=64, Minerva's level: each process's and the work
     wait
     tail -20 "$out/cpu-bench.log"
     ;;
+sampling)  # c=1 and c=64 with sampling in the graph on both servers (MINERVA_BACKEND_SAMPLING, --backend-sampling)
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
+        --levels "${2:-1,64}" --n-batch 2048 --n-ctx 1024 --minerva-env MINERVA_BACKEND_SAMPLING=on \
+        --llama-server-arg=--backend-sampling --out "${OUT:-/tmp}/sampling-gpu.json"
+    ;;
 batch)
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     /tmp/venv/bin/python bench/batch_ttft.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/m-q4km.gguf \
@@ -147,7 +153,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|sampling [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac
