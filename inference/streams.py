@@ -149,7 +149,10 @@ class RedisStepIO:
         live = {sequence.key for sequence in active} | {sequence.key for sequence, _, _ in events}
         self.published = {key: count for key, count in self.published.items() if key in live}
         self.overflowing &= live
-        pipe = get_redis().pipeline(transaction=False)
+        # A step that starts a request goes in one MULTI/EXEC: Redis wakes a blocked reader after each command
+        # otherwise, and the view would read `start` alone and its first token in a second round trip.
+        starts = any(event == "start" for _sequence, event, _data in events)
+        pipe = get_redis().pipeline(transaction=starts)
         for sequence, event, data in events:
             if sequence.key in self.overflowing:
                 continue
