@@ -41,6 +41,7 @@ DRAIN_SECONDS = 3.0  # on SIGTERM, running requests get this long to finish befo
 DEFAULT_QUEUE = "minerva.default"  # consumed by a worker with no model, so Celery has a queue
 
 _stop = threading.Event()
+_beat_now = threading.Event()  # a task was received: the heartbeat announces it without waiting out its second
 _tasks_done = 0
 _recycling = False  # a recycle lets running requests finish; a stop asked from outside is bounded
 _held: dict[str, str] = {}  # task id -> its message's delivery tag, from receipt until the task ends
@@ -94,10 +95,9 @@ def _preload(names: list[str]) -> None:
 def _received(request, **kwargs) -> None:
     _held[request.id] = request.message.delivery_tag
     run.worker_state["held"] = list(_held.values())
-    try:  # at once, not at the next beat: if this host dies in between, a survivor must know to put it back
-        run.worker_announce_now()
-    except RedisError:
-        logger.warning("heartbeat failed", exc_info=True)
+    # At once, not at the next beat (if this host dies in between, a survivor must know to put it back), but from the
+    # heartbeat thread: written here, the record delayed the task itself (~0.4 ms of each first token).
+    _beat_now.set()
 
 
 @task_prerun.connect
@@ -108,6 +108,7 @@ def _prerun(task_id, **kwargs) -> None:
 def _beat() -> None:
     """Announce this worker every second: Redis only, never the database nor the model cache's lock."""
     while not _stop.is_set():
+        _beat_now.clear()  # before the record is read: a task received from here on gets a beat of its own
         run.worker_state["slots"]["busy"] = len(_running)
         run.worker_state["held"] = list(_held.values())
         run.worker_state["memory_rss"] = psutil.Process().memory_info().rss
@@ -116,7 +117,7 @@ def _beat() -> None:
             run.worker_announce_now()
         except RedisError:  # Redis restarting: the views see us gone and say so; beat again once it is back
             logger.warning("heartbeat failed", exc_info=True)
-        _stop.wait(HEARTBEAT_SECONDS)
+        _beat_now.wait(HEARTBEAT_SECONDS)
 
 
 def _models(consumer) -> None:
