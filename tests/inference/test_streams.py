@@ -1,5 +1,8 @@
 """What Redis keeps of a request's stream: every event or an explicit error, and not for long once it is over."""
 
+import threading
+import time
+
 import pytest
 from asgiref.sync import async_to_sync
 
@@ -9,7 +12,7 @@ from core.errors import MinervaError
 from core.redis import get_redis
 from inference.models import RequestLog
 from inference.run import request_run
-from inference.streams import FINISHED_TTL_SECONDS, TokenStream
+from inference.streams import FINISHED_TTL_SECONDS, RedisStepIO, TokenStream
 from tests.conftest import HELLO, MODEL
 
 pytestmark = pytest.mark.django_db
@@ -56,3 +59,22 @@ def test_a_cancelled_requests_keys_expire_within_a_minute_once_its_worker_is_don
     log, _ = run("gone", max_tokens=5)
     assert log.status == "cancelled"
     assert 0 < get_redis().ttl(TokenStream("gone").cancel_key) <= FINISHED_TTL_SECONDS
+
+
+def test_a_reader_already_waiting_gets_a_requests_start_and_first_token_in_one_read():
+    # Redis wakes a blocked XREAD after the command that fed its stream: published outside one MULTI/EXEC, the view
+    # would read `start` alone and its first token a round trip later.
+    class Started:
+        key = "together"
+
+    stream, replies = TokenStream("together"), []
+    reader = threading.Thread(target=lambda: replies.append(get_redis().xread({stream.key: "0"}, block=10_000)))
+    blocked = get_redis().info("clients")["blocked_clients"]
+    reader.start()
+    deadline = time.monotonic() + 10
+    while get_redis().info("clients")["blocked_clients"] <= blocked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    RedisStepIO().step([(Started, "start", {"prompt_tokens": 3}), (Started, "token", {"index": 0, "text": "Hi"})],
+                       [Started])  # fmt: skip
+    reader.join(10)
+    assert [fields["event"] for _id, fields in replies[0][0][1]] == ["start", "token"]
