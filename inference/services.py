@@ -3,8 +3,10 @@ worker. The worker side is run.py; neither imports the other's module (the task 
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import current_app
 from django.conf import settings
@@ -34,6 +36,9 @@ from .models import RequestLog
 logger = logging.getLogger(__name__)
 
 DRAINING_KEY = "minerva:draining:{}"  # set by `serve` (per instance) while it stops: new requests are refused
+# Queued tasks are sent from one long-lived thread: Celery sets itself up per thread (a producer, its channel), and
+# every ASGI request's sync code runs in a fresh one, where `apply_async` took 1.1 ms instead of 0.4.
+_sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
 
 
 def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, api_key: ApiKey | None = None,
@@ -108,8 +113,12 @@ def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, p
     enqueue_failed: list[Exception] = []
 
     def enqueue() -> None:
+        send = functools.partial(current_app.tasks[task].apply_async, args=[log.pk, payload], queue=model.queue)
         try:
-            current_app.tasks[task].apply_async(args=[log.pk, payload], queue=model.queue)
+            if current_app.conf.task_always_eager:  # tests: the task runs here, on this thread's database connection
+                send()
+            else:
+                _sender.submit(send).result()
         except Exception as exc:  # Redis went away since the checks above
             enqueue_failed.append(exc)
 
