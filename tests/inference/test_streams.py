@@ -74,7 +74,7 @@ def test_a_reader_already_waiting_gets_a_requests_start_and_first_token_in_one_r
     deadline = time.monotonic() + 10
     while get_redis().info("clients")["blocked_clients"] <= blocked and time.monotonic() < deadline:
         time.sleep(0.01)
-    RedisStepIO().step([(Started, "start", {"prompt_tokens": 3}), (Started, "token", {"index": 0, "text": "Hi"})],
-                       [Started])  # fmt: skip
+    events = [(Started, "start", {"prompt_tokens": 3}), (Started, "token", {"index": 0, "text": "Hi"})]
+    RedisStepIO().step(events, [Started])
     reader.join(10)
     assert [fields["event"] for _id, fields in replies[0][0][1]] == ["start", "token"]
