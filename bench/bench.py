@@ -127,6 +127,9 @@ def start_llama_server(args, work: Path, slots: int) -> tuple[subprocess.Popen, 
     ]  # fmt: skip
     if args.threads:
         cmd += ["-t", str(args.threads)]
+    if args.draft_model:  # greedy drafts, as Minerva's; llama-server's own default would be 3 a step
+        cmd += ["--spec-type", "draft-simple", "--spec-draft-model", args.draft_model, "--spec-draft-n-max",
+                str(args.draft_max), "--spec-draft-p-min", "0", "-ngld", "all"]  # fmt: skip
     if _cpu_has_amx():
         cmd += ["--no-repack"]  # as Minerva does there: llama.cpp's AMX weight kernels crash on multi-token batches
     process = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -145,7 +148,8 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     port = free_port()
     models = work / "models"
     models.mkdir()
-    (models / Path(args.model).name).symlink_to(Path(args.model).resolve())
+    for path in filter(None, (args.model, args.draft_model)):
+        (models / Path(path).name).symlink_to(Path(path).resolve())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
     env.update(
         MINERVA_DATA_DIR=str(work / "minerva"),
@@ -162,8 +166,17 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     if args.threads:
         env["MINERVA_N_THREADS"] = str(args.threads)
     python = sys.executable
-    env["MINERVA_MODEL_ROOTS"] = str(Path(args.model).resolve().parent)  # the symlink's target must be allowed
-    for command in (["migrate", "--noinput"], ["models", "scan"]):
+    # The symlinks' targets must be allowed.
+    env["MINERVA_MODEL_ROOTS"] = ":".join(str(Path(p).resolve().parent) for p in filter(None, (args.model, args.draft_model)))
+    commands = [["migrate", "--noinput"], ["models", "scan"]]
+    if args.draft_model:  # what the admin's draft model field does
+        env["MINERVA_SPECULATIVE_DRAFT"] = str(args.draft_max)
+        set_draft = (
+            "from models_app.models import LanguageModel as M; "
+            f"M.objects.filter(name={Path(args.model).stem!r}).update(draft_model=M.objects.get(name={Path(args.draft_model).stem!r}))"
+        )
+        commands.append(["shell", "-c", set_draft])
+    for command in commands:
         subprocess.run([python, "manage.py", *command], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     log = work / "minerva.log"
     process = subprocess.Popen(
@@ -195,7 +208,7 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
     else:
         body["messages"] = [*messages, {"role": "user", "content": user}]
     started = time.perf_counter()
-    stamps, tokens = [], None
+    stamps, tokens, accepted = [], None, None
     endpoint = "completions" if edit else "chat/completions"
     async with client.stream("POST", f"{base_url}/{endpoint}", json=body) as response:
         if response.status_code != 200:
@@ -208,6 +221,10 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
                 raise RuntimeError(f"{base_url}: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                details = chunk["usage"].get("completion_tokens_details") or {}
+                accepted = details.get("accepted_prediction_tokens", accepted)
+            if "draft_n_accepted" in (chunk.get("timings") or {}):  # llama-server's
+                accepted = chunk["timings"]["draft_n_accepted"]
             for choice in chunk.get("choices") or []:
                 if choice.get("text") or (choice.get("delta") or {}).get("content"):
                     stamps.append(time.perf_counter())
@@ -215,6 +232,7 @@ async def one_request(client, base_url: str, model: str, i: int, max_tokens: int
         "ttft": stamps[0] - started if stamps else None,
         "itl": [b - a for a, b in itertools.pairwise(stamps)],
         "tokens": tokens if tokens is not None else len(stamps),
+        "accepted": accepted,
         "end": time.perf_counter(),
         "start": started,
     }
@@ -262,7 +280,7 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
         "ttft_p95_ms": round(pct(ttfts, 95), 1),
         "itl_p50_ms": round(pct(itls, 50), 2),
         "itl_p95_ms": round(pct(itls, 95), 2),
-    }
+    } | ({"accepted_drafts": sum(r["accepted"] or 0 for r in results)} if any(r["accepted"] for r in results) else {})
 
 
 def pct(values: list[float], p: float) -> float:
@@ -309,6 +327,12 @@ def main() -> None:
         action="store_true",
         help="one KV cache shared by the slots on both servers (default: one per slot)",
     )
+    parser.add_argument(
+        "--draft-model",
+        help="a GGUF with the model's tokenizer that drafts for it on both servers (Minerva's draft_model, "
+        "llama-server's --spec-draft-model), greedily, up to --draft-max tokens a step",
+    )
+    parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--minerva-env", action="append", default=[], help="NAME=VALUE for Minerva (repeatable)")
     parser.add_argument(
         "--llama-server-arg",

@@ -110,6 +110,26 @@ edit)  # the edit workload with prompt-lookup drafting on both servers (random w
         --llama-server-arg=--spec-ngram-simple-size-m --llama-server-arg=8 \
         --out "${OUT:-/tmp}/edit-gpu.json"
     ;;
+draft)  # a draft model on both servers: an 8B whose layers 2.. add nothing, drafted for by its first two layers
+    # (greedy drafts that always hold: speculative decoding's best case), then the same target without drafting.
+    # `--pure`: one quantization type throughout, so that both files' first layers round alike.
+    export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
+    if [ ! -f /tmp/draft/target.gguf ]; then
+        mkdir -p /tmp/draft
+        for kind in "target --live-layers 2" "draft --layers 2"; do
+            set -- $kind
+            PYTHONPATH=/tmp/w/llama.cpp/gguf-py python3 "$CARRY/make_synthetic_llama.py" \
+                /tmp/w/llama.cpp/models/ggml-vocab-llama-bpe.gguf /tmp/draft/f16.gguf 8b "${@:2}"
+            /tmp/lbuild/bin/llama-quantize --pure /tmp/draft/f16.gguf "/tmp/draft/$1.gguf" Q4_K_M 16 > /tmp/quantize.log
+            rm /tmp/draft/f16.gguf
+        done
+    fi
+    for draft in "--draft-model /tmp/draft/draft.gguf" ""; do
+        /tmp/venv/bin/python bench/bench.py --llama-server /tmp/lbuild/bin/llama-server --model /tmp/draft/target.gguf \
+            --levels "${LEVELS:-1,16}" --edit --max-tokens 256 --n-batch 2048 --n-ctx 2048 $draft \
+            --out "${OUT:-/tmp}/draft-gpu${draft:+-on}.json"
+    done
+    ;;
 cpu)  # where the CPU goes at c=64, Minerva's level: each process's and the worker's threads' CPU, py-spy profiles
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     out=${OUT:-/tmp}
@@ -153,7 +173,7 @@ memory)  # bench/gpu_memory.py: the GPUs llama.cpp reports, estimated vs measure
     /tmp/venv/bin/python bench/gpu_memory.py /tmp/m-q4km.gguf --out "${OUT:-/tmp}/gpu-memory.json"
     ;;
 *)
-    echo "usage: bench/gpu.sh prepare|build|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|sampling [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|batch [SLOTS]|embed [INPUTS]|memory" >&2
+    echo "usage: bench/gpu.sh prepare|build|cpu [REQUESTS [BENCH ARGS]]|run [LEVELS]|sampling [LEVELS]|prefix [N]|agents|long|profile|edit [LEVELS]|draft|batch [SLOTS]|embed [INPUTS]|memory" >&2
     exit 2
     ;;
 esac

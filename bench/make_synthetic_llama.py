@@ -5,11 +5,16 @@
 The tokenizer is copied from a vocab-only GGUF (llama.cpp's ggml-vocab-llama-bpe.gguf),
 so prompts tokenize like Llama 3; the weights are noise, so only timings mean anything.
 
-usage: make_synthetic_llama.py VOCAB.gguf OUT.gguf [1b|8b]
+usage: make_synthetic_llama.py VOCAB.gguf OUT.gguf [tiny|1b|8b] [--layers N] [--live-layers K]
 needs gguf-py on PYTHONPATH.
+
+A draft model that predicts its target exactly (speculative decoding's best case, for speed only): the target with
+`--live-layers 2` (layers 2.. write zeros into the residual stream: their attention and FFN outputs are zero, but they
+are computed) and the draft with `--layers 2`. Every tensor of one shape holds the same noise, so the two share
+their embeddings, first two layers and output: the draft's logits are the target's, at a fraction of the work.
 """
 
-import sys
+import argparse
 
 import gguf
 import numpy as np
@@ -29,9 +34,17 @@ LLAMA3_TEMPLATE = (
 
 
 def main():
-    vocab_path, out_path = sys.argv[1], sys.argv[2]
-    size = sys.argv[3] if len(sys.argv) > 3 else "1b"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("vocab_path")
+    parser.add_argument("out_path")
+    parser.add_argument("size", nargs="?", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, help="this many layers instead of the shape's")
+    parser.add_argument("--live-layers", type=int, help="layers from this one on add nothing to the residual stream")
+    args = parser.parse_args()
+    vocab_path, out_path, size = args.vocab_path, args.out_path, args.size
     n_layer, n_embd, n_head, n_head_kv, n_ff = SHAPES[size]
+    n_layer = args.layers or n_layer
+    live = n_layer if args.live_layers is None else args.live_layers
     head_dim = n_embd // n_head
     src = gguf.GGUFReader(vocab_path)
     tokens = [
@@ -48,7 +61,7 @@ def main():
     n_vocab = len(tokens)
 
     w = gguf.GGUFWriter(out_path, "llama")
-    w.add_name(f"synthetic-llama-{size}")
+    w.add_name(f"synthetic-llama-{size}-{n_layer}l" + (f"-{live}live" if live < n_layer else ""))
     w.add_block_count(n_layer)
     w.add_context_length(8192)
     w.add_embedding_length(n_embd)
@@ -78,6 +91,9 @@ def main():
         flat = np.tile(pool, reps)[:n] if reps > 1 else pool[:n]
         return flat.reshape(shape)
 
+    def zeros(*shape):
+        return np.zeros(shape, dtype=np.float16)
+
     def ones(n):
         return np.ones(n, dtype=np.float32)
 
@@ -89,11 +105,11 @@ def main():
         w.add_tensor(p + "attn_q.weight", noise(n_embd, n_embd))
         w.add_tensor(p + "attn_k.weight", noise(kv, n_embd))
         w.add_tensor(p + "attn_v.weight", noise(kv, n_embd))
-        w.add_tensor(p + "attn_output.weight", noise(n_embd, n_embd))
+        w.add_tensor(p + "attn_output.weight", (noise if i < live else zeros)(n_embd, n_embd))
         w.add_tensor(p + "ffn_norm.weight", ones(n_embd))
         w.add_tensor(p + "ffn_gate.weight", noise(n_ff, n_embd))
         w.add_tensor(p + "ffn_up.weight", noise(n_ff, n_embd))
-        w.add_tensor(p + "ffn_down.weight", noise(n_embd, n_ff))
+        w.add_tensor(p + "ffn_down.weight", (noise if i < live else zeros)(n_embd, n_ff))
     w.add_tensor("output_norm.weight", ones(n_embd))
     w.add_tensor("output.weight", noise(n_vocab, n_embd))
     w.write_header_to_file()
