@@ -166,8 +166,8 @@ def start_minerva(args, work: Path, slots: int, extra_env: dict | None = None) -
     if args.threads:
         env["MINERVA_N_THREADS"] = str(args.threads)
     python = sys.executable
-    # The symlinks' targets must be allowed.
-    env["MINERVA_MODEL_ROOTS"] = ":".join(str(Path(p).resolve().parent) for p in filter(None, (args.model, args.draft_model)))
+    files = [Path(p).resolve() for p in filter(None, (args.model, args.draft_model))]
+    env["MINERVA_MODEL_ROOTS"] = ":".join(str(f.parent) for f in files)  # the symlinks' targets must be allowed
     commands = [["migrate", "--noinput"], ["models", "scan"]]
     if args.draft_model:  # what the admin's draft model field does
         env["MINERVA_SPECULATIVE_DRAFT"] = str(args.draft_max)
