@@ -265,7 +265,7 @@ if _database_url:
 else:
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "minerva_project.sqlite3",  # django.db.backends.sqlite3, its connections kept open
             "NAME": env_path("DB_PATH", DATA_DIR / "minerva.sqlite3"),
             # WAL lets daphne read while the worker writes; the timeout waits out short write locks.
             "OPTIONS": {

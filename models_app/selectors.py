@@ -4,7 +4,7 @@ import logging
 
 import psutil
 from django.conf import settings
-from django.db.models import Count, Max, Q
+from django.db.models import Count, Max
 
 from core.errors import ModelNotFound
 
@@ -48,11 +48,11 @@ def model_get(name: str) -> LanguageModel:
     """The served model called `name`, or ModelNotFound."""
     if "\x00" in name:  # PostgreSQL refuses NUL in text; no model is called that anyway
         raise ModelNotFound(name.replace("\x00", ""))
-    model = (
-        LanguageModel.objects.filter(Q(name=name) | Q(aliases__name=name), enabled=True, available=True)
-        .distinct()
-        .first()
-    )
+    # Its own name first (an alias of another model's name does not take it), in a query without the aliases' join:
+    # this runs for every request.
+    model = LanguageModel.objects.filter(name=name, enabled=True, available=True).first()
+    if model is None:
+        model = LanguageModel.objects.filter(aliases__name=name, enabled=True, available=True).first()
     if model is None:
         raise ModelNotFound(name)
     return model

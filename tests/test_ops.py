@@ -135,6 +135,22 @@ def test_many_writers_do_not_hit_database_is_locked(settings):
     assert errors == [] and RequestLog.objects.count() == 200
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's connections are kept; PostgreSQL has Django's pool")
+def test_a_closed_sqlite_connection_is_kept_for_the_next_one_with_nothing_uncommitted(monkeypatch):
+    connection.ensure_connection()
+    kept = connection.connection
+    kept.execute("BEGIN")
+    RequestLog.objects.create(request_id="uncommitted", endpoint="/v1/models", status_code=200)  # in that BEGIN
+    connection.close()  # as at the end of a request, inside a transaction here
+    connection.ensure_connection()
+    assert connection.connection is kept and not kept.in_transaction
+    assert not RequestLog.objects.filter(request_id="uncommitted").exists()
+    connection.close()
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # a forked child must not share its parent's connections
+    connection.ensure_connection()
+    assert connection.connection is not kept
+
+
 def test_check_deploy_is_clean_with_the_documented_production_settings(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINERVA_")}
     env |= {"MINERVA_DATA_DIR": str(tmp_path), "MINERVA_SECURE": "1", "MINERVA_ALLOWED_HOSTS": "llm.example.com",

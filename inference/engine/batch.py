@@ -34,14 +34,15 @@ class Batch:
     def room(self) -> int:
         return self.capacity - self.n
 
-    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits: int) -> int:
-        """Append tokens of one sequence, the last `logits` of them with logits; return the batch index of the
-        last one."""
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, logits: int, padding: int = 0) -> int:
+        """Append tokens of one sequence, the last `logits` of them with logits, then `padding` more rows (the last
+        token again, at the next positions, without logits); return the batch index of the last of `tokens`."""
         n, k = self.n, len(tokens)
         self.token[n : n + k] = tokens
-        self.pos[n : n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
-        self.seq_id[n : n + k] = seq_id
-        self.logits[n : n + k] = 0
+        self.token[n + k : n + k + padding] = tokens[-1]
+        self.pos[n : n + k + padding] = np.arange(start_pos, start_pos + k + padding, dtype=np.int32)
+        self.seq_id[n : n + k + padding] = seq_id
+        self.logits[n : n + k + padding] = 0
         self.logits[n + k - logits : n + k] = 1
-        self.n = self.struct.n_tokens = n + k
+        self.n = self.struct.n_tokens = n + k + padding
         return n + k - 1

@@ -45,7 +45,9 @@ class DraftModel:
             cparams.n_batch = n_batch
             cparams.n_ubatch = min(n_batch, 512)
             cparams.n_seq_max = n_parallel
-            cparams.kv_unified = shared_cells
+            # One cache for all slots (the cells of a cache per slot): llama.cpp decodes a batch over caches per slot
+            # in passes of consecutive slots with as many tokens each, and the sequences catching up here hold 1 to 9.
+            cparams.kv_unified = True
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
             cparams.no_perf = True
             cparams.n_threads = cparams.n_threads_batch = n_threads or usable_cpus()
@@ -106,8 +108,8 @@ class DraftModel:
                         rows[i] = last
                         del todo[i]
                 self._decode()
-                for i, row in rows.items():
-                    drafts[i].append(self._argmax(row))
+                for i, token in zip(rows, self._argmax(len(rows)), strict=True):
+                    drafts[i].append(token)
             while True:  # then one token per sequence and decode, until each has its limit
                 batch, rows = self._batch, {}
                 batch.clear()
@@ -118,8 +120,8 @@ class DraftModel:
                 if not rows:
                     break
                 self._decode()
-                for i, row in rows.items():
-                    drafts[i].append(self._argmax(row))
+                for i, token in zip(rows, self._argmax(len(rows)), strict=True):
+                    drafts[i].append(token)
         except _NoRoom:
             self.clear()
             return [[] for _ in wants]
@@ -131,9 +133,13 @@ class DraftModel:
             logger.warning("the draft model %s could not decode (llama_decode returned %s); no drafts", self.path, code)
             raise _NoRoom
 
-    def _argmax(self, row: int) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
-        return int(logits.argmax())
+    def _argmax(self, outputs: int) -> list[int]:
+        """The most likely token of each of the last decode's `outputs` rows with logits, in batch order (llama.cpp
+        keeps them so, one after another): one numpy call for all rows."""
+        if not outputs:
+            return []
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(outputs, self.n_vocab))
+        return logits.argmax(axis=1).tolist()
 
     def clear(self) -> None:
         """Forget every slot's cells (the next call decodes their histories again)."""

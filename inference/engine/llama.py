@@ -624,44 +624,59 @@ class LoadedModel:
         self._copy_prefixes()
         room = self._make_room()  # prompt tokens this step may add
         if self.draft_max:  # speculative: the drafts are verified in this same step
+            drafting = time.perf_counter()
             room -= self._draft_all(room)
-        # Generating sequences first (one token each, and its drafts), then prompt chunks in arrival order.
+            self.stats["draft_s"] = self.stats.get("draft_s", 0) + time.perf_counter() - drafting
+        # Generating sequences first (one token each, and its drafts), then prompt chunks in arrival order; in the
+        # batch, by slot (below).
+        rows = []  # (sequence, tokens, position of the first, outputs: logits for its last `outputs` tokens)
+        generating = []
         for sequence in self._active:
             sequence.batch_index = -1
             if sequence.waiting_for_leader or sequence.prefix_from is not None:
                 continue
             if not sequence.pending:
                 tokens = [sequence.next_token, *sequence.drafts]
-                last = batch.add(tokens, sequence.n_past, sequence.slot.id, logits=len(tokens))
-                sequence.batch_index = last - len(tokens) + 1
+                rows.append((sequence, tokens, sequence.n_past, len(tokens)))
+                generating.append(sequence)
                 sequence.slot.tokens.extend(tokens)
                 sequence.n_past += len(tokens)
+        room_in_batch = self.n_batch - sum(len(tokens) for _s, tokens, _p, _o in rows)
         for sequence in self._active:
-            if sequence.pending and batch.room() and room and sequence.prefix_from is None:
+            if sequence.pending and room_in_batch and room and sequence.prefix_from is None:
                 # For a request meant to repeat (greedy or seeded), the prompt's last token goes in a step of its
                 # own, as it does when the rest of the prompt comes from the prefix cache: its logits (computed in a
                 # smaller batch) then do not depend on the cache, and the same request gives the same text, cached
                 # or not. Sampling without a seed has nothing to repeat: it does not wait that step.
                 hold = sequence.repeatable and len(sequence.pending) > 1
-                chunk = sequence.pending[: len(sequence.pending) - hold][: min(batch.room(), room)]
+                chunk = sequence.pending[: len(sequence.pending) - hold][: min(room_in_batch, room)]
                 room -= len(chunk)
+                room_in_batch -= len(chunk)
                 sequence.pending = sequence.pending[len(chunk) :]
-                last = batch.add(chunk, sequence.n_past, sequence.slot.id, logits=0 if sequence.pending else 1)
+                rows.append((sequence, chunk, sequence.n_past, 0 if sequence.pending else 1))
                 sequence.n_past += len(chunk)
                 sequence.slot.tokens.extend(chunk)
-                if not sequence.pending:
-                    sequence.batch_index = last
+        padding = self._padding(generating, room_in_batch)
+        # With a KV cache per slot, llama.cpp splits a batch into passes over the weights, each holding a run of
+        # consecutive slots with as many tokens each: slots in order, and drafting slots padded to one length.
+        for sequence, tokens, position, outputs in sorted(rows, key=lambda row: row[0].slot.id):
+            last = batch.add(tokens, position, sequence.slot.id, logits=outputs, padding=padding.get(sequence, 0))
+            if outputs:
+                sequence.batch_index = last - outputs + 1
         decode_started = time.perf_counter()
         if batch.n:
             code = llama_cpp.llama_decode(self.ctx, batch.struct)
             if code != 0:
                 raise EngineError(f"llama_decode returned {code}")
+            for sequence in padding:  # the padding's cells
+                llama_cpp.llama_memory_seq_rm(self.memory, sequence.slot.id, sequence.n_past, -1)
         decoded = time.perf_counter()
         self._copy_prompt_to_followers()
 
         events: list[tuple[Sequence, str, dict]] = []
         sampling = [s for s in self._active if s.batch_index >= 0]
-        for sequence, token in zip(sampling, self._sample(sampling), strict=True):
+        for sequence, tokens in zip(sampling, self._sample(sampling), strict=True):
+            token = tokens[0]
             if sequence.first_token_at is None and sequence.leader is None:
                 # `thinking`: the template opened a <think> block itself, so the output starts inside it.
                 thinking = self.detokenize(sequence.prompt[-4:]).rstrip().endswith("<think>")
@@ -678,7 +693,7 @@ class LoadedModel:
                 taken += 1
                 sequence.accepted += 1
                 sequence.batch_index += 1
-                token = self._sample_one(sequence)
+                token = tokens[taken]
             if drafts:
                 self.stats["drafted"] = self.stats.get("drafted", 0) + len(drafts)
                 self.stats["accepted"] = self.stats.get("accepted", 0) + taken
@@ -748,18 +763,30 @@ class LoadedModel:
             if published is not None:
                 published.set()
 
-    def _sample(self, sequences: list[Sequence]) -> list[int]:
-        """One token per sequence, each from its own sampler chain. With a large vocabulary every chain walks
-        all logits on the CPU (~0.3 ms each for Llama 3), so beyond a few sequences the chains run on a thread
-        pool: ctypes releases the GIL, and the GPU would otherwise idle while they run one after another."""
+    def _sample(self, sequences: list[Sequence]) -> list[list[int]]:
+        """Each sequence's tokens from its rows, each from its own sampler chain (`_sample_rows`). With a large
+        vocabulary every chain walks all logits on the CPU (~0.3 ms each for Llama 3), so beyond a few sequences
+        the chains run on a thread pool: ctypes releases the GIL, and the GPU would otherwise idle while they run
+        one after another (with drafts, several rows each)."""
 
         here = [s for s in sequences if not s.on_backend]  # sampled in the graph: only their token is read
         if len(here) < PARALLEL_SAMPLING_MIN or self._sampling_pool is None:
-            return [self._sample_one(s) for s in sequences]
+            return [self._sample_rows(s) for s in sequences]
         for sequence in here:  # the first read of an output row may reorder llama.cpp's buffers: do it here
             llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index)
-        sampled = dict(zip(here, self._sampling_pool.map(self._sample_one, here), strict=True))
-        return [sampled[s] if s in sampled else self._sample_one(s) for s in sequences]
+        sampled = dict(zip(here, self._sampling_pool.map(self._sample_rows, here), strict=True))
+        return [sampled[s] if s in sampled else self._sample_rows(s) for s in sequences]
+
+    def _sample_rows(self, sequence: Sequence) -> list[int]:
+        """The token after the sequence's next token and, while the model agrees with its drafts, the token after
+        each draft, in order (its chain accepts each, as decoding them one by one would): a draft is taken when
+        the token sampled before it equals it."""
+        tokens = [self._sample_one(sequence, sequence.batch_index)]
+        for i, draft in enumerate(sequence.drafts, start=1):
+            if tokens[-1] != draft:
+                break
+            tokens.append(self._sample_one(sequence, sequence.batch_index + i))
+        return tokens
 
     def _take(self, sequence: Sequence, token: int, events: list) -> bool:
         """One sampled token: its text and logprobs out, or the sequence's end. Whether it goes on generating."""
@@ -781,6 +808,25 @@ class LoadedModel:
         elif sequence.completion_tokens >= sequence.max_tokens:
             self._finish(sequence, "length", events)
         return sequence.finish_reason is None and sequence.error is None
+
+    def _padding(self, generating: list[Sequence], room_in_batch: int) -> dict[Sequence, int]:
+        """Rows to add after each generating sequence's own, so that all have as many: with a KV cache per slot,
+        llama.cpp decodes a batch in passes of consecutive slots holding equally many tokens, and drafts of 1 to 8
+        tokens beside sequences without any would make as many passes over the weights as there are lengths. A
+        padding row asks for no logits, and its cell is removed after the decode. None with a shared cache
+        (llama.cpp takes its tokens in order), or without drafts."""
+        if self.shared_cells or not any(s.drafts for s in generating):
+            return {}
+        longest = 1 + max(len(s.drafts) for s in generating)
+        padding = {}
+        for sequence in generating:
+            rows = 1 + len(sequence.drafts)
+            # Within the slot's cells (n_past already counts its rows) and the batch.
+            pad = min(longest - rows, self.n_ctx - sequence.n_past, room_in_batch)
+            if pad > 0:
+                padding[sequence] = pad
+                room_in_batch -= pad
+        return padding
 
     def _draft_all(self, room: int) -> int:
         """Draft tokens for the generating sequences (sequence.drafts), within the batch's room beside everyone's
@@ -825,18 +871,18 @@ class LoadedModel:
                 return history[start : start + limit]
         return []
 
-    def _sample_one(self, sequence: Sequence) -> int:
+    def _sample_one(self, sequence: Sequence, row: int) -> int:
         # With backend sampling, llama_sampler_sample returns the token the graph sampled (and tells the chain).
         if sequence.params.grammar:
-            return self._sample_checked(sequence)
-        return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, sequence.batch_index)
+            return self._sample_checked(sequence, row)
+        return llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self.ctx, row)
 
-    def _sample_checked(self, sequence: Sequence) -> int:
+    def _sample_checked(self, sequence: Sequence, row: int) -> int:
         """llama_sampler_sample, step by step, for a sequence under a grammar. When the grammar rejects every
         token, llama.cpp's samplers still pick one, and the grammar's accept then throws a C++ exception that
         aborts the whole worker; here the pick is checked first, and a dead end is this sequence's error (-1)."""
         logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self.ctx, sequence.batch_index), shape=(self.n_vocab,)
+            llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)
         )
         candidates = np.empty(self.n_vocab, _TOKEN_DATA)
         candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)

@@ -148,6 +148,48 @@ def test_drafts_are_verified_so_the_text_is_exactly_the_one_decoded_without_them
     assert texts[8] == texts[0] and len(texts[0]) > 100
 
 
+def test_with_a_cache_per_slot_a_drafting_sequence_and_one_without_drafts_decode_in_slot_order_with_equal_rows(
+    io, monkeypatch
+):
+    # llama.cpp decodes a batch over caches per slot in passes of consecutive slots holding as many tokens each: the
+    # one without drafts is padded to the drafting one's rows, the padding's cells go, and neither text changes.
+    text = "Colours, in order, over and over: " + "red, green, blue, yellow, purple, orange, " * 12
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    texts = {}
+    for draft_max in (0, 8):
+        model = LoadedModel(str(default_model_path()), n_ctx=1024, n_parallel=2, io=io, shared_cells=False,
+                            draft_max=draft_max)  # fmt: skip
+        lookup = model._draft
+        monkeypatch.setattr(model, "_draft", lambda s, limit: [] if s.key.endswith("-b") else lookup(s, limit))
+        batches = []
+        decode = llama_cpp.llama_decode
+
+        def recorded(ctx, batch, model=model, decode=decode):
+            if ctx == model.ctx:
+                batches.append(model._batch.seq_id[: model._batch.n].tolist())
+            return decode(ctx, batch)
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", recorded)
+        try:
+            keys = [f"pad-{draft_max}-a", f"pad-{draft_max}-b"]
+            prompts = [model.text_prompt(text), model.text_prompt(text.replace("Colours", "Colors"))]
+            sequences = [model.submit(key, prompt, params) for key, prompt in zip(keys, prompts, strict=True)]
+            assert all(s.wait(60) and s.error is None for s in sequences)
+            texts[draft_max] = [io.text(key) for key in keys]
+            if draft_max:
+                assert sequences[0].accepted > 10 and sequences[1].drafted == 0
+                drafting = [b for b in batches if len(set(b)) == 2 and 2 < len(b) <= 2 * 9]  # not the prompts
+                assert drafting and all(b == sorted(b) and b.count(b[0]) == b.count(b[-1]) for b in drafting)
+                for sequence in sequences:  # no padding left in the cells
+                    slot = sequence.slot or next(s for s in model.slots if s.tokens[: len(sequence.prompt)] ==
+                                                 sequence.prompt)  # fmt: skip
+                    assert llama_cpp.llama_memory_seq_pos_max(model.memory, slot.id) == len(slot.tokens) - 1
+        finally:
+            monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+            model.close()
+    assert texts[8] == texts[0] and all(texts[0])
+
+
 def test_a_draft_model_keeps_up_with_several_sequences_and_what_their_slots_are_reused_for(io):
     path = str(default_model_path())
     model = LoadedModel(path, n_ctx=1024, n_parallel=2, io=io, draft_max=4, draft_path=path)

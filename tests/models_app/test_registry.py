@@ -132,6 +132,17 @@ def test_aliases_resolve_to_their_model_and_names_are_validated(models_dir):
         model_register(name="bad name!", path=models_dir / "tiny.gguf")
 
 
+def test_a_models_own_name_wins_over_another_models_alias_and_a_disabled_models_alias_is_not_found(models_dir):
+    write_gguf(models_dir / "tiny.gguf")
+    write_gguf(models_dir / "other.gguf")
+    model_register(name="other", path=models_dir / "other.gguf", aliases=["tiny", "old"])
+    model_register(name="tiny", path=models_dir / "tiny.gguf")
+    assert model_get("tiny").name == "tiny" and model_get("old").name == "other"
+    LanguageModel.objects.filter(name="other").update(enabled=False)
+    with pytest.raises(ModelNotFound):
+        model_get("old")
+
+
 def test_the_cli_adds_inspects_lists_disables_and_removes(models_dir, capsys):
     write_gguf(models_dir / "tiny.gguf")
     call_command("models", "add", str(models_dir / "tiny.gguf"), "--name", "tiny", "--alias", "small")
