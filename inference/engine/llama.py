@@ -881,9 +881,7 @@ class LoadedModel:
         """llama_sampler_sample, step by step, for a sequence under a grammar. When the grammar rejects every
         token, llama.cpp's samplers still pick one, and the grammar's accept then throws a C++ exception that
         aborts the whole worker; here the pick is checked first, and a dead end is this sequence's error (-1)."""
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)
-        )
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
         candidates = np.empty(self.n_vocab, _TOKEN_DATA)
         candidates["id"] = np.arange(self.n_vocab, dtype=np.int32)
         candidates["logit"] = logits

@@ -1,4 +1,4 @@
-"""Django's SQLite backend, keeping closed connections open for the next one (a small pool per process, the last closed first).
+"""Django's SQLite backend, keeping closed connections open for the next one (a pool per process, last in first out).
 
 Django gives each ASGI request a connection of its own and closes it when the request ends; opening a SQLite
 connection (the file, its PRAGMAs, the schema read on the first statement) cost 1.2-2 ms of every request's first

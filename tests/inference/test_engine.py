@@ -160,11 +160,13 @@ def test_with_a_cache_per_slot_a_drafting_sequence_and_one_without_drafts_decode
         model = LoadedModel(str(default_model_path()), n_ctx=1024, n_parallel=2, io=io, shared_cells=False,
                             draft_max=draft_max)  # fmt: skip
         lookup = model._draft
-        monkeypatch.setattr(model, "_draft", lambda s, limit: [] if s.key.endswith("-b") else lookup(s, limit))
+        monkeypatch.setattr(
+            model, "_draft", lambda s, limit, lookup=lookup: [] if s.key.endswith("-b") else lookup(s, limit)
+        )
         batches = []
         decode = llama_cpp.llama_decode
 
-        def recorded(ctx, batch, model=model, decode=decode):
+        def recorded(ctx, batch, model=model, decode=decode, batches=batches):
             if ctx == model.ctx:
                 batches.append(model._batch.seq_id[: model._batch.n].tolist())
             return decode(ctx, batch)
