@@ -341,6 +341,13 @@ def main() -> None:
         help="one more argument for llama-server (repeatable, one word each: --llama-server-arg=--cache-ram "
         "--llama-server-arg=0)",
     )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="then N single requests to each server in turn (the order alternating), for one client's time to the "
+        "first token: the median of the N differences (a VM's drift between two levels cancels out)",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -373,6 +380,8 @@ def main() -> None:
                 results[name][level] = asyncio.run(run_level(url, model, level, n, args.max_tokens, offset, *workload))
                 print(f"  {name:12} c={level:<3} {results[name][level]}", flush=True)
             offset += n
+        if args.paired:
+            results["paired"] = paired_ttft(servers, args, offset)
     finally:
         for process, _url, _model in servers.values():
             process.send_signal(signal.SIGTERM)
@@ -383,6 +392,27 @@ def main() -> None:
                 process.kill()
     report(results, levels, args)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def paired_ttft(servers: dict, args, offset: int) -> dict:
+    """--paired: one request at a time, to each server in turn; TTFT per server and the paired differences."""
+    ttft = {name: [] for name in servers}
+    for i in range(args.paired):
+        names = list(servers) if i % 2 == 0 else list(reversed(servers))
+        for name in names:
+            _process, url, model = servers[name]
+            one = run_level(url, model, 1, 1, args.max_tokens, offset + i, prompt_words=args.prompt_words)
+            level = asyncio.run(one)
+            ttft[name].append(level["ttft_p50_ms"])
+    diffs = sorted(m - ls for m, ls in zip(ttft["minerva"], ttft["llama-server"], strict=True))
+    paired = {
+        "requests": args.paired,
+        **{f"{name}_ttft_p50_ms": round(statistics.median(v), 1) for name, v in ttft.items()},
+        "minerva_minus_llama_server_ms": {"p25": round(pct(diffs, 25), 1), "p50": round(statistics.median(diffs), 1),
+                                          "p75": round(pct(diffs, 75), 1)},
+    }  # fmt: skip
+    print(f"  paired TTFT, one request at a time: {paired}", flush=True)
+    return paired
 
 
 def _first_request(server: tuple, started: float, edit: bool = False) -> dict:
