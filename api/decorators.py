@@ -233,7 +233,7 @@ def _retry_count(raw: str) -> int:
 
 NOT_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library "
-    "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+    "correctly. This API expects a JSON payload, but what was sent was not valid JSON.)"
 )
 INLINE_BODY_BYTES = 64 * 1024  # smaller bodies cannot hold enough values to stall the event loop
 _checker: ProcessPoolExecutor | None = None

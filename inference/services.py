@@ -49,8 +49,9 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
     model = request_model(name=body.model, api_key=api_key, generates=True)
     budget = request_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
     return _queue(task=task, request_id=request_id, endpoint=endpoint, model=model,
-                  payload={"generation": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
-                  row={"stream": bool(body.stream), "request": _params(body),
+                  payload={"generation": body.model_dump(mode="json", exclude_defaults=True),
+                           "model_updated": model.updated.isoformat()},  # the worker's reuse of its row (run.py)
+                  budget=budget, row={"stream": bool(body.stream), "request": _params(body),
                        "prompt": _content(body) if settings.LOG_CONTENT else None},
                   api_key=api_key, audit=audit)  # fmt: skip
 
@@ -99,11 +100,14 @@ def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, p
            row: dict, api_key: ApiKey | None, audit: dict | None) -> RequestLog:  # fmt: skip
     """Refuse while draining or when the model's queue is full, reserve the key's tokens (`budget`, for a metered
     key), write the row, and queue `task` with (row id, payload) once the row is committed."""
-    redis = get_redis()
-    if settings.INSTANCE_ID and redis.exists(DRAINING_KEY.format(settings.INSTANCE_ID)):
+    pipe = get_redis().pipeline(transaction=False)  # one round trip for both checks, on every request's path
+    pipe.exists(DRAINING_KEY.format(settings.INSTANCE_ID))
+    pipe.llen(model.queue)
+    draining, waiting = pipe.execute()
+    if settings.INSTANCE_ID and draining:
         raise ServiceUnavailable("The server is shutting down; try again shortly.", code="server_shutting_down")
     model_servable_check(model)  # 503 model_unavailable at once when no live worker has the model
-    if settings.MAX_QUEUE and redis.llen(model.queue) >= settings.MAX_QUEUE:
+    if settings.MAX_QUEUE and waiting >= settings.MAX_QUEUE:
         raise ServiceUnavailable(
             f"Too many requests are waiting for {model.name}; try again shortly.", code="queue_full"
         )

@@ -207,13 +207,19 @@ class ToolCallStream:
         self.format = tool_format
         self.tools = {t.name: t.parameters or {} for t in tools or []}
         self.named = NAMED.get(tool_format)
-        self.markers: dict[str, str] = {}  # text in free text -> "call" (a call starts) or "silent" (not text)
+        # Text in free text -> "call" (a call starts after it), "bare" (a call starts with it) or "silent" (not text).
+        self.markers: dict[str, str] = {}
         if tool_format in JSON_TRIGGER:
             self.markers[JSON_TRIGGER[tool_format]] = "call"
         elif self.named is not None:
             self.markers = {self.named.call_open: "call", **dict.fromkeys(self.named.section, "silent")}
         elif tool_format in XML:
             self.markers[XML[tool_format].block_open] = "call"
+        if tool_format == "qwen3_coder":
+            # Qwen3-Coder sometimes leaves out the block's <tool_call> and starts with the call itself: an offered
+            # tool's whole opener starts a block too, read from the opener on (llama.cpp's parser does the same).
+            for name in self.tools:
+                self.markers[f"{XML[tool_format].call_open}{name}{XML[tool_format].call_name_end}"] = "bare"
         self.xml: _XmlReader | None = None
         self.xml_calls = 0  # calls the XML blocks so far had
         self.text = ""  # everything fed so far
@@ -281,6 +287,8 @@ class ToolCallStream:
             if self.markers[marker] == "silent":
                 return
             self.mark = self.pos - len(marker)
+            if self.markers[marker] == "bare":  # the call's own opener: the block's reader reads it
+                self.pos = self.mark
             if self.format in XML:
                 self.xml = _XmlReader(XML[self.format], self.tools, self.pos, self.xml_calls)
                 self.mode = "xml"

@@ -200,6 +200,20 @@ def test_xml_style_values_are_typed_by_the_tools_schema_and_strings_stream_as_wr
     assert sent[2] == [ToolCallPart(0, arguments='"')]
 
 
+def test_a_qwen3_coder_call_without_its_tool_call_tag_is_a_call_for_an_offered_tool_only():
+    tools = [Tool(name="read", parameters={"type": "object", "properties": {"path": {"type": "string"}}})]
+    call = "<function=read>\n<parameter=path>\na.py\n</parameter>\n</function>\n"
+    for text in (f"Reading it.\n{call}", f"Reading it.\n{call}</tool_call>"):  # with or without the block's end
+        content, calls = parse_tool_calls("qwen3_coder", text, tools)
+        assert content.strip() == "Reading it." and only_call(calls) == ("read", {"path": "a.py"})
+    stream = ToolCallStream("qwen3_coder", tools)
+    sent = feed_all(stream, ["Reading it.\n<func", "tion=read>\n<parameter=path>\na.py\n</parameter>\n</function>"])
+    assert sent[0] == ["Reading it.\n"]  # what may be the opener is held back
+    assert [p.name for p in sent[1] if p.name] == ["read"]
+    unknown = "<function=rm>\n<parameter=path>\na.py\n</parameter>\n</function>"  # no such tool: text
+    assert parse_tool_calls("qwen3_coder", unknown, tools) == (unknown, [])
+
+
 def test_an_xml_block_that_is_not_a_call_stays_content_and_a_cut_call_keeps_what_it_wrote():
     text = "<tool_call>hello</tool_call> there"
     assert parse_tool_calls("qwen3_coder", text) == (text, [])

@@ -5,7 +5,7 @@ import pytest
 from api.protocol import ChatCompletionRequest
 from core.redis import get_redis
 from inference.models import RequestLog
-from inference.run import request_run
+from inference.run import _model_row, request_run
 from inference.streams import TokenStream
 from tests.conftest import HELLO, MODEL
 
@@ -44,3 +44,16 @@ def test_the_stream_expires_after_the_ttl(smollm2, settings):
     log, payload = queued("q3")
     request_run(log_id=log.pk, payload=payload)
     assert 0 < get_redis().ttl(TokenStream("q3").key) <= settings.STREAM_TTL
+
+
+def test_the_worker_reuses_a_models_row_while_its_version_is_the_one_the_view_saw(smollm2, django_assert_num_queries):
+    first = _model_row(MODEL, smollm2.updated.isoformat())
+    with django_assert_num_queries(0):
+        assert _model_row(MODEL, smollm2.updated.isoformat()) is first
+    smollm2.default_params = {"temperature": 0.25}
+    smollm2.save()  # every change moves `updated`: the view queues the next request with the new version
+    with django_assert_num_queries(1):
+        changed = _model_row(MODEL, smollm2.updated.isoformat())
+    assert changed.default_params == {"temperature": 0.25}
+    with django_assert_num_queries(1):  # without a version (a message queued by an older view): always read
+        assert _model_row(MODEL).default_params == {"temperature": 0.25}

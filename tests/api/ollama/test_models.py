@@ -124,6 +124,7 @@ def test_unknown_paths_and_methods_answer_in_ollamas_shape(minerva_server, smoll
     assert wrong.status_code == 405 and set(wrong.json()) == {"error"} and wrong.headers["Allow"] == "POST"
     not_json = httpx.post(f"{base}/api/chat", content=b"{nope")
     assert not_json.status_code == 400 and set(not_json.json()) == {"error"}
+    assert "JSON" in not_json.json()["error"] and "OpenAI" not in not_json.json()["error"]  # not another API's words
     foreign = httpx.get(f"{base}/api/tags", headers={"Host": "evil.example"})
     assert foreign.status_code == 400 and set(foreign.json()) == {"error"}
     page = httpx.post(f"{base}/api/chat", headers={"Origin": "https://evil.example"}, json={"model": MODEL})
