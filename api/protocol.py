@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core import generation as neutral
-from core.generation import KEEP_ALIVE_RE
+from core.generation import KeepAlive
 from inference.schema_bounds import schema_bounds_check, tools_bounds_check
 
 # --------------------------------------------------------------------------------------------- requests
@@ -109,7 +109,7 @@ class _SamplingRequest(_Request):
     min_p: float | None = Field(default=None, ge=0, le=1, description="Drop tokens below min_p x the top one.")
     repeat_penalty: float | None = Field(default=None, ge=0, le=10, description="Penalty for recent tokens.")
     ignore_eos: bool | None = Field(default=None, description="Generate until max_tokens (benchmarks).")
-    keep_alive: str | float | None = Field(
+    keep_alive: KeepAlive = Field(
         default=None, description="How long the model stays loaded after this request: seconds or '5m'."
     )
 
@@ -126,13 +126,6 @@ class _SamplingRequest(_Request):
         for token in value or {}:
             if not token.isdigit() or int(token) > 2**31:
                 raise ValueError(f"keys must be token ids, got {token!r}")
-        return value
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
-            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
         return value
 
     @field_validator("stop")
@@ -352,7 +345,7 @@ class CreateEmbeddingRequest(_Request):
     user: str | None = None
     # Minerva extensions (llama-server's and Ollama's names)
     truncate: bool = Field(default=False, description="Cut inputs longer than the model's context (else a 400).")
-    keep_alive: str | float | None = Field(
+    keep_alive: KeepAlive = Field(
         default=None, description="How long the model stays loaded after this request: seconds or '5m'."
     )
 
@@ -367,13 +360,6 @@ class CreateEmbeddingRequest(_Request):
         for i, item in enumerate(inputs):
             if len(item) == 0:
                 raise ValueError(f"input {i} is empty" if len(inputs) > 1 else "must not be empty")
-        return value
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
-            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
         return value
 
     def to_embedding(self) -> neutral.EmbeddingRequest:

@@ -3,13 +3,23 @@ and Responses) turns its wire format into with `to_generation()`, what travels i
 worker reads. No surface's field names or quirks below this line; the worker never looks at the URL."""
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # Ollama's keep_alive: seconds or a duration with one unit; negative = forever. (settings.py checks
 # MINERVA_KEEP_ALIVE with the same pattern: settings cannot import app modules.)
 KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ms|s|m|h)?")
+
+
+def _keep_alive_check(value: str | float | None) -> str | float | None:
+    if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
+        raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
+    return value
+
+
+# A request's keep_alive, as every surface that takes one checks it (its 400 names the field).
+KeepAlive = Annotated[str | float | None, AfterValidator(_keep_alive_check)]
 
 # The request fields a model's `default_params` may preset (llama.cpp's and OpenAI's names).
 SAMPLING_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",

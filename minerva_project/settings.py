@@ -189,7 +189,7 @@ N_BATCH = env_int("N_BATCH", 512, minimum=32)  # tokens per decode step (decode 
 EMBEDDING_BATCH = min(env_int("EMBEDDING_BATCH", 64, minimum=1), 256)  # 256: llama.cpp's most sequences
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=0)  # requests waiting per model before 503
 KEEP_ALIVE = env_str("KEEP_ALIVE", "5m")  # how long an idle model stays loaded (Ollama's keep_alive)
-if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = api.protocol.KEEP_ALIVE_RE
+if not re.fullmatch(r"-?\d+(\.\d+)?(ms|s|m|h)?", KEEP_ALIVE.strip()):  # = core.generation.KEEP_ALIVE_RE
     raise ImproperlyConfigured(f"MINERVA_KEEP_ALIVE must be seconds or a duration like 5m or 1h, got {KEEP_ALIVE!r}")
 MEMORY_BUDGET = env_bytes("MEMORY_BUDGET", 0)  # bytes for loaded models; 0 = 75% of physical memory
 # GPU memory for the offloaded part of loaded models; 0 = 90% of what the GPUs report free when a worker starts

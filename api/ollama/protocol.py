@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from core.generation import KEEP_ALIVE_RE
+from core.generation import KeepAlive
 from inference.schema_bounds import tools_bounds_check
 
 from ..protocol import _unsupported_schema_keywords
@@ -155,7 +155,7 @@ class _GenerationRequest(_Request):
     stream: bool = Field(default=True, description="NDJSON lines (the default), or one JSON object when false.")
     options: Options | None = None
     format: Format | None = Field(default=None, description='"json" or a JSON schema the answer follows.')
-    keep_alive: str | float | None = Field(default=None, description="'5m', seconds, 0 to unload, -1 forever.")
+    keep_alive: KeepAlive = Field(default=None, description="'5m', seconds, 0 to unload, -1 forever.")
     think: bool | Literal["low", "medium", "high"] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -170,13 +170,6 @@ class _GenerationRequest(_Request):
     def _schema_supported(cls, value: Format | None) -> Format | None:
         if isinstance(value, dict):
             _schema_check(value)
-        return value
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
-            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
         return value
 
     def _neutral(self, **fields) -> neutral.GenerationRequest:
@@ -262,14 +255,7 @@ class EmbedRequest(_Request):
     truncate: bool = True
     dimensions: int | None = Field(default=None, ge=1)
     options: Options | None = None  # accepted; nothing in it applies to embeddings
-    keep_alive: str | float | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
-            raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
-        return value
+    keep_alive: KeepAlive = None
 
     def to_embedding(self) -> neutral.EmbeddingRequest:
         inputs = [self.input] if isinstance(self.input, str) else self.input
@@ -285,12 +271,7 @@ class EmbeddingsRequest(_Request):
     model: str = Field(min_length=1)
     prompt: str = Field(min_length=1)
     options: Options | None = None
-    keep_alive: str | float | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | float | None) -> str | float | None:
-        return EmbedRequest._duration(value)
+    keep_alive: KeepAlive = None
 
     def to_embedding(self) -> neutral.EmbeddingRequest:
         return neutral.EmbeddingRequest(model=_model_name(self.model), inputs=[self.prompt], truncate=True,

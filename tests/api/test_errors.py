@@ -198,3 +198,27 @@ async def test_a_hostile_chat_template_is_a_400_and_the_worker_keeps_serving(asy
     await smollm2.asave()
     response = await send(async_client, "post", CHAT, {"model": MODEL, "messages": HELLO, "max_tokens": 2})
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("surface", ["chat", "completions", "embeddings", "ollama chat", "ollama generate",
+                                     "ollama embed", "ollama embeddings"])  # fmt: skip
+def test_every_request_that_takes_keep_alive_reads_durations_and_refuses_other_words(surface):
+    from pydantic import ValidationError
+
+    from api import protocol
+    from api.ollama import protocol as ollama
+
+    request, body = {
+        "chat": (protocol.ChatCompletionRequest, {"model": MODEL, "messages": HELLO}),
+        "completions": (protocol.CompletionRequest, {"model": MODEL, "prompt": "Hi"}),
+        "embeddings": (protocol.CreateEmbeddingRequest, {"model": MODEL, "input": "Hi"}),
+        "ollama chat": (ollama.ChatRequest, {"model": MODEL, "messages": HELLO}),
+        "ollama generate": (ollama.GenerateRequest, {"model": MODEL, "prompt": "Hi"}),
+        "ollama embed": (ollama.EmbedRequest, {"model": MODEL, "input": "Hi"}),
+        "ollama embeddings": (ollama.EmbeddingsRequest, {"model": MODEL, "prompt": "Hi"}),
+    }[surface]
+    for duration in ("5m", " 1h ", "90", 300, -1, 0, None):
+        assert request.model_validate(body | {"keep_alive": duration}).keep_alive == duration
+    with pytest.raises(ValidationError) as refused:
+        request.model_validate(body | {"keep_alive": "soon"})
+    assert refused.value.errors()[0]["loc"] == ("keep_alive",) and "'5m'" in str(refused.value)
