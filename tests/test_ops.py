@@ -149,7 +149,12 @@ def test_a_closed_sqlite_connection_is_kept_for_the_next_one_with_nothing_uncomm
     assert db.connection is kept and not kept.in_transaction
     assert db.cursor().execute("SELECT count(*) FROM t").fetchone() == (0,)
     db.close()
+    db.settings_dict["OPTIONS"] = {"timeout": 3}  # opened with another busy timeout: not the kept one
+    db.ensure_connection()
+    assert db.connection is not kept
+    db.close()
     monkeypatch.setattr(os, "getpid", lambda: -1)  # a forked child must not share its parent's connections
+    db.settings_dict["OPTIONS"] = {}
     db.ensure_connection()
     assert db.connection is not kept
     db.close()
