@@ -67,7 +67,7 @@ _listing: dict = {}  # {"version": registry version, "entries": [entry dicts]}: 
 def _model_list() -> dict:
     # One trip to the sync thread for the query, the loaded set and the encoding: hops cost more than the work.
     version = model_registry_version()
-    if _listing.get("version") != version:
+    if version is None or _listing.get("version") != version:
         entries = [_model(m, set()).model_dump(exclude_none=True) for m in model_list()]
         _listing.update(version=version, entries=entries)
     loaded = model_loaded_names()

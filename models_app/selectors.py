@@ -1,12 +1,15 @@
 """Looking models up."""
 
+import copy
 import logging
+import uuid
 
 import psutil
 from django.conf import settings
-from django.db.models import Count, Max
+from redis.exceptions import RedisError
 
 from core.errors import ModelNotFound
+from core.redis import get_redis
 
 from .metadata import ENCODER_ARCHITECTURES, context_that_fits
 from .models import LanguageModel, ModelAlias
@@ -39,17 +42,40 @@ def model_alias_list() -> list[tuple[str, str]]:
     )
 
 
-def model_registry_version() -> tuple:
-    """Changes whenever a model row is added, removed or saved (one cheap aggregate query)."""
-    return tuple(LanguageModel.objects.aggregate(Count("id"), Max("updated")).values())
+# Each process keeps what it built from the registry (model_get's rows, /v1/models' entries) while the registry's
+# version stands: a random token in Redis that services.model_registry_changed replaces on every write.
+REGISTRY_VERSION_KEY = "minerva:registry:version"
+_found: dict[str, tuple[str, LanguageModel]] = {}  # requested name -> (version, row); only names that were found
+
+
+def model_registry_version() -> str | None:
+    """The registry's version now, read before what is built from it; None when Redis cannot be read (then nothing
+    may be reused). A new or flushed Redis gets a token never used before."""
+    try:
+        version = get_redis().get(REGISTRY_VERSION_KEY)
+        if version is None:
+            get_redis().set(REGISTRY_VERSION_KEY, uuid.uuid4().hex, nx=True)
+        return version
+    except RedisError:
+        return None
 
 
 def model_get(name: str) -> LanguageModel:
     """The served model called `name`, or ModelNotFound."""
     if "\x00" in name:  # PostgreSQL refuses NUL in text; no model is called that anyway
         raise ModelNotFound(name.replace("\x00", ""))
-    # Its own name first (an alias of another model's name does not take it), in a query without the aliases' join:
-    # this runs for every request.
+    version = model_registry_version()  # every request looks its model up: its row is reused while this stands
+    found = _found.get(name)
+    if found is not None and version is not None and found[0] == version:
+        return copy.copy(found[1])  # a copy: callers may set attributes on theirs
+    model = _model_lookup(name)
+    if version is not None:
+        _found[name] = (version, model)
+    return copy.copy(model)
+
+
+def _model_lookup(name: str) -> LanguageModel:
+    # Its own name first (an alias of another model's name does not take it), in a query without the aliases' join.
     model = LanguageModel.objects.filter(name=name, enabled=True, available=True).first()
     if model is None:
         model = LanguageModel.objects.filter(aliases__name=name, enabled=True, available=True).first()

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,9 @@ def model_files_delete(*, model: LanguageModel) -> list[Path]:
 
 def models_set_enabled(*, names: list[str], enabled: bool) -> int:
     """Enable or disable models; returns how many changed."""
-    return LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
+    changed = LanguageModel.objects.filter(name__in=names).update(enabled=enabled, updated=timezone.now())
+    model_registry_changed()
+    return changed
 
 
 def model_alias_create(*, model: LanguageModel, name: str) -> ModelAlias:
@@ -150,7 +153,7 @@ def model_alias_create(*, model: LanguageModel, name: str) -> ModelAlias:
         raise RegistryError(f"a model is already called {name!r}")
     alias, _ = ModelAlias.objects.update_or_create(name=name, defaults={"model": model})
     LanguageModel.objects.filter(pk=model.pk).update(updated=timezone.now())  # listings are cached per version
-    return alias
+    return alias  # (the alias's save told model_get)
 
 
 def model_alias_delete(*, name: str) -> bool:
@@ -161,6 +164,26 @@ def model_alias_delete(*, name: str) -> bool:
     alias.delete()
     LanguageModel.objects.filter(pk=alias.model.pk).update(updated=timezone.now())
     return True
+
+
+def model_registry_changed(**_signal) -> None:
+    """Make every process look its models up again (selectors.model_get keeps the rows it found per registry
+    version): at once, and again once the transaction commits (a lookup in between reads the rows before it).
+    Every save and delete of a model or alias sends it (apps.py); a queryset's update() must call it."""
+    from redis.exceptions import RedisError
+
+    from core.redis import get_redis
+
+    from .selectors import REGISTRY_VERSION_KEY
+
+    def change() -> None:
+        try:
+            get_redis().set(REGISTRY_VERSION_KEY, uuid.uuid4().hex)
+        except RedisError as exc:  # the write stands; processes may serve the rows before it until the next write
+            logger.warning("could not tell other processes that the model registry changed: %s", exc)
+
+    change()
+    transaction.on_commit(change)
 
 
 def models_scan(*, progress: Callable[[int, int, str], None] | None = None) -> ScanResult:
@@ -312,6 +335,7 @@ def models_hosted(*, names: set[str] | None = None) -> dict[str, dict]:
                 rows[name] = model_register(name=name, path=path)
             elif not row.available:
                 LanguageModel.objects.filter(pk=row.pk).update(available=True, updated=timezone.now())
+                model_registry_changed()
                 row.available = True
         except RegistryError as exc:
             logger.warning("skipping %s: %s", path, exc)

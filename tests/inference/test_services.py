@@ -1,5 +1,8 @@
 """request_run on its own: what the worker does with a request it is handed."""
 
+import base64
+import json
+
 import pytest
 
 from api.protocol import ChatCompletionRequest
@@ -57,3 +60,23 @@ def test_the_worker_reuses_a_models_row_while_its_version_is_the_one_the_view_sa
     assert changed.default_params == {"temperature": 0.25}
     with django_assert_num_queries(1):  # without a version (a message queued by an older view): always read
         assert _model_row(MODEL).default_params == {"temperature": 0.25}
+
+
+def test_a_queued_message_carries_the_body_but_its_headers_name_only_the_row(
+    smollm2, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Monitoring and worker logs show a task's argsrepr: it must not repeat the prompt."""
+    from celery import current_app
+
+    from inference import services
+
+    monkeypatch.setitem(current_app.conf, "task_always_eager", False)
+    monkeypatch.setattr(services, "model_servable_check", lambda model: None)  # no worker: the message stays queued
+    body = ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "a secret prompt"}])
+    with django_capture_on_commit_callbacks(execute=True):
+        log = services.request_create(request_id="q5", endpoint="/v1/chat/completions", body=body.to_generation())
+    [raw] = get_redis().lrange(smollm2.queue, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["argsrepr"] == f"[{log.pk}, {{...}}]"
+    assert "a secret prompt" not in json.dumps(message["headers"])
+    assert "a secret prompt" in base64.b64decode(message["body"]).decode()

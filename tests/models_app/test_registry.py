@@ -15,7 +15,7 @@ from models_app.bundled import default_model_path
 from models_app.metadata import kv_bytes_per_token
 from models_app.models import LanguageModel
 from models_app.selectors import model_get, model_n_ctx, model_shared_cells
-from models_app.services import RegistryError, model_register, models_scan
+from models_app.services import RegistryError, model_alias_delete, model_register, models_scan, models_set_enabled
 from tests.models_app.test_metadata import write_gguf, write_safetensors
 
 pytestmark = pytest.mark.django_db
@@ -138,9 +138,35 @@ def test_a_models_own_name_wins_over_another_models_alias_and_a_disabled_models_
     model_register(name="other", path=models_dir / "other.gguf", aliases=["tiny", "old"])
     model_register(name="tiny", path=models_dir / "tiny.gguf")
     assert model_get("tiny").name == "tiny" and model_get("old").name == "other"
-    LanguageModel.objects.filter(name="other").update(enabled=False)
+    models_set_enabled(names=["other"], enabled=False)
     with pytest.raises(ModelNotFound):
         model_get("old")
+
+
+def test_a_model_looked_up_again_costs_no_query_until_the_registry_changes(models_dir, django_assert_num_queries):
+    write_gguf(models_dir / "tiny.gguf")
+    model_register(name="tiny", path=models_dir / "tiny.gguf", aliases=["small"])
+    model_get("tiny"), model_get("small")
+    with django_assert_num_queries(0):
+        assert model_get("tiny").name == "tiny" and model_get("small").name == "tiny"
+    row = LanguageModel.objects.get(name="tiny")
+    row.n_ctx = 512
+    row.save()  # a save anywhere (the admin, another process) is seen by the next lookup
+    assert model_get("small").n_ctx == 512
+    model_alias_delete(name="small")
+    with pytest.raises(ModelNotFound):
+        model_get("small")
+    models_set_enabled(names=["tiny"], enabled=False)  # a queryset update
+    with pytest.raises(ModelNotFound):
+        model_get("tiny")
+
+
+def test_a_looked_up_model_is_the_callers_own_copy(models_dir):
+    write_gguf(models_dir / "tiny.gguf")
+    model_register(name="tiny", path=models_dir / "tiny.gguf")
+    model_get("tiny").generates = False
+    model_get("tiny").n_ctx = 1
+    assert not hasattr(model_get("tiny"), "generates") and model_get("tiny").n_ctx is None
 
 
 def test_the_cli_adds_inspects_lists_disables_and_removes(models_dir, capsys):
