@@ -5,11 +5,13 @@ The request goes on with an empty body and a marker header, so the view answers 
 other, at once instead of after megabytes; the connection closes after that answer."""
 
 import os
+import socket
 
 from daphne import server as daphne_server
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import HTTPFactory, WebRequest
 from twisted.internet import reactor
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "minerva_project.settings")
 
@@ -113,6 +115,19 @@ class GuardedFactory(HTTPFactory):
         return protocol
 
 
+def server_from_string(reactor, description: str):
+    """daphne's endpoints, with `--fd` (the socket `serve` listens on) in the socket's own address family: Twisted's
+    fd parser would take an IPv6 socket for IPv4."""
+    if description.startswith("fd:fileno="):
+        fileno = int(description.removeprefix("fd:fileno="))
+        sock = socket.socket(fileno=fileno)
+        family = sock.family
+        sock.detach()  # the descriptor stays open, for Twisted
+        return AdoptedStreamServerEndpoint(reactor, fileno, family)
+    return serverFromString(reactor, description)
+
+
 if __name__ == "__main__":
     daphne_server.HTTPFactory = GuardedFactory  # daphne's Server builds its factory by this name in run()
+    daphne_server.serverFromString = server_from_string
     CommandLineInterface.entrypoint()

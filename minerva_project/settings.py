@@ -114,6 +114,7 @@ CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(","
 # actually bound: whether keys are required (access.services.auth_required) and which Host headers are ours.
 HOST = env_str("HOST", "127.0.0.1")
 PORT = env_int("PORT", 11434, minimum=1)
+WEB_PROCESSES = env_int("WEB_PROCESSES", 1, minimum=1)  # daphne processes `serve` runs on its one listening socket
 
 
 def _default_allowed_hosts(host: str) -> list[str]:

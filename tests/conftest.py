@@ -98,6 +98,10 @@ class Server:
             time.sleep(0.3)
         self.children = psutil.Process(self.process.pid).children(recursive=True)
 
+    def children_now(self) -> list[psutil.Process]:
+        """serve's children that are running now."""
+        return [c for c in psutil.Process(self.process.pid).children() if c.is_running() and c.status() != "zombie"]
+
     def child(self, name: str) -> psutil.Process:
         """The running child whose command line mentions `name` ("celery", "daphne", "redis-server")."""
         deadline = time.monotonic() + 60

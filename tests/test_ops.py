@@ -187,3 +187,49 @@ def test_a_served_minerva_is_ready_once_its_worker_beats(minerva_server, smollm2
         assert time.monotonic() < deadline, response.text
         time.sleep(0.5)
     assert response.json()["status"] == "ready" and response.json()["cluster"]["workers"] == 1
+
+
+def test_several_web_processes_share_serves_port_and_a_killed_one_is_replaced(tmp_path, smollm2):
+    import time
+
+    import httpx2 as httpx
+    import psutil
+
+    from tests.conftest import Server
+
+    def daphnes() -> list[psutil.Process]:
+        return [c for c in server.children_now() if any("minerva_project.daphne" in part for part in c.cmdline())]
+
+    def chat() -> int:
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 3}
+        return httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60).status_code
+
+    server = Server(tmp_path, WEB_PROCESSES="2")
+    try:
+        first = daphnes()
+        assert len(first) == 2
+        first[0].kill()  # the other one keeps answering on the same port while serve starts a new one
+        first[0].wait(10)
+        assert [chat() for _ in range(4)] == [200] * 4
+        deadline = time.monotonic() + 60
+        while len(now := daphnes()) < 2:
+            assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert first[1] in now and first[0] not in now
+        assert chat() == 200
+    finally:
+        server.stop()
+
+
+def test_serve_says_so_when_its_port_is_taken(tmp_path, smollm2):
+    import socket
+
+    from tests.conftest import serve_env
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT,
+                                env=serve_env(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -125,11 +125,15 @@ class Command(BaseCommand):
             children.append(Child("worker", lambda: self._spawn(worker_cmd, env)))
         else:
             queues = ["none here (--no-worker)"]
+        # serve binds the port and every daphne process accepts on it (`--fd`): one process is the default; several
+        # spread the streams' Python work over cores (MINERVA_WEB_PROCESSES), and a restarted one binds nothing.
+        listener = self._listen(host, port)
         daphne_cmd = [
-            sys.executable, "-m", "minerva_project.daphne", "-b", host, "-p", str(port),
+            sys.executable, "-m", "minerva_project.daphne", "--fd", str(listener.fileno()),
             "--application-close-timeout", "5", "minerva_project.asgi:application",
         ]  # fmt: skip
-        children.append(Child("daphne", lambda: self._spawn(daphne_cmd, env)))
+        for _ in range(settings.WEB_PROCESSES):
+            children.append(Child("daphne", lambda: self._spawn(daphne_cmd, env, pass_fds=(listener.fileno(),))))
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
@@ -151,8 +155,15 @@ class Command(BaseCommand):
             if settings.EMBEDDED_REDIS and redis_socket.exists():
                 redis_socket.unlink()
 
-    def _spawn(self, cmd: list[str], env: dict) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, **child_options())
+    def _spawn(self, cmd: list[str], env: dict, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, pass_fds=pass_fds, **child_options())
+
+    def _listen(self, host: str, port: int) -> socket.socket:
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            return socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
     def _request_stop(self, signum, frame) -> None:
         self.stopping = True
