@@ -128,8 +128,9 @@ def start_llama_server(args, work: Path, slots: int) -> tuple[subprocess.Popen, 
     if args.threads:
         cmd += ["-t", str(args.threads)]
     if args.draft_model:  # greedy drafts, as Minerva's; llama-server's own default would be 3 a step
-        # Its draft sampling on the CPU: in the graph (its default), the top-k-only draft chain leaves its 10
-        # candidates without probabilities, and the draft takes any of them (2026-12-04: 8% of a perfect draft kept).
+        # Its draft sampling on the CPU, as Minerva's argmax. (A make_synthetic_llama.py pair from before its shifted
+        # repeats has tied logits, which llama-server's draft top-k 10 and target top-k 40 break differently: it kept
+        # 8% of its drafts, Minerva 77%. Regenerate such a pair.)
         cmd += ["--spec-type", "draft-simple", "--spec-draft-model", args.draft_model, "--spec-draft-n-max",
                 str(args.draft_max), "--spec-draft-p-min", "0", "-ngld", "all",
                 "--no-spec-draft-backend-sampling"]  # fmt: skip

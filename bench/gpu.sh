@@ -111,7 +111,9 @@ edit)  # the edit workload with prompt-lookup drafting on both servers (random w
         --out "${OUT:-/tmp}/edit-gpu.json"
     ;;
 draft)  # a draft model on both servers: an 8B whose layers 2.. add nothing, drafted for by its first two layers
-    # (greedy drafts that always hold: speculative decoding's best case), then the same target without drafting.
+    # (greedy drafts that hold but for rounding near-ties, ~85% on the CPU: speculative decoding's best case), then the
+    # same target without drafting. Needs a carry prepared with make_synthetic_llama.py's shifted repeats and a fresh
+    # /tmp/draft: a pair made before them has tied logits, and llama-server keeps 8% of its drafts.
     # `--pure`: one quantization type throughout, so that both files' first layers round alike.
     export PYTHONPATH="$PWD/$CARRY/py" LLAMA_CPP_LIB_PATH=/tmp/lbuild/bin LD_LIBRARY_PATH=/tmp/lbuild/bin
     if [ ! -f /tmp/draft/target.gguf ]; then

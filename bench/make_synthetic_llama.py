@@ -12,6 +12,14 @@ A draft model that predicts its target exactly (speculative decoding's best case
 `--live-layers 2` (layers 2.. write zeros into the residual stream: their attention and FFN outputs are zero, but they
 are computed) and the draft with `--layers 2`. Every tensor of one shape holds the same noise, so the two share
 their embeddings, first two layers and output: the draft's logits are the target's, at a fraction of the work.
+(Up to rounding: the target verifies a step's drafts in one batch, whose kernels round otherwise than the draft's
+one-token steps, and these logits are flat, about N(0, 0.02^2 * n_embd) over 128k tokens, so a few in a hundred
+near-ties flip: about 85% of the drafts hold on both servers.)
+
+A tensor larger than the noise pool (token_embd and output of 1b and 8b) is the pool repeated, each repeat shifted
+by one more element: repeated unshifted, output's rows would repeat every pool/n_embd rows (16384 in 8b), every
+logit would be tied with 3 (1b) or 7 (8b) others, and greedy decoding would depend on how each sampler breaks
+ties (llama-server's draft top-k 10 and target top-k 40 break them differently: 8% of its drafts held).
 """
 
 import argparse
@@ -88,7 +96,10 @@ def main():
     def noise(*shape):
         n = int(np.prod(shape))
         reps = -(-n // pool.size)
-        flat = np.tile(pool, reps)[:n] if reps > 1 else pool[:n]
+        if reps == 1:
+            return pool[:n].reshape(shape)
+        # Not np.tile: its repeats would make rows pool.size / shape[-1] apart equal (tied logits, see above).
+        flat = np.concatenate([np.roll(pool, k) for k in range(reps)])[:n]
         return flat.reshape(shape)
 
     def zeros(*shape):
