@@ -79,6 +79,7 @@ class Generation:
         self.tool_format = "generic"  # how the model writes tool calls (from the `start` event)
         self.reasoning = "think"  # how it writes its reasoning: <think> tags, or "harmony" channels (`start` event)
         self.usage = Usage()  # the prompt's once started, complete once deltas() has ended
+        self.detached = False  # read by a client that does not own it (generation_attach): leaving cancels nothing
 
     def started(self, data: dict) -> None:
         """Take what the worker's `start` event says about the answer to come, and the prompt's size."""
@@ -135,7 +136,8 @@ class Generation:
                 elif event == "error":
                     raise MinervaError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
-            await self.stream.cancel()
+            if not self.detached:
+                await self.stream.cancel()
             raise
         prompt = done[0] if done else {}
         completion = sum(d["completion_tokens"] for d in done)
@@ -194,6 +196,15 @@ async def generation_start(*, request_id: str, endpoint: str, body: GenerationRe
     generation = Generation(request_id, body, _after((event, data), events))
     if event == "start":  # known before any delta is read: a stream's head can carry the prompt's usage
         generation.started(data)
+    return generation
+
+
+def generation_attach(request_id: str, body: GenerationRequest) -> Generation:
+    """A queued request's generation for a client that does not own it (a background response's stream, as created
+    or resumed): its events from the first on, while it runs and after; leaving or a quiet spell stops nothing."""
+    events = TokenStream(request_id).read(choices=body.n, ping_every=settings.SSE_PING_SECONDS, detached=True)
+    generation = Generation(request_id, body, _watched(request_id, events, stream=True))
+    generation.detached = True
     return generation
 
 
@@ -267,7 +278,8 @@ class Embedding:
                 elif event == "error":
                     raise MinervaError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
-            await self.stream.cancel()
+            if not self.detached:
+                await self.stream.cancel()
             raise
         return Embeddings(vectors=vectors, prompt_tokens=prompt_tokens)
 

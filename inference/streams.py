@@ -81,9 +81,14 @@ class TokenStream:
         finally:
             await client.aclose()
 
-    async def read(self, *, choices: int = 1, ping_every: float | None = None) -> AsyncIterator[tuple[str, dict]]:
+    async def read(self, *, choices: int = 1, ping_every: float | None = None,
+                   detached: bool = False) -> AsyncIterator[tuple[str, dict]]:  # fmt: skip
         """Yield (event, data) from the first event on, until every choice is `done` or an `error`. With
-        `ping_every`, a ("ping", {}) comes after that many quiet seconds.
+        `ping_every`, a ("ping", {}) comes after that many quiet seconds. A `detached` reader (a background
+        response's stream, one choice) does not own the request: its silence timeout ends only the read, reading to
+        the end leaves the stream's expiry as the worker set it, and once the request is cancelled (by someone
+        else: a cancelled generation publishes nothing more) it ends with a `done` of its own, finish_reason
+        `cancelled`, counting the tokens it read.
 
         MINERVA_REQUEST_TIMEOUT bounds silence, not length: no event for that long (in the queue, loading the
         model, in prefill or generating text held back) cancels the request in its worker with reason
@@ -97,14 +102,22 @@ class TokenStream:
         last_id = "0"
         last_event = last_yield = time.monotonic()
         worker = None
+        prompt: dict = {}  # the prompt's usage, from `start`; and how many tokens were read (a detached reader's end)
+        tokens = 0
         try:
             while True:
                 reply = await client.xread({self.key: last_id}, block=READ_BLOCK_MS, count=256)
                 if not reply and time.monotonic() - last_event > settings.REQUEST_TIMEOUT:
+                    if detached:
+                        raise Timeout(f"No event for {settings.REQUEST_TIMEOUT} s; the response goes on: retrieve "
+                                      "it later.")  # fmt: skip
                     await self.cancel(CANCEL_TIMEOUT)
                     raise timed_out()
                 if not reply and worker is not None and not await client.exists(worker_key(worker)):
                     raise WorkerLost()
+                if not reply and detached and await client.exists(self.cancel_key):
+                    yield "done", {"index": 0, "finish_reason": "cancelled", "completion_tokens": tokens, **prompt}
+                    return
                 if not reply and ping_every is not None and time.monotonic() - last_yield >= ping_every:
                     last_yield = time.monotonic()
                     yield "ping", {}
@@ -117,11 +130,15 @@ class TokenStream:
                             worker = data["worker"]
                             continue
                         last_yield = time.monotonic()
+                        if event == "start":
+                            prompt = {k: data[k] for k in ("prompt_tokens", "cached_tokens") if k in data}
+                        tokens += event == "token"
                         yield event, data
                         if event == "done":
                             choices -= 1
                         if event == "error" or choices == 0:
-                            await client.expire(self.key, FINISHED_TTL_SECONDS)  # read to its end
+                            if not detached:
+                                await client.expire(self.key, FINISHED_TTL_SECONDS)  # read to its end
                             return
         except RedisError:
             raise ServiceUnavailable(

@@ -76,9 +76,23 @@ def response_record(*, response_id: str, result: dict) -> bool:
     ))  # fmt: skip
 
 
-def response_started(*, request_id: str) -> None:
-    """A worker took the response's request: a queued (background) response is in progress."""
-    StoredResponse.objects.filter(request_id=request_id, status=Status.QUEUED).update(status=Status.IN_PROGRESS)
+def response_started(*, request_id: str) -> bool:
+    """A worker took the response's request: a queued (background) response is in progress. Whether it was one."""
+    return bool(StoredResponse.objects.filter(request_id=request_id, status=Status.QUEUED).update(
+        status=Status.IN_PROGRESS))  # fmt: skip
+
+
+def response_events_keep(*, request_id: str) -> None:
+    """Keep a background response's events for MINERVA_STREAM_TTL after it ended (not the minute other requests'
+    keep), so that its client can stream it again (GET /v1/responses/{id}?stream=true)."""
+    stream = TokenStream(request_id)
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.expire(stream.key, settings.STREAM_TTL)
+        pipe.expire(stream.cancel_key, settings.STREAM_TTL)  # a cancelled one's readers end on its flag
+        pipe.execute()
+    except RedisError:
+        logger.warning("could not keep the events of request %s", request_id, exc_info=True)
 
 
 def response_finish(*, request_id: str, body: GenerationRequest) -> None:

@@ -263,9 +263,6 @@ class CreateResponse(_Request):
         if self.background and not self.kept:
             raise InvalidRequest("background: true needs store: true (a background response is read back later).",
                                  param="background")  # fmt: skip
-        if self.background and self.stream:
-            raise InvalidRequest("Streaming a background response is not supported; create it without stream and "
-                                 "poll GET /v1/responses/{id}.", param="stream")  # fmt: skip
         for i, tool in enumerate(self.tools or []):
             if isinstance(tool, OtherTool):
                 raise InvalidRequest(f"Tools of type {tool.type!r} are not supported; Minerva runs function tools "

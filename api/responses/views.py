@@ -10,13 +10,15 @@ import time
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from access.models import ApiKey
 from core.errors import InvalidRequest, MinervaError
 from core.generation import GenerationRequest
-from inference.serving import Generation, generation_start
+from core.redis import get_redis
+from inference.serving import Generation, generation_attach, generation_start
 from inference.streams import TokenStream
 from responses.models import StoredResponse
 from responses.output import OutputBuilder, response_object
@@ -52,7 +54,10 @@ async def create_response(request: HttpRequest) -> HttpResponse:
             api_key=request.api_key, audit=request.audit, params=answer.params, input_items=items,
         )  # fmt: skip
         request.request_logged = True  # from here on the worker owns the log row
-        return JsonResponse(response_json(row))
+        if not body.stream:
+            return JsonResponse(response_json(row))
+        answer.created = int(row.created.timestamp())  # the generation's own: leaving this stream stops nothing
+        return _sse_response(answer.events(generation_attach(request.request_id, generation_body), queued=True))
     if body.kept:
         row = await sync_to_async(response_create)(response_id=response_id, request_id=request.request_id,
                                                    api_key=request.api_key, model=body.model, params=answer.params,
@@ -74,7 +79,7 @@ async def create_response(request: HttpRequest) -> HttpResponse:
             exc.param = "input"
         raise
     if body.stream:
-        return _sse_response(generation.stream, answer.events(generation))
+        return _sse_response(answer.events(generation), owner=generation.stream)
     return JsonResponse(await answer.collect(generation))
 
 
@@ -122,14 +127,24 @@ class _Answer:
         await self._record(result)
         return self.snapshot(**result)
 
-    async def events(self, generation: Generation) -> AsyncIterator[dict | str]:
-        yield {"type": "response.created", "response": self.snapshot()}
-        yield {"type": "response.in_progress", "response": self.snapshot()}
+    async def events(self, generation: Generation, *, queued: bool = False) -> AsyncIterator[dict | str]:
+        """The stream's events. A background response's (`queued`) are the same whenever they are read, from its
+        creation or again later, so that their sequence numbers are too: created and queued, then in_progress with
+        its first delta."""
+        if queued:
+            yield {"type": "response.created", "response": self.snapshot("queued")}
+            yield {"type": "response.queued", "response": self.snapshot("queued")}
+        else:
+            yield {"type": "response.created", "response": self.snapshot()}
+            yield {"type": "response.in_progress", "response": self.snapshot()}
         try:
             async for delta in generation.deltas():
                 if delta.ping:
                     yield PING
                     continue
+                if queued:
+                    queued = False
+                    yield {"type": "response.in_progress", "response": self.snapshot()}
                 for event in self.builder.feed(delta):
                     yield event
         except MinervaError as exc:  # the 200 has gone out: the failure is the stream's last event
@@ -141,7 +156,8 @@ class _Answer:
             yield event
         result = self.builder.result(generation.usage)
         await self._record(result)  # before the last event: a client continuing from it finds the response stored
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}[result["status"]]
+        # A cancelled background response's readers (no stream event names that status) get it as incomplete.
+        kind = {"completed": "response.completed"}.get(result["status"], "response.incomplete")
         yield {"type": kind, "response": self.snapshot(**result)}
 
     async def _record(self, result: dict) -> None:
@@ -153,15 +169,20 @@ class _Answer:
             logger.warning("could not record response %s", self.id, exc_info=True)
 
 
-def _sse_response(stream: TokenStream, events: AsyncIterator[dict | str]) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(_frames(stream, events), content_type="text/event-stream")
+def _sse_response(events: AsyncIterator[dict | str], *, owner: TokenStream | None = None,
+                  starting_after: int = -1) -> StreamingHttpResponse:  # fmt: skip
+    """`owner`: the stream of a request this client owns (leaving cancels it); `starting_after`: the sequence number
+    after which the client wants events (a background response streamed again)."""
+    response = StreamingHttpResponse(_frames(events, owner, starting_after), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
 
 
-async def _frames(stream: TokenStream, events: AsyncIterator[dict | str]) -> AsyncIterator[str]:
-    """Typed events, numbered from 0; `: ping` comments while waiting. No [DONE]: the last event ends the stream."""
+async def _frames(events: AsyncIterator[dict | str], owner: TokenStream | None,
+                  starting_after: int) -> AsyncIterator[str]:  # fmt: skip
+    """Typed events, numbered from 0 (those up to `starting_after` left out); `: ping` comments while waiting. No
+    [DONE]: the last event ends the stream."""
     finished = False
     sequence = 0
     try:
@@ -169,20 +190,20 @@ async def _frames(stream: TokenStream, events: AsyncIterator[dict | str]) -> Asy
             if event is PING:
                 yield PING
                 continue
-            data = json.dumps({**event, "sequence_number": sequence}, ensure_ascii=False)
-            yield f"event: {event['type']}\ndata: {data}\n\n"
+            if sequence > starting_after:
+                data = json.dumps({**event, "sequence_number": sequence}, ensure_ascii=False)
+                yield f"event: {event['type']}\ndata: {data}\n\n"
             sequence += 1
         finished = True
     finally:
-        if not finished:  # the client went away: the worker stops at its next token (and records `cancelled`)
-            await stream.cancel()
+        if not finished and owner is not None:  # the client went away: the worker stops at its next token
+            await owner.cancel()
 
 
 @openai_view(methods=("GET", "DELETE"))
 async def response(request: HttpRequest, response_id: str) -> HttpResponse:
     if request.method == "GET" and request.GET.get("stream", "").lower() in ("true", "1"):
-        raise InvalidRequest("Streaming a stored response again is not supported; retrieve it without stream.",
-                             param="stream")  # fmt: skip
+        return await _stream_again(request, response_id)
 
     def act() -> dict:
         found = response_get(response_id, api_key=request.api_key)
@@ -192,6 +213,37 @@ async def response(request: HttpRequest, response_id: str) -> HttpResponse:
         return response_json(found)
 
     return JsonResponse(await sync_to_async(act)())
+
+
+async def _stream_again(request: HttpRequest, response_id: str) -> HttpResponse:
+    """A background response's events, from the first or after `starting_after`, while it runs and for
+    MINERVA_STREAM_TTL after it ended: its client can come back to it after a lost connection."""
+    raw = request.GET.get("starting_after", "")
+    if raw and not raw.isdigit():
+        raise InvalidRequest("starting_after must be a sequence number (an integer, 0 or more).",
+                             param="starting_after")  # fmt: skip
+
+    def find() -> tuple[StoredResponse, _Answer, GenerationRequest]:
+        found = response_get(response_id, api_key=request.api_key)
+        if not found.background:
+            raise InvalidRequest("Only a background response can be streamed again; retrieve this one without "
+                                 "stream.", param="stream")  # fmt: skip
+        if found.status not in StoredResponse.ACTIVE and not get_redis().exists(TokenStream(found.request_id).key):
+            raise InvalidRequest(f"The events of {found.id} are kept for {settings.STREAM_TTL} s after it ends; "
+                                 "retrieve it without stream.", param="stream")  # fmt: skip
+        body = CreateResponse.model_validate({"model": found.model, **_resumable(found.params)})
+        answer = _Answer(found.id, body)
+        answer.params, answer.created = found.params, int(found.created.timestamp())
+        return found, answer, body.to_generation(conversation(found.input_items, found.params.get("instructions")))
+
+    found, answer, generation_body = await sync_to_async(find)()
+    generation = generation_attach(found.request_id, generation_body)
+    return _sse_response(answer.events(generation, queued=True), starting_after=int(raw) if raw else -1)
+
+
+def _resumable(params: dict) -> dict:
+    """What decides how a stored response's events read its text (tools, the text format), from its echo."""
+    return {key: params[key] for key in ("tools", "tool_choice", "text", "parallel_tool_calls") if key in params}
 
 
 @openai_view(methods=("POST",))

@@ -34,7 +34,7 @@ EVENT_SCHEMAS = {
     "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
     "response.completed": "ResponseCompletedEvent", "response.incomplete": "ResponseIncompleteEvent",
-    "response.failed": "ResponseFailedEvent",
+    "response.failed": "ResponseFailedEvent", "response.queued": "ResponseQueuedEvent",
 }  # fmt: skip
 
 
@@ -300,6 +300,57 @@ def test_cancelling_a_background_response_stops_its_worker(client):
     assert log.completion_tokens < 4000
     assert client.responses.retrieve(queued.id).status == "cancelled"
     assert client.responses.cancel(queued.id).status == "cancelled"  # again: the same answer
+
+
+def test_leaving_a_background_responses_stream_stops_nothing(client):
+    seen = []
+    with client.responses.create(model=MODEL, input="Tell a story.", background=True, text=LONG,
+                                 max_output_tokens=300, stream=True) as stream:  # fmt: skip
+        for event in stream:
+            assert_schema(EVENT_SCHEMAS[event.type], as_sent(event))
+            seen.append(event)
+            if event.type == "response.output_text.delta":
+                break  # the client goes away
+    heads = [(e.type, e.sequence_number, e.response.status) for e in seen[:3]]
+    assert heads == [("response.created", 0, "queued"), ("response.queued", 1, "queued"),
+                     ("response.in_progress", 2, "in_progress")]  # fmt: skip
+    done = finished(client, seen[0].response.id)
+    assert done.status == "incomplete" and done.usage.output_tokens == 300  # not cancelled: it ran to its limit
+
+
+def test_a_background_responses_stream_ends_when_the_response_is_cancelled(client):
+    with client.responses.create(model=MODEL, input="Tell a story.", background=True, text=LONG,
+                                 max_output_tokens=4000, stream=True) as stream:  # fmt: skip
+        events = []
+        for event in stream:
+            events.append(event)
+            if event.type == "response.output_text.delta" and len(events) == 6:
+                client.responses.cancel(events[0].response.id)
+    last = events[-1]
+    assert_schema(EVENT_SCHEMAS[last.type], as_sent(last))
+    assert last.type == "response.incomplete" and last.response.status == "cancelled"
+    assert 0 < last.response.usage.output_tokens < 4000
+    assert client.responses.retrieve(last.response.id).status == "cancelled"
+
+
+def test_a_background_response_streams_again_from_the_start_or_after_a_sequence_number(client, minerva_server):
+    events = list(client.responses.create(model=MODEL, input="Say hello.", background=True, stream=True,
+                                          temperature=0, max_output_tokens=12))  # fmt: skip
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    response_id = events[0].response.id
+
+    def wire(event) -> dict:  # what must come again alike: all but the snapshots' completion times
+        sent = as_sent(event)
+        sent.get("response", {}).pop("completed_at", None)
+        return sent
+
+    again = list(client.responses.retrieve(response_id, stream=True))
+    assert [wire(e) for e in again] == [wire(e) for e in events]
+    after = list(client.responses.retrieve(response_id, stream=True, starting_after=3))
+    assert [wire(e) for e in after] == [wire(e) for e in events[4:]]
+    bad = httpx.get(f"{minerva_server.base_url}/responses/{response_id}?stream=true&starting_after=x", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
 
 
 def test_a_client_that_leaves_a_stored_stream_finds_the_response_cancelled(client):
