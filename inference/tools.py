@@ -342,8 +342,14 @@ def _native_rules(tools, tool_format: str, many: bool) -> tuple[dict, list[str],
         several = many and syntax.call_open and tool_format != "qwen3_coder"  # calls in one block
         after_open = _SEP if syntax.call_open else ""  # GLM writes the name right after <tool_call>
         block = f"{_lit(syntax.block_open)} {after_open} {call}{'+' if several else ''} {_lit(syntax.block_close)}"
-        rules.append(f"calls ::= {block} ({_SEP} {block})*" if many and not several else f"calls ::= {block}")
-        return schemas, rules, [re.escape(syntax.block_open)]
+        first, triggers = block, [re.escape(syntax.block_open)]
+        if tool_format == "qwen3_coder":
+            # Qwen3-Coder sometimes leaves out its first block's <tool_call> (as llama.cpp's grammar allows): an
+            # offered tool's whole opener wakes the grammar too (not "<function=" alone: `#include <functional>`).
+            first = f"{_lit(syntax.block_open)}? {after_open} {call} {_lit(syntax.block_close)}"
+            triggers += [re.escape(syntax.call_open + tool.name + syntax.call_name_end) for tool in tools]
+        rules.append(f"calls ::= {first} ({_SEP} {block})*" if many and not several else f"calls ::= {first}")
+        return schemas, rules, triggers
     syntax = NAMED[tool_format]
     names = []
     for i, tool in enumerate(tools):

@@ -321,6 +321,17 @@ def test_an_auto_grammar_lets_words_through_and_holds_the_call_once_it_starts(fa
     assert grammar_walk(vocab, grammar, triggers, words + family.calls[:cut] + "!!nonsense") == "refused"
 
 
+def test_a_qwen3_coder_call_without_its_tool_call_tag_wakes_the_auto_grammar_which_holds_it(vocab):
+    grammar, triggers = tool_grammar(request(tool_choice="auto"), "qwen3_coder")
+    words = "Let me write it.\n"
+    bare = QWEN.removeprefix("<tool_call>\n")  # the first block's <tool_call> left out, the second's kept
+    assert grammar_walk(vocab, grammar, triggers, words + bare) == "accepted"
+    cut = bare.index("<parameter=path>")  # the opener woke the grammar: a wrong turn is refused
+    assert grammar_walk(vocab, grammar, triggers, words + bare[:cut] + "!!nonsense") == "refused"
+    # A tool that was not offered is text (as the parser reads it), and so is C++'s <functional>.
+    assert grammar_walk(vocab, grammar, triggers, words + "<function=rm>\n!!\n#include <functional>") == "accepted"
+
+
 ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
 
