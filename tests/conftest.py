@@ -44,6 +44,30 @@ def redis_server(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _flush_redis(redis_server):
     get_redis().flushall()
+    Server.registry_changed_everywhere()  # the tables may have been flushed since (transactional tests)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _registry_changes_reach_live_servers():
+    """This process and each live `serve` have a Redis of their own over one database, where a deployment has one
+    Redis: a model or alias written here must also replace the registry version a live server reuses its rows by."""
+    from django.db.models.signals import post_delete, post_save
+
+    from models_app import services
+    from models_app.models import LanguageModel, ModelAlias
+
+    changed = services.model_registry_changed
+
+    def everywhere(**signal) -> None:
+        changed(**signal)
+        Server.registry_changed_everywhere()
+
+    services.model_registry_changed = everywhere  # the services' own calls (after a queryset's update())
+    for model in (LanguageModel, ModelAlias):
+        for signal in (post_save, post_delete):
+            signal.connect(Server.registry_changed_everywhere, sender=model, dispatch_uid=f"tests-{model}-{signal}")
+    yield
+    services.model_registry_changed = changed
 
 
 @pytest.fixture
@@ -72,6 +96,26 @@ def serve_env(data_dir: Path) -> dict:
 
 
 class Server:
+    live: list["Server"] = []  # started and not stopped
+
+    @classmethod
+    def registry_changed_everywhere(cls, **_signal) -> None:
+        """Replace the registry version in every live server's own Redis (see _registry_changes_reach_live_servers)."""
+        import uuid
+
+        import redis
+
+        from models_app.selectors import REGISTRY_VERSION_KEY
+
+        for server in cls.live:
+            client = redis.Redis(unix_socket_path=str(server.data_dir / "redis.sock"))
+            try:
+                client.set(REGISTRY_VERSION_KEY, uuid.uuid4().hex)
+            except redis.RedisError:  # stopping, or its Redis restarting (fault tests): it starts a fresh version
+                pass
+            finally:
+                client.close()
+
     def __init__(self, data_dir: Path, host: str | None = None, **env: str):
         """`host`: serve's --host (it is reached on 127.0.0.1 all the same); `env`: extra MINERVA_* settings for
         this server, e.g. PARALLEL="1"."""
@@ -97,6 +141,7 @@ class Server:
             assert time.monotonic() < deadline, f"serve did not come up:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.3)
         self.children = psutil.Process(self.process.pid).children(recursive=True)
+        Server.live.append(self)
 
     def children_now(self) -> list[psutil.Process]:
         """serve's children that are running now."""
@@ -118,6 +163,8 @@ class Server:
     def stop(self) -> float:
         """SIGTERM serve; return how long until it exited."""
         started = time.monotonic()
+        if self in Server.live:
+            Server.live.remove(self)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=20)
         return time.monotonic() - started

@@ -169,18 +169,23 @@ class Command(BaseCommand):
         self.stopping = True
 
     def _wait_for_port(self, host: str, port: int, children: list[Child]) -> None:
+        """Until daphne answers: `serve` holds the listening socket, so a connection is taken into its backlog at once;
+        only an answer (any, to a /health) says a daphne accepts. A child that exits meanwhile is an error."""
         deadline = time.monotonic() + 60
         while not self.stopping and time.monotonic() < deadline:
             for child in children:
                 if child.exited() is not None:
                     raise CommandError(f"{child.name} exited with code {child.exited()} during start-up")
             try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    return
+                with socket.create_connection((host, port), timeout=0.5) as conn:
+                    conn.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if conn.recv(1):
+                        return
             except OSError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         if not self.stopping:
-            raise CommandError(f"daphne did not listen on {host}:{port} within 60 s")
+            raise CommandError(f"daphne did not answer on {host}:{port} within 60 s")
 
     def _supervise(self, children: list[Child]) -> None:
         while not self.stopping:
