@@ -58,14 +58,14 @@ def _registry_changes_reach_live_servers():
 
     changed = services.model_registry_changed
 
-    def everywhere(**signal) -> None:
-        changed(**signal)
+    def everywhere(**sent) -> None:
+        changed(**sent)
         Server.registry_changed_everywhere()
 
     services.model_registry_changed = everywhere  # the services' own calls (after a queryset's update())
     for model in (LanguageModel, ModelAlias):
-        for signal in (post_save, post_delete):
-            signal.connect(Server.registry_changed_everywhere, sender=model, dispatch_uid=f"tests-{model}-{signal}")
+        for name, sent in (("save", post_save), ("delete", post_delete)):
+            sent.connect(Server.registry_changed_everywhere, sender=model, dispatch_uid=f"tests-{name}-{model}")
     yield
     services.model_registry_changed = changed
 
