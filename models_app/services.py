@@ -170,7 +170,7 @@ def model_registry_changed(**_signal) -> None:
     """Make every process look its models up again (selectors.model_get keeps the rows it found per registry
     version): at once, and again once the transaction commits (a lookup in between reads the rows before it).
     Every save and delete of a model or alias sends it (apps.py); a queryset's update() must call it."""
-    from redis.exceptions import RedisError
+    from redis.exceptions import ConnectionError, RedisError
 
     from core.redis import get_redis
 
@@ -180,7 +180,11 @@ def model_registry_changed(**_signal) -> None:
         try:
             get_redis().set(REGISTRY_VERSION_KEY, uuid.uuid4().hex)
         except RedisError as exc:  # the write stands; processes may serve the rows before it until the next write
-            logger.warning("could not tell other processes that the model registry changed: %s", exc)
+            # An embedded Redis that is not running (serve scans models before it starts it) starts empty: no one to
+            # tell. Any other failure is worth a warning.
+            quiet = settings.EMBEDDED_REDIS and isinstance(exc, ConnectionError)
+            logger.log(logging.DEBUG if quiet else logging.WARNING,
+                       "could not tell other processes that the model registry changed: %s", exc)  # fmt: skip
 
     change()
     transaction.on_commit(change)

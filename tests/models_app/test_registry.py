@@ -294,3 +294,17 @@ def test_nul_in_header_strings_is_dropped_from_the_stored_summary(models_dir):
     model = model_register(name="nul", path=models_dir / "nul.gguf")  # PostgreSQL's jsonb refuses U+0000
     model.refresh_from_db()
     assert model.metadata["name"] == "tiny"
+
+
+@pytest.mark.parametrize("embedded", [True, False])
+def test_a_registry_write_without_redis_stands_and_warns_only_when_redis_is_not_the_embedded_one(
+    models_dir, settings, caplog, tmp_path, embedded
+):
+    """serve scans models before it starts its embedded Redis (which starts empty): nothing to warn about then."""
+    settings.REDIS_URL, settings.EMBEDDED_REDIS = f"unix://{tmp_path}/none.sock", embedded
+    write_gguf(models_dir / "tiny.gguf")
+    with caplog.at_level("DEBUG", logger="models_app.services"):
+        model_register(name="tiny", path=models_dir / "tiny.gguf")
+    assert LanguageModel.objects.filter(name="tiny").exists()
+    told = [r for r in caplog.records if "registry changed" in r.getMessage()]
+    assert told and {r.levelname for r in told} == ({"DEBUG"} if embedded else {"WARNING"})
