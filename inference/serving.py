@@ -278,8 +278,7 @@ class Embedding:
                 elif event == "error":
                     raise MinervaError.from_dict(data)
         except asyncio.CancelledError:  # the client went away while we waited
-            if not self.detached:
-                await self.stream.cancel()
+            await self.stream.cancel()
             raise
         return Embeddings(vectors=vectors, prompt_tokens=prompt_tokens)
 
