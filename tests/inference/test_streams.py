@@ -78,3 +78,27 @@ def test_a_reader_already_waiting_gets_a_requests_start_and_first_token_in_one_r
     RedisStepIO().step(events, [Started])
     reader.join(10)
     assert [fields["event"] for _id, fields in replies[0][0][1]] == ["start", "token"]
+
+
+@pytest.mark.parametrize("kind", ["generation", "embedding", "detached generation"])
+def test_a_reader_whose_client_leaves_cancels_the_request_unless_it_is_detached(kind):
+    import asyncio
+
+    from core.generation import GenerationRequest
+    from inference.serving import Embedding, Generation
+
+    async def leaving():
+        raise asyncio.CancelledError  # the client went away while the view waited
+        yield
+
+    async def read() -> None:
+        if kind == "embedding":
+            await Embedding(kind, leaving()).collect()
+        else:
+            generation = Generation(kind, GenerationRequest(model=MODEL, messages=HELLO), leaving())
+            generation.detached = kind == "detached generation"
+            await generation.collect()
+
+    with pytest.raises(asyncio.CancelledError):
+        async_to_sync(read)()
+    assert get_redis().get(TokenStream(kind).cancel_key) == (None if kind == "detached generation" else "client")
