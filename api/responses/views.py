@@ -219,7 +219,7 @@ async def _stream_again(request: HttpRequest, response_id: str) -> HttpResponse:
     """A background response's events, from the first or after `starting_after`, while it runs and for
     MINERVA_STREAM_TTL after it ended: its client can come back to it after a lost connection."""
     raw = request.GET.get("starting_after", "")
-    if raw and not raw.isdigit():
+    if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 18):  # int() of "²" or 5,000 digits would raise
         raise InvalidRequest("starting_after must be a sequence number (an integer, 0 or more).",
                              param="starting_after")  # fmt: skip
 

@@ -349,8 +349,10 @@ def test_a_background_response_streams_again_from_the_start_or_after_a_sequence_
     assert [wire(e) for e in again] == [wire(e) for e in events]
     after = list(client.responses.retrieve(response_id, stream=True, starting_after=3))
     assert [wire(e) for e in after] == [wire(e) for e in events[4:]]
-    bad = httpx.get(f"{minerva_server.base_url}/responses/{response_id}?stream=true&starting_after=x", timeout=30)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+    for bad in ("x", "-1", "²", "9" * 5000):
+        refused = httpx.get(f"{minerva_server.base_url}/responses/{response_id}",
+                            params={"stream": "true", "starting_after": bad}, timeout=30)  # fmt: skip
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "starting_after", bad
 
 
 def test_a_client_that_leaves_a_stored_stream_finds_the_response_cancelled(client):
