@@ -142,6 +142,10 @@ class Server:
                 pass
             assert time.monotonic() < deadline, f"serve did not come up:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.3)
+        while b"Minerva is serving" not in self.log.read_bytes():  # serve's own start-up is over (it may still be
+            # checking that a daphne answers, and would take one that dies now for a failed start)
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.1)
         self.children = psutil.Process(self.process.pid).children(recursive=True)
         Server.live.append(self)
 

@@ -144,6 +144,7 @@ class Command(BaseCommand):
             self._redis(lambda r: r.delete(DRAINING_KEY.format(self.instance)))  # a previous run's flag
             if not self.stopping:
                 self.stdout.write(f"Minerva is serving http://{host}:{port}/v1 (models: {', '.join(queues)})")
+                self.stdout.flush()  # at once, also into a file or pipe (a supervisor or a test waits for it)
             self._supervise(children)
         finally:
             # New requests get a 503 from now on; the worker drains, then daphne (which delivers the running
