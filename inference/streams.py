@@ -45,11 +45,12 @@ class TokenStream:
         pipe.expire(self.key, settings.STREAM_TTL)
         pipe.execute()
 
-    def finished(self) -> None:
-        """The request is over: its keys need only outlive a reader that is still catching up."""
+    def finished(self, keep: int = FINISHED_TTL_SECONDS) -> None:
+        """The request is over: its keys need only outlive a reader that is still catching up (`keep` seconds; a
+        background response's, MINERVA_STREAM_TTL, so that it can be streamed again)."""
         pipe = get_redis().pipeline(transaction=False)
-        pipe.expire(self.key, FINISHED_TTL_SECONDS)
-        pipe.expire(self.cancel_key, FINISHED_TTL_SECONDS)
+        pipe.expire(self.key, keep)
+        pipe.expire(self.cancel_key, keep)  # a cancelled request's detached readers end on its flag
         pipe.execute()
 
     def text(self) -> list[str]:

@@ -85,12 +85,8 @@ def response_started(*, request_id: str) -> bool:
 def response_events_keep(*, request_id: str) -> None:
     """Keep a background response's events for MINERVA_STREAM_TTL after it ended (not the minute other requests'
     keep), so that its client can stream it again (GET /v1/responses/{id}?stream=true)."""
-    stream = TokenStream(request_id)
     try:
-        pipe = get_redis().pipeline(transaction=False)
-        pipe.expire(stream.key, settings.STREAM_TTL)
-        pipe.expire(stream.cancel_key, settings.STREAM_TTL)  # a cancelled one's readers end on its flag
-        pipe.execute()
+        TokenStream(request_id).finished(keep=settings.STREAM_TTL)
     except RedisError:
         logger.warning("could not keep the events of request %s", request_id, exc_info=True)
 
