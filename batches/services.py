@@ -11,13 +11,14 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from celery import current_app
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 from pydantic import ValidationError
@@ -125,9 +126,11 @@ def _add_lines(batch: Batch, api_key: ApiKey | None) -> tuple[list[dict], list[s
     known: dict[str, str | MinervaError] = {}  # the name a line gives -> the model's own name, or why it cannot run
 
     def write() -> None:
+        started = time.monotonic()
         with transaction.atomic():
             BatchLine.objects.bulk_create(lines)
             RequestLog.objects.bulk_create(refused)
+        _give_way(started)
         lines.clear()
         refused.clear()
         _creating(batch.id)
@@ -180,7 +183,17 @@ def _batch_discard(*, batch_id: str, errors: list[dict]) -> None:
     )
     for rows in (BatchLine.objects.filter(batch_id=batch_id), RequestLog.objects.filter(batch_id=batch_id)):
         while pks := list(rows.values_list("pk", flat=True)[:CHUNK_LINES]):
+            started = time.monotonic()
             rows.model.objects.filter(pk__in=pks).delete()
+            _give_way(started)
+
+
+def _give_way(started: float) -> None:
+    """After one chunk of a long run of writes that began at `started`: on SQLite, wait as long as it took, so the
+    one write lock is free at least half of the time. (It goes to whoever asks first once freed, and a waiting writer
+    asks only every 100 ms: chunks back to back kept interactive requests' log rows waiting for seconds.)"""
+    if connection.vendor == "sqlite":
+        time.sleep(time.monotonic() - started)
 
 
 def _interrupted(message: str) -> dict:
