@@ -146,6 +146,20 @@ def test_an_api_error_shows_the_apis_message(page):
     expect(page.locator(".message.assistant .stats")).to_contain_text("finish: error")
 
 
+def test_a_message_sent_before_the_model_list_came_waits_for_it(page):
+    held = []  # the page's GET /v1/models, answered only once the message is sent
+    page.route("**/v1/models", lambda route: held.append(route))
+    page.goto("/")
+    page.fill("#max-tokens", "0")  # the API's refusal shows that the message went out, to the listed model
+    page.fill("#prompt", "Say hello.")
+    page.click("#send")
+    while not held:
+        page.wait_for_timeout(50)
+    held[0].continue_()
+    expect(page.locator("#error")).to_contain_text("max_tokens")
+    expect(page.locator(".message.assistant")).to_have_count(1)
+
+
 def test_streamed_tool_calls_are_shown_as_json(page):
     page.goto("/")
     page.fill("#tools", json.dumps([WEATHER_TOOL]))

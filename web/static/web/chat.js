@@ -11,6 +11,7 @@ let conversations = load();
 let current = localStorage.getItem(CURRENT);
 const ENCODERS = /bert|roberta|t5encoder/i;
 let controller = null; // the running answer's AbortController
+let modelsLoading = null; // the model list's fetch: a message sent before it ends waits for it
 
 function load() {
   try {
@@ -171,6 +172,7 @@ function statsText(message) {
 
 async function send(text) {
   const c = conversation();
+  await modelsLoading;
   const model = $("model").value;
   if (!model) {
     showError("No model to send to: the model list is empty or could not be read.");
@@ -342,7 +344,7 @@ for (const id of ["temperature", "top-p", "max-tokens", "tools", "tool-choice"])
 $("api-key").value = localStorage.getItem("minerva.apiKey") || "";
 $("api-key").addEventListener("change", () => {
   localStorage.setItem("minerva.apiKey", $("api-key").value.trim());
-  loadModels();
+  modelsLoading = loadModels();
 });
 
 // On a phone the conversations and settings start folded, so the transcript comes first (unless a key is
@@ -351,4 +353,4 @@ const keyMissing = !$("api-key-field").hidden && !$("api-key").value;
 if (matchMedia("(max-width: 48rem)").matches && !keyMissing) $("sidebar-box").open = false;
 
 renderAll();
-loadModels();
+modelsLoading = loadModels();
