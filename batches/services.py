@@ -286,6 +286,10 @@ def batch_lines_run(*, model_name: str) -> int:
 
 
 _claim_lock = threading.Lock()  # the slot count below is per worker, so only this process's threads race on it
+# The request ids of the lines this process's lanes hold, from before their claim until batch_line_run is done with
+# them. A line the database says this worker runs and no lane holds was orphaned (the reply to its claim was lost, or
+# its result could not be written): the reaper puts it back, as it does a dead worker's lines.
+_held: set[str] = set()
 
 
 def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
@@ -314,16 +318,29 @@ def batch_line_claim(*, model: LanguageModel) -> BatchLine | None:
             # not through `waiting`: an UPDATE filtered across a join is `WHERE id IN (SELECT ...)`, whose subquery
             # PostgreSQL does not re-check after waiting on the row's lock, so two workers could both take it.
             request_id = uuid.uuid4().hex
-            claimed = BatchLine.objects.filter(pk=pk, status=Line.PENDING).update(
-                status=Line.RUNNING, worker=WORKER_ID, request_id=request_id, attempts=F("attempts") + 1
-            )
-            if claimed:
-                return BatchLine.objects.select_related("batch").get(pk=pk, request_id=request_id)
+            _held.add(request_id)
+            try:
+                claimed = BatchLine.objects.filter(pk=pk, status=Line.PENDING).update(
+                    status=Line.RUNNING, worker=WORKER_ID, request_id=request_id, attempts=F("attempts") + 1
+                )
+                if claimed:
+                    return BatchLine.objects.select_related("batch").get(pk=pk, request_id=request_id)
+            except BaseException:
+                _held.discard(request_id)
+                raise
+            _held.discard(request_id)
 
 
 def batch_line_run(*, line: BatchLine) -> bool:
     """Run one claimed line through its endpoint's generation path, as its batch's key, and record its result line;
     a line whose key is past its rate limit goes back to wait for the key's next minute. Whether it ran."""
+    try:
+        return _line_run(line)
+    finally:
+        _held.discard(line.request_id)
+
+
+def _line_run(line: BatchLine) -> bool:
     batch = line.batch
     status, output = Line.FAILED, ""
     try:
@@ -486,12 +503,12 @@ def batches_reap() -> None:
         if not worker_alive(worker):
             lost = BatchLine.objects.filter(status=Line.RUNNING, worker=worker)
             logger.warning("requeueing %d batch line(s) of worker %s, which is gone", lost.count(), worker)
-            # A line that was running each time its worker died may be what kills it: no third try.
-            for line in lost.filter(attempts__gte=MAX_ATTEMPTS).only("pk", "custom_id", "request_id"):
-                logger.error("batch line %s failed: its worker died under it %d times", line.pk, MAX_ATTEMPTS)
-                output = _result(line, WorkerLost.status, _worker_lost().to_dict())
-                lost.filter(pk=line.pk, request_id=line.request_id).update(status=Line.FAILED, output=output)
-            lost.update(status=Line.PENDING, worker="", request_id="")
+            _requeue(lost)
+    with _claim_lock:  # no claim between reading _held and the update
+        orphans = BatchLine.objects.filter(status=Line.RUNNING, worker=WORKER_ID).exclude(request_id__in=list(_held))
+        if orphans.exists():
+            logger.warning("requeueing %d batch line(s) that this worker lost track of", orphans.count())
+            _requeue(orphans)
     abandoned = timezone.now() - timedelta(seconds=CREATING_TTL_SECONDS)
     for batch_id in Batch.objects.filter(status=Batch.Status.VALIDATING, created__lt=abandoned).values_list(
         "id", flat=True
@@ -517,6 +534,16 @@ def batches_reap() -> None:
     for model in LanguageModel.objects.filter(name__in=waiting - running):
         if not get_redis().llen(model.queue):  # lanes already queued there will get to it
             batch_lanes_start(models=[model.name])
+
+
+def _requeue(lost) -> None:
+    """Put running lines no worker runs any more back to wait. A line that was running each time its worker died
+    (or lost it) may be what kills it: no third try, it fails as worker_lost."""
+    for line in lost.filter(attempts__gte=MAX_ATTEMPTS).only("pk", "custom_id", "request_id"):
+        logger.error("batch line %s failed: its worker died under it %d times", line.pk, MAX_ATTEMPTS)
+        output = _result(line, WorkerLost.status, _worker_lost().to_dict())
+        lost.filter(pk=line.pk, request_id=line.request_id).update(status=Line.FAILED, output=output)
+    lost.update(status=Line.PENDING, worker="", request_id="")
 
 
 def _worker_lost() -> WorkerLost:

@@ -6,10 +6,12 @@ import json
 import pytest
 from asgiref.sync import async_to_sync
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import OperationalError, connection
 
 from batches.models import Batch, BatchLine
 from batches.services import batch_line_claim, batch_line_run, batch_lines_run, batches_reap
 from core.redis import get_redis
+from core.workers import WORKER_ID
 from inference.models import RequestLog
 from inference.streams import TokenStream
 from tests.batches.test_files import chat_line, jsonl
@@ -333,3 +335,48 @@ def test_a_line_two_workers_reach_for_at_the_same_moment_is_taken_by_one_only(cl
         thread.join(60)
     assert claims == [None]
     assert BatchLine.objects.get(pk=line.pk).request_id == "theirs"
+
+
+def test_a_line_whose_claim_lost_its_reply_is_put_back_by_its_own_workers_reaper(
+    client, smollm2, files_dir, lanes_left_queued, monkeypatch
+):
+    batch_id = create(client, [chat_line("a")])["id"]
+
+    def reply_lost(*args, **kwargs):  # the claim's UPDATE committed, then the database went away
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(BatchLine.objects, "select_related", reply_lost)
+    with pytest.raises(OperationalError):
+        batch_line_claim(model=smollm2)
+    monkeypatch.undo()
+    line = BatchLine.objects.get(batch_id=batch_id)
+    assert (line.status, line.worker) == ("running", WORKER_ID)  # this worker's, says the row; none of its lanes has it
+    held = batch_line_claim(model=smollm2)
+    assert held is None  # nothing else to take
+    batches_reap()
+    assert BatchLine.objects.get(pk=line.pk).status == "pending"
+    assert batch_lines_run(model_name=MODEL) == 1
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+
+
+def test_a_line_whose_result_could_not_be_written_runs_again(client, smollm2, files_dir, lanes_left_queued):
+    batch_id = create(client, [chat_line("a"), chat_line("b")])["id"]
+    held = batch_line_claim(model=smollm2)
+    lost = batch_line_claim(model=smollm2)
+
+    def database_away(execute, sql, params, many, context):
+        if sql.startswith(f'UPDATE "{BatchLine._meta.db_table}"') and '"output"' in sql:
+            raise OperationalError("database is locked")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(database_away), pytest.raises(OperationalError):
+        batch_line_run(line=lost)
+    assert BatchLine.objects.get(pk=lost.pk).status == "running"
+    batches_reap()
+    assert BatchLine.objects.get(pk=lost.pk).status == "pending"
+    assert BatchLine.objects.get(pk=held.pk).status == "running"  # a line a lane of this worker holds stays its own
+    batch_line_run(line=held)
+    assert batch_lines_run(model_name=MODEL) == 1
+    batch = retrieve(client, batch_id)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
