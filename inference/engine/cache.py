@@ -256,6 +256,9 @@ def _need(host: int, device: int) -> str:
     return f"{_gib(device)} of GPU memory and {_gib(host)} of system memory" if device else f"{_gib(host)}"
 
 
+FOREVER_SECONDS = 100 * 365 * 86400
+
+
 def parse_keep_alive(value: str | float | int | None) -> float | None:
     """Ollama's keep_alive: seconds, or a duration like "10m", "1h", "30s"; negative = forever."""
     if value is None:
@@ -269,4 +272,5 @@ def parse_keep_alive(value: str | float | int | None) -> float | None:
         seconds = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
     if math.isnan(seconds):
         raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
-    return math.inf if seconds < 0 else seconds
+    # Past a century is forever too: no clock shows such an expiry (1e12 s broke /api/ps's dates for everyone).
+    return math.inf if seconds < 0 or seconds > FOREVER_SECONDS else seconds

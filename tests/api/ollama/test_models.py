@@ -79,6 +79,13 @@ def test_keep_alive_0_on_a_chat_unloads_the_model_once_it_answered(client):
     wait_until(lambda: MODEL not in loaded(client))
 
 
+def test_a_keep_alive_past_any_clock_is_forever_and_ps_still_answers(client):
+    assert client.chat(model=MODEL, messages=HELLO, options=OPTIONS, keep_alive=1e12).done  # 31,700 years
+    [running] = [m for m in client.ps().models if m.model == MODEL]  # was a 500: no date that far
+    assert running.expires_at.year > 2300  # Ollama's "forever"
+    client.chat(model=MODEL, messages=[], keep_alive="5m")
+
+
 def test_copy_makes_an_alias_to_chat_with_and_delete_removes_it_then_disables_the_model(client):
     assert client.copy(MODEL, "my-assistant").status == "success"
     assert "my-assistant" in {m.model for m in client.list().models}
