@@ -124,8 +124,10 @@ def test_an_idle_model_is_unloaded_after_its_keep_alive(smol):
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("5m", 300), ("1h", 3600), ("30s", 30), ("250ms", 0.25), (10, 10), ("-1", math.inf), (0, 0)]
-    + [(1e12, math.inf), ("1e308", math.inf)],  # past a century: forever
+    [
+        *[("5m", 300), ("1h", 3600), ("30s", 30), ("250ms", 0.25), (10, 10), ("-1", math.inf), (0, 0)],
+        *[(1e12, math.inf), ("1e308", math.inf)],  # past a century: forever
+    ],
 )
 def test_keep_alive_takes_ollamas_forms(value, seconds):
     assert parse_keep_alive(value) == seconds
