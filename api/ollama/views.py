@@ -449,12 +449,15 @@ async def _fold(lines: AsyncIterator[dict], *, chat: bool) -> dict:
     return result
 
 
-def _arguments(function: dict):
-    """A call's arguments as the object Ollama sends (the neutral call has the JSON text the model wrote)."""
+def _arguments(function: dict) -> dict:
+    """A call's arguments as the object Ollama always sends (the neutral call has the JSON text the model wrote).
+    A call cut off by the token limit (done_reason `length`) has no whole object: `{}`, as the official client
+    refuses anything but an object."""
     try:
-        return json.loads(function["arguments"])
-    except ValueError:  # tool grammars make this unreachable; the text is better than nothing
-        return function["arguments"]
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return {}
+    return arguments if isinstance(arguments, dict) else {}
 
 
 def _logprob(entry: dict) -> dict:

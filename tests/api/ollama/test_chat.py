@@ -94,6 +94,17 @@ def test_offered_tools_give_calls_with_object_arguments_or_text(client, stream):
         assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
 
 
+@pytest.mark.parametrize("num_predict", [15, 19, 23])  # cut before `"arguments"`, after `{`, within `"Paris"`
+def test_a_call_cut_off_by_num_predict_still_has_object_arguments(client, num_predict):
+    body = {"model": MODEL, "messages": ASK, "tools": [WEATHER], "stream": False,
+            "options": {**OPTIONS, "num_predict": num_predict}}  # fmt: skip
+    reply = client._request_raw("POST", "/api/chat", json=body).json()  # as sent here (the client reorders tools)
+    parsed = ollama.ChatResponse.model_validate(reply)  # what the official client does with it: "" was refused
+    assert parsed.done_reason == "length"
+    [call] = parsed.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {}
+
+
 def test_a_tool_result_round_trip_is_answered(client):
     history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
