@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core import generation as neutral
 from core.generation import KeepAlive
-from inference.schema_bounds import schema_bounds_check, tools_bounds_check
+from inference.schema_bounds import arguments_schema_check, schema_bounds_check, tools_bounds_check
 
 # --------------------------------------------------------------------------------------------- requests
 
@@ -227,6 +227,7 @@ class FunctionDefinition(_Request):
     @classmethod
     def _schema_supported(cls, value: dict | None) -> dict | None:
         schema_bounds_check(value or {})
+        arguments_schema_check(value or {})
         unsupported = _unsupported_schema_keywords(value or {})
         if unsupported:
             raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")

@@ -50,6 +50,15 @@ def tools_bounds_check(schemas) -> None:
         raise ValueError(f"all tools together: {exc}") from None
 
 
+def arguments_schema_check(schema: dict) -> None:
+    """Raise ValueError when a tool's schema cannot describe its arguments: every protocol sends them as a JSON
+    object (OpenAI and Anthropic refuse another root type too; here the grammar made calls whose arguments were a
+    string, or no JSON at all)."""
+    kind = schema.get("type", "object")
+    if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+        raise ValueError(f"a tool's schema must be of type object (its arguments are a JSON object), not {kind!r}")
+
+
 def schema_bounds_check(schema, totals: dict | None = None) -> None:
     """Raise SchemaTooComplex when `schema` is over any of the bounds above. Pass the same `totals` ({}) for the
     schemas of one request (its tools), so the bounds on counts hold for all of them together."""

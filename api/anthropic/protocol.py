@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core import generation as neutral
 from core.errors import InvalidRequest
-from inference.schema_bounds import MAX_COUNT, MAX_DEPTH, schema_bounds_check, tools_bounds_check
+from inference.schema_bounds import (
+    MAX_COUNT,
+    MAX_DEPTH,
+    arguments_schema_check,
+    schema_bounds_check,
+    tools_bounds_check,
+)
 
 from ..protocol import UNSUPPORTED_SCHEMA_KEYWORDS, _unsupported_schema_keywords, schema_checked
 
@@ -99,6 +105,7 @@ class Tool(_Request):
         strict = info.data.get("strict")
         schema = value if strict else _enforceable(value)
         schema_bounds_check(schema)
+        arguments_schema_check(schema)
         unsupported = _unsupported_schema_keywords(schema)
         if unsupported:
             raise ValueError(f"the schema uses {', '.join(sorted(unsupported))}, which cannot be enforced")

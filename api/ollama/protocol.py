@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core import generation as neutral
 from core.errors import InvalidRequest
 from core.generation import KeepAlive
-from inference.schema_bounds import tools_bounds_check
+from inference.schema_bounds import arguments_schema_check, tools_bounds_check
 
 from ..protocol import _unsupported_schema_keywords
 
@@ -134,6 +134,7 @@ class FunctionDefinition(_Request):
     @classmethod
     def _schema_supported(cls, value: dict | None) -> dict | None:
         _schema_check(value or {})
+        arguments_schema_check(value or {})
         return value
 
 

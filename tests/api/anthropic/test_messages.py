@@ -291,7 +291,8 @@ def test_max_tokens_is_required_as_anthropic_requires_it(client):
      ({"tools": [{"name": "t", "input_schema": {"type": "string", "pattern": "(a?){0,100000}" * 40}}]}, "tools"),
      ({"tools": [{"name": f"t{i}", "input_schema": {"type": "object", "properties": {"x": {"enum": list(range(600))}}}}
                  for i in range(2)]}, "all tools together"),
-     ({"tools": [{**WEATHER, "name": "has space"}]}, "tools[0].name")],
+     ({"tools": [{**WEATHER, "name": "has space"}]}, "tools[0].name"),
+     ({"tools": [{"name": "t", "input_schema": {"type": "string"}}]}, "type object")],
 )  # fmt: skip
 def test_bad_input_is_a_400_invalid_request_error_naming_the_field(client, fields, words):
     with pytest.raises(anthropic.BadRequestError) as caught:

@@ -166,6 +166,14 @@ def test_bad_options_are_a_400_naming_the_option(client, options, field):
     assert caught.value.status_code == 400 and field in caught.value.error
 
 
+def test_a_tool_whose_arguments_are_not_an_object_is_a_400(client):
+    tool = {"type": "function", "function": {"name": "x", "parameters": {"type": "string", "maxLength": 10}}}
+    body = {"model": MODEL, "messages": ASK, "tools": [tool], "options": OPTIONS}  # the client refuses it itself
+    with pytest.raises(ollama.ResponseError) as caught:  # its calls' arguments would be a string
+        client._request_raw("POST", "/api/chat", json=body)
+    assert caught.value.status_code == 400 and "type object" in caught.value.error
+
+
 def test_images_and_what_ollama_has_but_minerva_does_not_do_are_a_clear_400(client):
     image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
     cases = [

@@ -423,6 +423,8 @@ def test_bad_input_is_refused_in_openais_shape_naming_the_parameter(client, mine
         ({}, 400, "input"),
         ({"input": "Hi.", "model": "no-such-model"}, 404, "model"),
         ({"input": "Hi. " * 5000}, 400, "input"),
+        ({"input": "Hi.", "tools": [{"type": "function", "name": "x", "parameters": {"type": "string"}}]}, 400,
+         "tools[0].parameters"),
     ]  # fmt: skip
     for extra, status, param in cases:
         response = httpx.post(f"{minerva_server.base_url}/responses", json={"model": MODEL, **extra}, timeout=120)
