@@ -119,8 +119,10 @@ async def test_tools_with_a_response_format_answer_with_a_call_or_json_that_foll
     [
         ({"tools": None, "tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]},
-         "tools[0].function.parameters"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+        ),
     ],
     ids=["tool_choice without tools", "unknown tool", "arguments that are not an object"],
 )
