@@ -278,6 +278,33 @@ async def test_json_schema_output_validates_against_the_schema(async_client, smo
         jsonschema.validate(json.loads(data["choices"][0]["message"]["content"]), schema)
 
 
+async def test_an_integers_bounds_hold_in_the_answer(async_client, smollm2):
+    # The converter ignored them: {"minimum": 5, "maximum": 7} gave 2008480212.
+    bounds = {"a": {"minimum": 5, "maximum": 7}, "b": {"exclusiveMinimum": -4, "maximum": -1},
+              "c": {"minimum": 1000}, "d": {"maximum": -20}}  # fmt: skip
+    schema = {"type": "object", "properties": {k: {"type": "integer", **v} for k, v in bounds.items()},
+              "required": list(bounds), "additionalProperties": False}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Give four numbers as JSON."}],
+        "max_tokens": 80,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+    }
+    for seed in range(3):
+        data = (await post(async_client, "/v1/chat/completions", {**body, "seed": seed, "temperature": 1.0})).json()
+        answer = json.loads(data["choices"][0]["message"]["content"])
+        assert 5 <= answer["a"] <= 7 and -4 < answer["b"] <= -1 and answer["c"] >= 1000 and answer["d"] <= -20
+
+
+async def test_an_integer_with_no_value_between_its_bounds_is_a_400(async_client, smollm2):
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 3}}}
+    body = {"model": MODEL, "messages": HELLO, "response_format": {"type": "json_schema",
+            "json_schema": {"name": "n", "schema": schema}}}  # fmt: skip
+    response = await post(async_client, "/v1/chat/completions", body)
+    assert response.status_code == 400, response.content
+    assert "no integer" in response.json()["error"]["message"]
+
+
 async def test_a_stream_waiting_in_the_queue_gets_pings_then_a_timeout_frame(async_client, smollm2, settings,
                                                                              monkeypatch):  # fmt: skip
     from inference import tasks

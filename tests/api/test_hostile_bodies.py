@@ -261,7 +261,9 @@ def assert_no_worker_died(server, pid: int) -> None:
 
 
 def schema_body(schema, *, as_tool: bool = False, max_tokens: int = 16) -> dict:
-    if as_tool:
+    if as_tool:  # a tool's arguments are an object: another schema is the value of its one argument
+        if schema.get("type") != "object":
+            schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
         tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
         return {**CHAT, "tools": [tool], "tool_choice": "required", "max_tokens": max_tokens}
     response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
