@@ -335,13 +335,18 @@ async def _completion_chunks(generation: Generation, body: CompletionRequest) ->
             id=f"cmpl-{generation.id}", created=generation.created, model=body.model, choices=choices, usage=usage
         ).model_dump_json(exclude={"usage"} if usage is None else set())
 
+    offsets: dict[int, int] = {}  # per choice, where its next token starts in its whole text
     async for delta in generation.deltas():
         if delta.ping:
             yield PING
         elif delta.finish_reason:
             yield chunk([CompletionChoice(index=delta.index, text="", finish_reason=delta.finish_reason)])
         else:
-            logprobs = _completion_logprobs(delta.logprobs) if delta.logprobs is not None else None
+            logprobs = None
+            if delta.logprobs is not None:
+                start = offsets.get(delta.index, 0)
+                logprobs = _completion_logprobs(delta.logprobs, start=start)
+                offsets[delta.index] = start + sum(len(entry["token"]) for entry in delta.logprobs)
             yield chunk([CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs)])
     if _include_usage(body):
         yield chunk([], _usage(generation.usage))
@@ -359,9 +364,10 @@ def _check_tools(body: ChatCompletionRequest) -> None:
         raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools.", param="tool_choice")
 
 
-def _completion_logprobs(entries: list[dict]) -> CompletionLogprobs:
-    """The legacy completions shape: parallel lists, alternatives as {token: logprob}."""
-    offsets, offset = [], 0
+def _completion_logprobs(entries: list[dict], *, start: int = 0) -> CompletionLogprobs:
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}; `text_offset` counts from
+    `start`, where the entries' first token begins in the choice's whole text (a stream's later chunks)."""
+    offsets, offset = [], start
     for entry in entries:
         offsets.append(offset)
         offset += len(entry["token"])

@@ -230,7 +230,12 @@ async def test_completion_logprobs_use_the_legacy_shape(async_client, smollm2):
     logprobs = data["choices"][0]["logprobs"]
     assert "".join(logprobs["tokens"]) == data["choices"][0]["text"]
     assert len(logprobs["token_logprobs"]) == 4 and all(len(t) == 2 for t in logprobs["top_logprobs"])
-    assert logprobs["text_offset"][0] == 0
+    tokens = logprobs["tokens"]
+    assert logprobs["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    events = await sse_events(await post(async_client, "/v1/completions", {**body, "stream": True}))
+    streamed = [json.loads(e)["choices"][0]["logprobs"] for e in events[:-1] if json.loads(e)["choices"][0]["logprobs"]]
+    # each chunk's offsets count from the start of the whole text, as OpenAI's do (they were [0] in every chunk)
+    assert [offset for chunk in streamed for offset in chunk["text_offset"]] == logprobs["text_offset"]
 
 
 async def test_a_models_default_params_fill_what_the_request_leaves_out(async_client, smollm2):
