@@ -203,8 +203,6 @@ class ChatRequest(_GenerationRequest):
         for i, message in enumerate(self.messages):
             if message.images:
                 raise InvalidRequest(f"The model {self.model} does not support images.", param=f"messages[{i}].images")
-        if self.tools and self.format:
-            raise InvalidRequest("format cannot be combined with tools.", param="format")
         return self._neutral(
             messages=_neutral_messages(self.messages),
             tools=[neutral.Tool(**t.function.model_dump()) for t in self.tools or []],

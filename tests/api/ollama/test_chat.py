@@ -105,6 +105,19 @@ def test_a_call_cut_off_by_num_predict_still_has_object_arguments(client, num_pr
     assert call.function.name == "get_weather" and call.function.arguments == {}
 
 
+def test_format_and_tools_together_give_calls_or_json_that_follows_the_format(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+              "additionalProperties": False}  # fmt: skip
+    for ask in (ASK, [{"role": "user", "content": "Say hello."}]):
+        reply = client.chat(model=MODEL, messages=ask, tools=[WEATHER], format=schema,
+                            options={**OPTIONS, "num_predict": 60})  # fmt: skip
+        assert reply.done_reason == "stop"
+        if reply.message.tool_calls:
+            assert all(isinstance(c.function.arguments, dict) for c in reply.message.tool_calls)
+        else:
+            jsonschema.validate(json.loads(reply.message.content), schema)
+
+
 def test_a_tool_result_round_trip_is_answered(client):
     history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
