@@ -50,7 +50,7 @@ from .engine import (
 from .engine.host import Device, gpu_devices, offloaded_fraction, unified_memory
 from .metrics import metrics_record
 from .models import RequestLog
-from .services import _params, embedding_token_budget, request_model, request_token_budget
+from .services import _keep_alive_checked, _params, embedding_token_budget, request_model, request_token_budget
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .tools import (
     MARKERS,
@@ -264,6 +264,7 @@ def embedding_run_inline(*, request_id: str, endpoint: str, body: EmbeddingReque
                          api_key: ApiKey | None = None) -> RequestLog:  # fmt: skip
     """A batch line's embedding request, recorded and run on this thread like request_run_inline's generation."""
     model = request_model(name=body.model, api_key=api_key)
+    body = _keep_alive_checked(body, api_key)
     reservation = None
     if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
         reservation = tokens_reserve(key=api_key, tokens=embedding_token_budget(body=body, n_ctx=model_n_ctx(model)))
@@ -353,6 +354,7 @@ def request_run_inline(*, request_id: str, endpoint: str, body: GenerationReques
     a worker thread, so it skips the queue and its limit); return the finished row. Its events are in its
     TokenStream."""
     model = request_model(name=body.model, api_key=api_key, generates=True)
+    body = _keep_alive_checked(body, api_key)
     reservation = None
     if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
         reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))

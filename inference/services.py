@@ -21,6 +21,7 @@ from core.errors import (
     InvalidRequest,
     ModelInUse,
     ModelNotFound,
+    PermissionDenied,
     ServiceUnavailable,
 )
 from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
@@ -47,6 +48,7 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
     request a surface built (`to_generation()`); the worker runs exactly that. `task` names the Celery task that
     runs it: `minerva.run_request`, or one that runs it and then does more on the worker (a stored response)."""
     model = request_model(name=body.model, api_key=api_key, generates=True)
+    body = _keep_alive_checked(body, api_key)
     budget = request_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
     return _queue(task=task, request_id=request_id, endpoint=endpoint, model=model,
                   payload={"generation": body.model_dump(mode="json", exclude_defaults=True),
@@ -61,12 +63,31 @@ def embedding_create(*, request_id: str, endpoint: str, body: EmbeddingRequest, 
     """Record an embedding request and queue it on its model's queue, like a generation (same row, limits and
     reservation: its budget is its inputs' tokens); its worker embeds it alongside every other waiting input."""
     model = request_model(name=body.model, api_key=api_key)
+    body = _keep_alive_checked(body, api_key)
     budget = embedding_token_budget(body=body, n_ctx=model_n_ctx(model)) if _metered(api_key) else None
     params = body.model_dump(mode="json", exclude={"inputs"}, exclude_defaults=True) | {"inputs": len(body.inputs)}
     return _queue(task="minerva.run_embedding", request_id=request_id, endpoint=endpoint, model=model,
                   payload={"embedding": body.model_dump(mode="json", exclude_defaults=True)}, budget=budget,
                   row={"request": params, "prompt": body.inputs if settings.LOG_CONTENT else None},
                   api_key=api_key, audit=audit)  # fmt: skip
+
+
+def _keep_alive_checked(body, api_key: ApiKey | None):
+    """The request as a key may send it: a key that is not staff keeps the model's own keep-alive, since on a shared
+    server one client must neither unload the models others use (keep_alive 0, even a preloaded one) nor pin one in
+    memory for good (-1); asking only to unload a model is a 403 for it. No key (keys optional) is the machine's
+    owner, as with Ollama."""
+    if api_key is None or api_key.staff or body.keep_alive is None:
+        return body
+    if getattr(body, "load_only", False) and _zero_seconds(body.keep_alive):
+        raise PermissionDenied("Unloading a model needs a staff key.", code="staff_key_required")
+    logger.info("ignoring keep_alive=%r of key %s, which is not staff", body.keep_alive, api_key.prefix)
+    return body.model_copy(update={"keep_alive": None})
+
+
+def _zero_seconds(keep_alive: str | float) -> bool:
+    number = str(keep_alive).strip().removesuffix("ms").rstrip("smh")  # already checked against KEEP_ALIVE_RE
+    return float(number) == 0
 
 
 def tokenize_create(*, request_id: str, endpoint: str, body: TokenizeRequest, api_key: ApiKey | None = None,

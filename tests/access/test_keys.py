@@ -149,6 +149,31 @@ def test_a_key_past_its_tokens_per_minute_gets_429(client, keys_on, smollm2):
     assert second.status_code == 429 and second["x-ratelimit-remaining-tokens"] == "0"
 
 
+def test_only_a_staff_key_may_unload_a_model_or_pin_it_in_memory(client, keys_on, smollm2):
+    import math
+
+    from inference.run import model_cache
+
+    _, user = key_create(name="user")
+    _, staff = key_create(name="ops", staff=True)
+
+    def chat(raw: str, keep_alive) -> float:  # the loaded model's keep-alive after the request
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 1, "keep_alive": keep_alive}
+        response = client.post("/v1/chat/completions", body, content_type="application/json", headers=bearer(raw))
+        assert response.status_code == 200, response.content
+        return next(m["keep_alive"] for m in model_cache().loaded() if m["name"] == MODEL)
+
+    assert chat(staff, "5m") == 300
+    assert chat(user, -1) == 300  # not pinned for good by one client of a shared server
+    assert chat(user, "1h") == 300
+    unload = client.post("/api/generate", {"model": MODEL, "keep_alive": 0}, content_type="application/json",
+                         headers=bearer(user))  # fmt: skip
+    assert unload.status_code == 403 and "staff key" in unload.json()["error"]
+    assert any(m["name"] == MODEL for m in model_cache().loaded())
+    assert chat(staff, -1) == math.inf  # a staff key still may
+    assert chat(staff, "5m") == 300
+
+
 def test_keys_create_prints_the_key_once_and_stores_only_its_hash(capsys):
     call_command("keys", "create", "--name", "ci", "--models", f"{MODEL},other", "--rpm", "5", "--tpm", "100",
                  "--expires", "2099-01-01T00:00:00Z")  # fmt: skip
