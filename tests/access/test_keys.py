@@ -217,9 +217,9 @@ def test_with_keys_optional_an_unknown_key_is_ignored_but_a_revoked_one_is_not(c
     assert client.get("/v1/models", headers=bearer(raw)).status_code == 401
 
 
-def _raw_request(port: int, head: str, body: bytes = b"") -> bytes:
+def _raw_request(port: int, head: str, body: bytes = b"", timeout: float = 60) -> bytes:
     """Send a request's head and the start of a body it says is much longer; return what comes back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head.encode() + b"\r\n" + body)
         return sock.recv(65536)
 
@@ -240,6 +240,35 @@ def test_serve_bound_to_every_address_requires_keys_in_every_process(django_db_s
         head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
                 "Content-Type: application/json\r\nContent-Length: 100000000\r\n")  # fmt: skip
         assert _raw_request(server.port, head, b'{"model": ').startswith(b"HTTP/1.1 401 ")
+        # Nor with a made-up key: a large body waits, unread, until its key is checked (it was read whole, 513 MiB
+        # on /v1/files, before the 401). A small chunked one whole in the first packet too.
+        forged = head.replace(
+            "Content-Length: 100000000", "Authorization: Bearer sk-mnrv-made-up\r\nContent-Length: 5000000"
+        )
+        assert _raw_request(server.port, forged, b'{"model": ', timeout=20).startswith(b"HTTP/1.1 401 ")
+        chunked = forged.replace("Content-Length: 5000000", "Transfer-Encoding: chunked")
+        assert _raw_request(server.port, chunked, b"2\r\n{}\r\n0\r\n\r\n").startswith(b"HTTP/1.1 401 ")
+        # A good key's large body is read, after a "100 Continue" when the client waits for one.
+        upload = b"".join(b'{"custom_id": "%d", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n' % i
+                          for i in range(30_000))  # fmt: skip
+        assert len(upload) > 1024 * 1024
+        files = httpx.post(f"{server.base_url}/files", headers=bearer(raw), timeout=120,
+                           data={"purpose": "batch"}, files={"file": ("big.jsonl", upload)})  # fmt: skip
+        assert files.status_code in (200, 400), files.text  # read and checked (its lines are not valid batch lines)
+        assert files.json()["error"]["param"] if files.status_code == 400 else files.json()["bytes"] == len(upload)
+        body = json.dumps({**chat, "user": "u" * (2 * 1024 * 1024)}).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {raw}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
+            sock.sendall(head.encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]  # read whole, and answered
     finally:
         server.stop()
 
