@@ -7,6 +7,7 @@ other, at once instead of after megabytes; the connection closes after that answ
 
 import os
 import socket
+from urllib.parse import unquote_to_bytes
 
 from daphne import server as daphne_server
 from daphne.cli import CommandLineInterface
@@ -77,7 +78,8 @@ class GuardedRequest(WebRequest):
     def gotLength(self, length):
         self.requestHeaders.removeHeader(BODY_REFUSED)
         # Twisted keeps the request line's path on the channel until the body is in (the request gets it then).
-        self.guard_path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        # Percent-decoded, as Django will route it: /%761/files is /v1/files.
+        self.guard_path = unquote_to_bytes(getattr(self.channel, "_path", b"").split(b"?", 1)[0])
         authorization = (self.requestHeaders.getRawHeaders(b"Authorization") or [b""])[0]
         x_api_key = (self.requestHeaders.getRawHeaders(b"x-api-key") or [b""])[0]
         if length is not None and length > body_limit(self.guard_path):

@@ -240,6 +240,8 @@ def test_serve_bound_to_every_address_requires_keys_in_every_process(django_db_s
         head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
                 "Content-Type: application/json\r\nContent-Length: 100000000\r\n")  # fmt: skip
         assert _raw_request(server.port, head, b'{"model": ').startswith(b"HTTP/1.1 401 ")
+        encoded = head.replace("POST /v1/", "POST /%761/").replace("100000000", "5000000")  # routed as /v1/...
+        assert _raw_request(server.port, encoded, b'{"model": ', timeout=20).startswith(b"HTTP/1.1 401 ")
         # Nor with a made-up key: a large body waits, unread, until its key is checked (it was read whole, 513 MiB
         # on /v1/files, before the 401). A small chunked one whole in the first packet too.
         forged = head.replace(
