@@ -2,6 +2,7 @@
 and Responses) turns its wire format into with `to_generation()`, what travels in the Celery payload, and all the
 worker reads. No surface's field names or quirks below this line; the worker never looks at the URL."""
 
+import math
 import re
 from typing import Annotated, Literal
 
@@ -16,6 +17,26 @@ def _keep_alive_check(value: str | float | None) -> str | float | None:
     if isinstance(value, str) and not KEEP_ALIVE_RE.fullmatch(value.strip()):
         raise ValueError("must be a number of seconds or a duration like '5m' or '1h'")
     return value
+
+
+FOREVER_SECONDS = 100 * 365 * 86400
+
+
+def parse_keep_alive(value: str | float | int | None) -> float | None:
+    """Ollama's keep_alive: seconds, or a duration like "10m", "1h", "30s"; negative = forever."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        seconds = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
+    if math.isnan(seconds):
+        raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
+    # Past a century is forever too: no clock shows such an expiry (1e12 s broke /api/ps's dates for everyone).
+    return math.inf if seconds < 0 or seconds > FOREVER_SECONDS else seconds
 
 
 # A request's keep_alive, as every surface that takes one checks it (its 400 names the field).

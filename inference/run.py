@@ -28,7 +28,7 @@ from core.errors import (
     ServerError,
     ServiceUnavailable,
 )
-from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, with_defaults
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, parse_keep_alive, with_defaults
 from core.workers import WORKER_ID, worker_announce
 from models_app.metadata import estimate_memory
 from models_app.models import LanguageModel
@@ -45,7 +45,6 @@ from .engine import (
     SamplingParams,
     Sequence,
     embedding_context_bytes,
-    parse_keep_alive,
 )
 from .engine.host import Device, gpu_devices, offloaded_fraction, unified_memory
 from .metrics import metrics_record

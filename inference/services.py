@@ -24,7 +24,7 @@ from core.errors import (
     PermissionDenied,
     ServiceUnavailable,
 )
-from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest
+from core.generation import EmbeddingRequest, GenerationRequest, TokenizeRequest, parse_keep_alive
 from core.redis import get_redis
 from models_app.models import LanguageModel
 from models_app.selectors import model_generates, model_get, model_n_ctx
@@ -79,15 +79,10 @@ def _keep_alive_checked(body, api_key: ApiKey | None):
     owner, as with Ollama."""
     if api_key is None or api_key.staff or body.keep_alive is None:
         return body
-    if getattr(body, "load_only", False) and _zero_seconds(body.keep_alive):
+    if getattr(body, "load_only", False) and parse_keep_alive(body.keep_alive) == 0:
         raise PermissionDenied("Unloading a model needs a staff key.", code="staff_key_required")
     logger.info("ignoring keep_alive=%r of key %s, which is not staff", body.keep_alive, api_key.prefix)
     return body.model_copy(update={"keep_alive": None})
-
-
-def _zero_seconds(keep_alive: str | float) -> bool:
-    number = str(keep_alive).strip().removesuffix("ms").rstrip("smh")  # already checked against KEEP_ALIVE_RE
-    return float(number) == 0
 
 
 def tokenize_create(*, request_id: str, endpoint: str, body: TokenizeRequest, api_key: ApiKey | None = None,

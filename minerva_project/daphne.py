@@ -5,6 +5,7 @@ that is not valid), is not read here at all.
 The request goes on with an empty body and a marker header, so the view answers it (413, 401) and logs it like any
 other, at once instead of after megabytes; the connection closes after that answer."""
 
+import logging
 import os
 import socket
 from urllib.parse import unquote_to_bytes
@@ -57,6 +58,7 @@ def key_valid(authorization: bytes, x_api_key: bytes) -> bool:
     except InvalidApiKey:
         return False
     except Exception:
+        logging.getLogger(__name__).warning("could not check a key before its body; the view will", exc_info=True)
         return True
     finally:
         connections.close_all()  # a thread of Twisted's pool, outside any request's cleanup

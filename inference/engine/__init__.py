@@ -1,6 +1,6 @@
 """Running models with llama.cpp. Imports nothing from Django, so it can be tested and benchmarked alone."""
 
-from .cache import ModelCache, ModelSpec, ModelUnavailable, parse_keep_alive
+from .cache import ModelCache, ModelSpec, ModelUnavailable
 from .embed import EmbeddingModel, EmbeddingRequest, embedding_context_bytes
 from .llama import (
     ContextFull,
@@ -30,5 +30,4 @@ __all__ = [
     "Sequence",
     "StepIO",
     "embedding_context_bytes",
-    "parse_keep_alive",
 ]

@@ -3,7 +3,6 @@ models, and keep-alive expiry (like Ollama: 5 minutes by default, per request `k
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -254,23 +253,3 @@ def _gib(n: int) -> str:
 
 def _need(host: int, device: int) -> str:
     return f"{_gib(device)} of GPU memory and {_gib(host)} of system memory" if device else f"{_gib(host)}"
-
-
-FOREVER_SECONDS = 100 * 365 * 86400
-
-
-def parse_keep_alive(value: str | float | int | None) -> float | None:
-    """Ollama's keep_alive: seconds, or a duration like "10m", "1h", "30s"; negative = forever."""
-    if value is None:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
-        seconds = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
-    if math.isnan(seconds):
-        raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
-    # Past a century is forever too: no clock shows such an expiry (1e12 s broke /api/ps's dates for everyone).
-    return math.inf if seconds < 0 or seconds > FOREVER_SECONDS else seconds

