@@ -49,6 +49,8 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
     `response.minerva_error`, which the request log reads). With `sessions`, a request without a key may come from
     a staff user's admin session instead (with Django's CSRF check): `request.staff_session` says so."""
 
+    allowed = (*methods, "HEAD") if "GET" in methods and "HEAD" not in methods else methods
+
     def decorate(view):
         @csrf_exempt
         @functools.wraps(view)
@@ -76,13 +78,19 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
                     request.audit["api_key_prefix"] = request.api_key.prefix if request.api_key else ""
                     if request.headers.get(BODY_REFUSED) == "too-large":  # daphne did not read it (daphne.py)
                         raise RequestTooLarge("The request body is too large.")
-                    if request.method not in methods:
+                    head = request.method == "HEAD" and "HEAD" not in methods
+                    if request.method not in allowed:
                         raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
-                    response = await view(request, *args, **kwargs)
+                    if head:  # answered as a GET (monitors, `curl -I`); daphne sends the headers only
+                        request.method = "GET"
+                    try:
+                        response = await view(request, *args, **kwargs)
+                    finally:
+                        request.method = "HEAD" if head else request.method
             except MinervaError as exc:
                 response = render_error(exc)
                 if isinstance(exc, MethodNotAllowed):
-                    response["Allow"] = ", ".join(methods)
+                    response["Allow"] = ", ".join(allowed)
             except (OperationalError, InterfaceError):  # unreachable, or locked past the busy timeout
                 logger.warning("database unavailable for %s", request.request_id, exc_info=True)
                 response = render_error(DATABASE_UNAVAILABLE)

@@ -128,6 +128,13 @@ class _SamplingRequest(_Request):
                 raise ValueError(f"keys must be token ids, got {token!r}")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # OpenAI's 400, not an option silently unused
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _no_empty_stop(cls, value: Stop) -> Stop:

@@ -89,6 +89,7 @@ def request_run(*, log_id: int, payload: dict) -> None:
             prompt = _prompt(engine, body, tool_format, syntax)
             sampling = _sampling(body, model.default_params, tool_format, think=_think(engine, prompt),
                                  preserved=_preserved_tokens(engine, syntax, tool_format))  # fmt: skip
+            _check_vocabulary(engine, sampling.logit_bias)
             info = {"tool_format": tool_format} if tool_format else {}
             if syntax == "harmony":  # the view splits the answer's channels (inference/reasoning.py)
                 info["reasoning"] = "harmony"
@@ -335,6 +336,14 @@ def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
     if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
         raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
     return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
+
+
+def _check_vocabulary(engine, logit_bias: dict[int, float]) -> None:
+    """Refuse a bias on a token the model does not have (OpenAI's 400; the engine would drop it unsaid)."""
+    bad = next((t for t in logit_bias if not 0 <= t < engine.n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias names token {bad}, outside the vocabulary (0..{engine.n_vocab - 1}).",
+                             param="logit_bias")  # fmt: skip
 
 
 def _piece(engine, token: int) -> bytes:

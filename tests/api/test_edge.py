@@ -78,6 +78,14 @@ def test_curl_without_a_content_type_and_the_servers_own_pages_are_served(client
     assert own.status_code == 200
 
 
+def test_head_on_a_get_endpoint_answers_its_headers_and_is_logged_as_head(client, smollm2):
+    head = client.head("/v1/models")
+    assert head.status_code == 200 and head["Content-Type"] == "application/json" and head.content == b""
+    assert RequestLog.objects.filter(endpoint="/v1/models", method="HEAD", status_code=200).count() == 1
+    refused = client.head("/v1/chat/completions")  # a POST endpoint: still a 405 that names what it takes
+    assert refused.status_code == 405 and refused["Allow"] == "POST"
+
+
 def _series(text: str) -> int:
     """How many series the scrape has, but those of live workers: a worker coming or going meanwhile is not junk."""
     return sum(1 for line in text.splitlines() if line and not line.startswith(("#", "minerva_worker")))
