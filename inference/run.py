@@ -87,6 +87,7 @@ def request_run(*, log_id: int, payload: dict) -> None:
             syntax = _tool_format(model, engine) if body.is_chat else None  # the template's, tools or not
             tool_format = syntax if body.tools_active() else None
             prompt = _prompt(engine, body, tool_format, syntax)
+            _reservation_exact(log, body, len(prompt), engine.n_ctx)
             sampling = _sampling(body, model.default_params, tool_format, think=_think(engine, prompt),
                                  preserved=_preserved_tokens(engine, syntax, tool_format))  # fmt: skip
             _check_vocabulary(engine, sampling.logit_bias)
@@ -336,6 +337,22 @@ def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
     if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
         raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
     return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
+
+
+def _reservation_exact(log: RequestLog, body: GenerationRequest, prompt_tokens: int, n_ctx: int) -> None:
+    """Make a metered request's reservation exact once its prompt is tokenized: the view estimated the prompt from
+    its bytes, without the chat template's text (a default system prompt, each message's markers), and requests
+    admitted later in the minute must see what this one really holds. Settled again to what it used in _finish."""
+    reservation = getattr(log, "reservation", None)
+    if not reservation:
+        return
+    exact = request_token_budget(body=body, n_ctx=n_ctx, prompt_tokens=prompt_tokens)
+    try:
+        tokens_settle(reservation=reservation, tokens=exact)
+    except RedisError:  # the estimate stands; the request runs (its end settles what it used)
+        logger.warning("could not correct the token reservation of request %s", log.request_id, exc_info=True)
+    else:
+        reservation["tokens"] = exact
 
 
 def _check_vocabulary(engine, logit_bias: dict[int, float]) -> None:

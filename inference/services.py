@@ -166,11 +166,13 @@ def _queue(*, task: str, request_id: str, endpoint: str, model: LanguageModel, p
 PROMPT_BYTES_PER_TOKEN = 3  # English runs ~4 bytes a token, code ~3; fewer over-reserves, settled on completion
 
 
-def request_token_budget(*, body: GenerationRequest, n_ctx: int) -> int:
+def request_token_budget(*, body: GenerationRequest, n_ctx: int, prompt_tokens: int | None = None) -> int:
     """The most tokens this request can count against its key: a prompt estimated from its content (the true
-    count is known only to the worker's tokenizer), capped at the context, plus n times max_tokens (without
-    max_tokens, the context the prompt leaves)."""
-    if isinstance(body.prompt, list):
+    count, `prompt_tokens`, is known only to the worker's tokenizer), capped at the context, plus n times
+    max_tokens (without max_tokens, the context the prompt leaves)."""
+    if prompt_tokens is not None:
+        prompt = prompt_tokens
+    elif isinstance(body.prompt, list):
         prompt = len(body.prompt)  # token ids: exact
     else:
         content = json.dumps([_content(body), _params(body).get("tools")], ensure_ascii=False)

@@ -70,6 +70,24 @@ def test_after_completion_a_keys_minute_holds_the_tokens_used_not_the_reservatio
     assert window(get_redis(), key.prefix) == usage["total_tokens"]
 
 
+def test_a_running_requests_reservation_is_its_exact_prompt_not_the_views_byte_estimate(client, smollm2, monkeypatch):
+    from inference import run
+
+    settled: list[int] = []
+    settle = run.tokens_settle
+    monkeypatch.setattr(run, "tokens_settle", lambda *, reservation, tokens: settled.append(tokens) or settle(
+        reservation=reservation, tokens=tokens))  # fmt: skip
+    key, raw = key_create(name="exact", tpm=100_000)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "temperature": 0}
+    estimate = request_token_budget(body=ChatCompletionRequest(**body).to_generation(), n_ctx=4096)
+    reply = client.post("/v1/chat/completions", body, content_type="application/json", headers=bearer(raw))
+    usage = reply.json()["usage"]
+    # "hi" is 2 bytes, but the template adds SmolLM2's system prompt and each message's markers: ~30 tokens.
+    assert usage["prompt_tokens"] > estimate - 500 + 10
+    assert settled == [usage["prompt_tokens"] + 500, usage["total_tokens"]]  # while it ran, then when it ended
+    assert window(get_redis(), key.prefix) == usage["total_tokens"]
+
+
 def test_a_request_without_max_tokens_reserves_the_models_context(smollm2):
     assert (
         request_token_budget(body=ChatCompletionRequest(model=MODEL, messages=HELLO).to_generation(), n_ctx=4096)
