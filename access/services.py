@@ -176,6 +176,12 @@ def tokens_reserve(*, key: ApiKey, tokens: int) -> dict:
     return {"key": tokens_key, "tokens": tokens}
 
 
+def tokens_used(*, key: ApiKey) -> int:
+    """The tokens counted against the key in this minute (reservations included)."""
+    _, tokens_key, _ = _window_keys(key.prefix)
+    return int(get_redis().get(tokens_key) or 0)
+
+
 def tokens_settle(*, reservation: dict, tokens: int) -> None:
     """Replace a reservation by the tokens its request really used, in the minute it was admitted in."""
     delta = tokens - reservation["tokens"]

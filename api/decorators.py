@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from access.models import ApiKey
-from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check
+from access.services import Limits, auth_required, client_address, key_authenticate, rate_limit_check, tokens_used
 from core.errors import (
     InvalidHost,
     InvalidRequest,
@@ -100,6 +100,8 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
             except Exception:
                 logger.exception("unhandled error in %s (request %s)", request.path, request.request_id)
                 response = render_error(ServerError())
+            if limits and limits.tpm is not None and request.method == "POST" and response.status_code < 400:
+                limits.tokens = await _tokens_now(request.api_key, limits.tokens)  # with this request's reservation
             for header, value in (limits.headers() if limits else {}).items():
                 response.setdefault(header, value)  # a 429 from the token reservation carries newer counts
             response["x-request-id"] = f"req_{request.request_id}"
@@ -163,6 +165,15 @@ def _access(header: str) -> tuple[ApiKey | None, Limits | None]:
     """The request's key and its rate-limit state (one trip to the sync thread for both)."""
     key = key_authenticate(header)
     return key, rate_limit_check(key=key) if key is not None else None
+
+
+async def _tokens_now(key: ApiKey, before: int) -> int:
+    """The key's tokens in this minute after the view ran (`before`, read with the key, left out what the request
+    reserved), for its x-ratelimit-remaining-tokens; `before` if Redis is away."""
+    try:
+        return await sync_to_async(tokens_used)(key=key)
+    except RedisError:
+        return before
 
 
 def error_response(exc: MinervaError) -> JsonResponse:
