@@ -1,7 +1,7 @@
 """daphne as `serve` runs it (`python -m minerva_project.daphne`, daphne's own options), with a guard where Twisted
 reads a request. Twisted reads a whole body before daphne hands the request to Django, so a check in Django comes
-too late: a body over the cap, or one sent to /v1 without a key while keys are required (or, past 1 MiB, with a key
-that is not valid), is not read here at all.
+too late: a body over the cap, or one sent to the API (/v1, /api, /tokenize, /minerva/api without a staff session's
+cookie) without a key while keys are required (or, past 1 MiB, with a key that is not valid), is not read here at all.
 The request goes on with an empty body and a marker header, so the view answers it (413, 401) and logs it like any
 other, at once instead of after megabytes; the connection closes after that answer."""
 
@@ -33,15 +33,22 @@ def body_limit(path: bytes) -> int:
 
 
 def key_required(path: bytes) -> bool:
-    """An API request (/v1, Ollama's /api) while keys are required."""
+    """An API request (/v1, Ollama's /api, llama-server's /tokenize, Minerva's /minerva/api) while keys are
+    required."""
     from access.services import auth_required
 
-    return path.startswith((b"/v1/", b"/api/")) and auth_required()
+    api = path.startswith((b"/v1/", b"/api/", b"/minerva/api/")) or path in (b"/tokenize", b"/detokenize")
+    return api and auth_required()
 
 
-def key_missing(path: bytes, authorization: bytes, x_api_key: bytes = b"") -> bool:
+def key_missing(path: bytes, authorization: bytes, x_api_key: bytes = b"", cookie: bytes = b"") -> bool:
     """An API request without a key (a bearer key, or Anthropic's x-api-key), while keys are required: the view
-    refuses it whatever its body."""
+    refuses it whatever its body. /minerva/api also takes a staff user's admin session (its cookie), which the
+    view checks."""
+    from django.conf import settings
+
+    if path.startswith(b"/minerva/api/") and settings.SESSION_COOKIE_NAME.encode() + b"=" in cookie:
+        return False
     return not (authorization.startswith(b"Bearer ") or x_api_key) and key_required(path)
 
 
@@ -84,11 +91,13 @@ class GuardedRequest(WebRequest):
         self.guard_path = unquote_to_bytes(getattr(self.channel, "_path", b"").split(b"?", 1)[0])
         authorization = (self.requestHeaders.getRawHeaders(b"Authorization") or [b""])[0]
         x_api_key = (self.requestHeaders.getRawHeaders(b"x-api-key") or [b""])[0]
+        cookie = b"; ".join(self.requestHeaders.getRawHeaders(b"Cookie") or [])
+        keyed = authorization.startswith(b"Bearer ") or bool(x_api_key)
         if length is not None and length > body_limit(self.guard_path):
             self._refuse(b"too-large")
-        elif length != 0 and key_missing(self.guard_path, authorization, x_api_key):
+        elif length != 0 and key_missing(self.guard_path, authorization, x_api_key, cookie):
             self._refuse(b"no-key")
-        elif (length is None or length > KEY_CHECK_ABOVE) and key_required(self.guard_path):
+        elif (length is None or length > KEY_CHECK_ABOVE) and keyed and key_required(self.guard_path):
             # A made-up key would pass the check above: a large body waits, unread, until its key is known.
             expect = (self.requestHeaders.getRawHeaders(b"Expect") or [b""])[0].lower()
             self.early, self.continue_expected = [], expect == b"100-continue" and self.channel._version == b"HTTP/1.1"

@@ -217,6 +217,17 @@ def test_with_keys_optional_an_unknown_key_is_ignored_but_a_revoked_one_is_not(c
     assert client.get("/v1/models", headers=bearer(raw)).status_code == 401
 
 
+def test_the_body_guard_lets_a_staff_sessions_request_through_to_minervas_api_only(keys_on):
+    from minerva_project.daphne import key_missing
+
+    session = b"csrftoken=a; sessionid=b"
+    assert not key_missing(b"/minerva/api/models/x/load", b"", b"", session)  # the view checks the session
+    assert key_missing(b"/minerva/api/models/x/load", b"", b"", b"csrftoken=a")
+    assert key_missing(b"/v1/chat/completions", b"", b"", session)  # /v1 takes keys only
+    assert key_missing(b"/tokenize", b"", b"") and not key_missing(b"/tokenize", b"Bearer sk-x", b"")
+    assert not key_missing(b"/admin/login/", b"", b"")  # the staff login page takes no key
+
+
 def _raw_request(port: int, head: str, body: bytes = b"", timeout: float = 60) -> bytes:
     """Send a request's head and the start of a body it says is much longer; return what comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -242,6 +253,9 @@ def test_serve_bound_to_every_address_requires_keys_in_every_process(django_db_s
         assert _raw_request(server.port, head, b'{"model": ').startswith(b"HTTP/1.1 401 ")
         encoded = head.replace("POST /v1/", "POST /%761/").replace("100000000", "5000000")  # routed as /v1/...
         assert _raw_request(server.port, encoded, b'{"model": ', timeout=20).startswith(b"HTTP/1.1 401 ")
+        for path in ("/tokenize", "/minerva/api/models/x/load"):  # llama-server's paths, Minerva's own API
+            other = head.replace("/v1/chat/completions", path).replace("100000000", "5000000")
+            assert _raw_request(server.port, other, b'{"model": ', timeout=20).startswith(b"HTTP/1.1 401 "), path
         # Nor with a made-up key: a large body waits, unread, until its key is checked (it was read whole, 513 MiB
         # on /v1/files, before the 401). A small chunked one whole in the first packet too.
         forged = head.replace(

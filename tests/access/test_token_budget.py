@@ -89,7 +89,7 @@ def test_a_running_requests_reservation_is_its_exact_prompt_not_the_views_byte_e
 
 
 def test_a_successful_requests_remaining_tokens_header_counts_the_request_itself(client, smollm2):
-    key, raw = key_create(name="remaining", tpm=100_000)
+    _, raw = key_create(name="remaining", tpm=100_000)
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 8, "temperature": 0}
     first = client.post("/v1/chat/completions", body, content_type="application/json", headers=bearer(raw))
     # Tests run tasks in the view's thread: the request has ended and settled by the time its headers are made.
