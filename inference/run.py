@@ -49,7 +49,7 @@ from .engine import (
 from .engine.host import Device, gpu_devices, offloaded_fraction, unified_memory
 from .metrics import metrics_record
 from .models import RequestLog
-from .services import _keep_alive_checked, _params, embedding_token_budget, request_model, request_token_budget
+from .services import _keep_alive_checked, _row_params, embedding_token_budget, request_model, request_token_budget
 from .streams import CANCEL_OVERFLOW, CANCEL_TIMEOUT, RedisStepIO, TokenStream, timed_out
 from .tools import (
     MARKERS,
@@ -384,7 +384,7 @@ def request_run_inline(*, request_id: str, endpoint: str, body: GenerationReques
     if api_key is not None and api_key.tpm is not None:  # raises RateLimited, as for an interactive request
         reservation = tokens_reserve(key=api_key, tokens=request_token_budget(body=body, n_ctx=model_n_ctx(model)))
     log = RequestLog.objects.create(
-        request_id=request_id, endpoint=endpoint, model=model.name, request=_params(body), batch_id=batch_id,
+        request_id=request_id, endpoint=endpoint, model=model.name, request=_row_params(body), batch_id=batch_id,
         api_key_prefix=api_key.prefix if api_key is not None else "",
     )  # fmt: skip
     payload = {"generation": body.model_dump(mode="json", exclude_defaults=True), "reservation": reservation}

@@ -53,7 +53,7 @@ def request_create(*, request_id: str, endpoint: str, body: GenerationRequest, a
     return _queue(task=task, request_id=request_id, endpoint=endpoint, model=model,
                   payload={"generation": body.model_dump(mode="json", exclude_defaults=True),
                            "model_updated": model.updated.isoformat()},  # the worker's reuse of its row (run.py)
-                  budget=budget, row={"stream": bool(body.stream), "request": _params(body),
+                  budget=budget, row={"stream": bool(body.stream), "request": _row_params(body),
                        "prompt": _content(body) if settings.LOG_CONTENT else None},
                   api_key=api_key, audit=audit)  # fmt: skip
 
@@ -224,6 +224,15 @@ def request_worker_lost(*, request_id: str, status_code: int) -> int:
 def _params(body: GenerationRequest) -> dict:
     """The request's parameters without its content (messages or prompt), as given."""
     return body.model_dump(mode="json", exclude={"messages", "prompt"}, exclude_defaults=True)
+
+
+def _row_params(body: GenerationRequest) -> dict:
+    """The parameters a log row keeps: without MINERVA_LOG_CONTENT, tools by name only (their descriptions and
+    schemas are prompt text, which the template renders)."""
+    params = _params(body)
+    if not settings.LOG_CONTENT and "tools" in params:
+        params["tools"] = [{"name": tool["name"]} for tool in params["tools"]]
+    return params
 
 
 def _content(body: GenerationRequest):

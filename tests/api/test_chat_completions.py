@@ -141,6 +141,15 @@ async def test_every_request_writes_exactly_one_log_row(async_client, smollm2):
     assert "messages" not in row.request and row.request["max_tokens"] == 4
 
 
+async def test_without_log_content_a_rows_tools_are_their_names_not_their_descriptions(async_client, smollm2):
+    who = {"type": "object", "properties": {"who": {"type": "string", "description": "a name"}}}
+    tool = {"type": "function", "function": {"name": "lookup", "description": "Ask HR (salaries)", "parameters": who}}
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 4, "tools": [tool]}
+    response = await post(async_client, "/v1/chat/completions", body)
+    row = await RequestLog.objects.aget(request_id=response["x-request-id"].removeprefix("req_"))
+    assert row.request["tools"] == [{"name": "lookup"}] and row.prompt is None
+
+
 async def test_a_resent_conversation_reports_cached_prompt_tokens(async_client, smollm2):
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 8}
     first = (await post(async_client, "/v1/chat/completions", body)).json()
