@@ -106,6 +106,7 @@ class GenerationRequest(_Neutral):
     json_schema: dict | None = None  # the answer is JSON following this schema ({"type": "object"}: any object)
     # reasoning and the model's lifetime
     reasoning_effort: str | None = None
+    thinking_required: bool = False  # Ollama's `think`: a model whose template cannot think refuses it (a 400)
     # "none": a <think> thought stays in the content as the model wrote it (llama-server's reasoning_format none)
     reasoning_format: Literal["auto", "none"] | None = None
     keep_alive: str | float | None = None

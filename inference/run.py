@@ -57,6 +57,7 @@ from .tools import (
     THINK_OPEN,
     json_schema_grammar,
     offered_tools,
+    template_thinks,
     tool_format_for,
     tool_grammar,
     tool_instruction,
@@ -86,6 +87,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
         with model_cache().use(_spec(model), keep_alive=keep_alive) as engine:
             syntax = _tool_format(model, engine) if body.is_chat else None  # the template's, tools or not
             tool_format = syntax if body.tools_active() else None
+            if body.thinking_required and not template_thinks(engine.chat_template and engine.chat_template.source):
+                raise InvalidRequest(f'"{model.name}" does not support thinking', param="think")  # Ollama's words
             prompt = _prompt(engine, body, tool_format, syntax)
             _reservation_exact(log, body, len(prompt), engine.n_ctx)
             sampling = _sampling(body, model.default_params, tool_format, think=_think(engine, prompt),

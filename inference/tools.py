@@ -127,6 +127,11 @@ MARKERS = {
 # fmt: on
 
 
+def template_thinks(template: str | None) -> bool:
+    """Whether a chat template lets its model think: a <think> block, or Harmony's analysis channel."""
+    return bool(template) and (THINK_OPEN in template or tool_format_for(template) == "harmony")
+
+
 def tool_format_for(template: str | None) -> str:
     """The tool-call syntax a chat template was written for ("generic" when it knows none): the checks and their
     order are common/chat.cpp's."""

@@ -182,6 +182,7 @@ class _GenerationRequest(_Request):
         return neutral.GenerationRequest(**{
             "model": self.model, "stream": self.stream, "keep_alive": self.keep_alive, "json_schema": schema,
             "reasoning_effort": "none" if think is False else think if isinstance(think, str) else None,
+            "thinking_required": think not in (None, False),
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None, **options.sampling(), **fields,
         })  # fmt: skip
 

@@ -27,6 +27,7 @@ from core.errors import (
 from inference.services import model_delete
 from inference.serving import Generation, embedding_start, generation_start
 from inference.streams import TokenStream
+from inference.tools import template_thinks
 from models_app.hub import HubError
 from models_app.metadata import MetadataError, read_metadata
 from models_app.models import LanguageModel
@@ -121,7 +122,7 @@ def _show(model: LanguageModel) -> ShowResponse:
     capabilities = ["completion"]
     if "tools" in template:
         capabilities.append("tools")
-    if "<think>" in template:
+    if template_thinks(template):
         capabilities.append("thinking")
     parameters = "\n".join(
         f"{key:<30} {json.dumps(item) if isinstance(item, str) else item}"

@@ -126,9 +126,12 @@ def test_a_tool_result_round_trip_is_answered(client):
     assert reply.done and (reply.message.content or reply.message.tool_calls)
 
 
-def test_think_is_accepted_and_a_model_that_does_not_think_answers_without_thinking(client):
-    reply = client.chat(model=MODEL, messages=HELLO, think=True, options=OPTIONS)
-    assert reply.message.content and not reply.message.thinking
+def test_think_on_a_model_that_cannot_think_is_ollamas_400_and_think_false_is_served(client):
+    for call in (lambda **kw: client.chat(messages=HELLO, **kw), lambda **kw: client.generate(prompt="Hi", **kw)):
+        with pytest.raises(ollama.ResponseError) as refused:
+            call(model=MODEL, think=True, options=OPTIONS)
+        assert refused.value.status_code == 400 and refused.value.error == f'"{MODEL}" does not support thinking'
+    assert "thinking" not in client.show(MODEL).capabilities
     assert client.chat(model=MODEL, messages=HELLO, think=False, options=OPTIONS).message.content
 
 
@@ -145,6 +148,7 @@ def test_a_template_that_opens_a_thought_puts_it_in_thinking(client, smollm2):
     assert "".join(p.message.thinking or "" for p in parts) == reply.message.thinking
     generated = client.generate(model=MODEL, prompt="Say hello.", think=True, options=options)
     assert generated.thinking == reply.message.thinking
+    assert "thinking" in client.show(MODEL).capabilities
 
 
 def test_logprobs_come_per_token(client):
