@@ -171,6 +171,21 @@ class NullIO:
         return set()
 
 
+def _warm_up(model: _internals.LlamaModel, ctx, memory) -> None:
+    """Decode BOS and EOS once and forget them, as llama-server does before it says it is ready: the first request
+    then finds the weights paged in, the GPU's kernels loaded and its buffers allocated (every expert of a MoE is
+    touched, in llama.cpp's warm-up mode), and pays none of it."""
+    tokens = [t for t in (model.token_bos(), model.token_eos()) if t >= 0] or [0]
+    array = (llama_cpp.llama_token * len(tokens))(*tokens)
+    llama_cpp.llama_set_warmup(ctx, True)
+    try:
+        llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(tokens)))
+        llama_cpp.llama_synchronize(ctx)
+    finally:
+        llama_cpp.llama_memory_clear(memory, True)
+        llama_cpp.llama_set_warmup(ctx, False)
+
+
 class LoadedModel:
     def __init__(self, path: str, *, n_ctx: int, n_parallel: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, io: StepIO | None = None,
@@ -241,6 +256,9 @@ class LoadedModel:
                 self.model.close()
                 raise
         self.memory = llama_cpp.llama_get_memory(self.ctx)
+        _warm_up(self.model, self.ctx, self.memory)
+        if self.drafter is not None:
+            _warm_up(self.drafter.model, self.drafter.ctx, self.drafter.memory)
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_cells = llama_cpp.llama_n_ctx(self.ctx)  # KV cells in all
         self.eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]

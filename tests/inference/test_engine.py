@@ -54,6 +54,24 @@ def run(model, key, prompt, params):
     return sequence
 
 
+def test_a_model_is_warmed_up_by_one_decode_at_load_and_keeps_no_cell_of_it(io, monkeypatch):
+    import llama_cpp
+
+    modes, decoded = [], []
+    set_warmup, decode = llama_cpp.llama_set_warmup, llama_cpp.llama_decode
+    monkeypatch.setattr(llama_cpp, "llama_set_warmup", lambda ctx, on: modes.append(on) or set_warmup(ctx, on))
+    monkeypatch.setattr(llama_cpp, "llama_decode", lambda ctx, batch: decoded.append(modes[-1:]) or decode(ctx, batch))
+    model = LoadedModel(str(default_model_path()), n_ctx=512, n_parallel=2, io=io)
+    try:
+        assert modes == [True, False] and decoded == [[True]]  # one decode, in llama.cpp's warm-up mode
+        assert llama_cpp.llama_memory_seq_pos_max(model.memory, 0) == -1  # and forgotten
+        prompt = model.chat_prompt([{"role": "user", "content": "Hi"}])
+        run(model, "after-warm-up", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+        assert io.text("after-warm-up") != ""
+    finally:
+        model.close()
+
+
 def test_with_a_context_per_slot_concurrent_requests_produce_exactly_the_text_they_produce_alone(io):
     # Each slot's cells apart (MINERVA_SHARED_CONTEXT=off): a request's rows are computed the same, batched or not.
     # With shared cells the attention runs over one buffer, and a tiny model's near-ties can flip (README).
