@@ -86,7 +86,8 @@ def api_view(*, methods: tuple[str, ...], render_error: Callable[[MinervaError],
                     try:
                         response = await view(request, *args, **kwargs)
                     finally:
-                        request.method = "HEAD" if head else request.method
+                        if head:  # the log row says what was asked
+                            request.method = "HEAD"
             except MinervaError as exc:
                 response = render_error(exc)
                 if isinstance(exc, MethodNotAllowed):

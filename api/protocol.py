@@ -178,11 +178,13 @@ class JSONSchemaFormat(_Request):
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
+    json_schema: JSONSchemaFormat | None = Field(default=None, validate_default=True)
 
     @field_validator("json_schema")
     @classmethod
-    def _schema_supported(cls, value: JSONSchemaFormat | None) -> JSONSchemaFormat | None:
+    def _schema_supported(cls, value: JSONSchemaFormat | None, info: ValidationInfo) -> JSONSchemaFormat | None:
+        if value is None and info.data.get("type") == "json_schema":  # OpenAI's 400 too
+            raise ValueError("json_schema is required when type is json_schema")
         if value is not None:
             unsupported = _unsupported_schema_keywords(value.schema_)
             if unsupported:

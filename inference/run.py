@@ -38,6 +38,7 @@ from .engine import (
     ContextFull,
     ContextOverflow,
     GrammarDeadEnd,
+    GrammarUncompilable,
     ModelCache,
     ModelSpec,
     ModelUnavailable,
@@ -106,6 +107,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
                 sequence.wait()
     except ContextOverflow as exc:
         return _fail(log, stream, ContextLengthExceeded(str(exc), param=param), sequences)
+    except GrammarUncompilable as exc:
+        return _fail(log, stream, InvalidRequest(str(exc), param=_constraint_param(body)), sequences)
     except PromptError as exc:
         return _fail(log, stream, InvalidRequest(str(exc), param="n" if "slots" in str(exc) else param), sequences)
     except ModelUnavailable as exc:
@@ -123,8 +126,8 @@ def request_run(*, log_id: int, payload: dict) -> None:
     if errors and isinstance(errors[0], ContextFull):
         return _fail(log, stream, ServiceUnavailable(str(errors[0]), code="context_full"), sequences)
     if errors and isinstance(errors[0], GrammarDeadEnd):
-        param = "tools" if body.tools_active() else "response_format"
-        return _fail(log, stream, InvalidRequest(str(errors[0]), param=param, code="grammar_dead_end"), sequences)
+        error = InvalidRequest(str(errors[0]), param=_constraint_param(body), code="grammar_dead_end")
+        return _fail(log, stream, error, sequences)
     if errors and isinstance(errors[0], RedisError):  # the IO thread could not publish: retryable, not our bug
         logger.error("request %s lost Redis while generating: %s", log.request_id, errors[0])
         error = ServiceUnavailable(
@@ -340,6 +343,11 @@ def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
     if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
         raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
     return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
+
+
+def _constraint_param(body: GenerationRequest) -> str:
+    """The parameter a grammar's failure is the fault of."""
+    return "tools" if body.tools_active() else "response_format"
 
 
 def _reservation_exact(log: RequestLog, body: GenerationRequest, prompt_tokens: int, n_ctx: int) -> None:

@@ -261,7 +261,8 @@ class ToolCallStream:
         elif self.mode == "json" and self.call is not None and self.call.head_sent:
             out += self.call.cut(self.text)
         elif self.mode == "json" and not any(c.head_sent for c in self.calls[self.json_calls :]):
-            out.append(held)  # not a call after all, or cut off before its name
+            if self.format != "generic":  # generic: the grammar's own wrapper, cut off before a name: nothing said
+                out.append(held)  # not a call after all, or cut off before its name
         elif self.mode in ("trigger", "name"):
             out.append(held)
         elif self.mode == "xml":

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from core.generation import GenerationRequest
 
 from .reasoning import THOUGHT_ENDS
-from .schema_bounds import grammar_bounds_check, schema_bounds_check
+from .schema_bounds import MAX_NODES, SchemaTooComplex, grammar_bounds_check, schema_bounds_check
 
 TOOL_FORMATS = ("generic", "hermes", "llama3", "mistral", "qwen3_coder", "glm", "minimax_m2", "deepseek_v3_1",
                 "deepseek_v3_2", "deepseek_v4", "kimi_k2", "harmony")  # fmt: skip
@@ -220,6 +220,8 @@ def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None
     """The GBNF grammar that holds the model to this request's tools, and the trigger patterns that wake it
     (none: it holds from the first token). `think` for a held answer: "open" when the prompt left the model inside
     a <think> block (it must close it first), "optional" when the model may open one itself."""
+    body = body.model_copy(update={"tools": [tool.model_copy(update={"parameters": refs_inlined(tool.parameters)})
+                                             for tool in body.tools]})  # fmt: skip
     tools = body.offered_tools()
     many = body.parallel_tool_calls
     lazy = body.tool_call_optional()
@@ -259,6 +261,47 @@ def tool_grammar(body: GenerationRequest, tool_format: str, *, think: str | None
         root = f"thought {root}" if think == "open" else f"([ \\t\\n]* {_lit(THINK_OPEN)} thought)? {root}"
     grammar = _grammar(schemas, [f"root ::= {root}", *structure])
     return grammar, triggers if lazy else []
+
+
+def refs_inlined(schema: dict | None) -> dict | None:
+    """A tool's parameters with its local `$ref`s ("#/$defs/Address": what Pydantic writes for a nested model)
+    replaced by what they point to, and its `$defs` dropped: the grammar embeds each tool's schema in a larger one,
+    where "#/..." would point elsewhere. A recursive ref is refused (ValueError), and the copy is bounded like any
+    schema (refs used many times multiply it)."""
+    if not isinstance(schema, dict):
+        return schema
+    budget = [MAX_NODES]
+
+    def target(ref: str):
+        node = schema
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ValueError(f"$ref {ref} points to nothing in the tool's parameters")
+        return node
+
+    def walk(node, refs: tuple[str, ...]):
+        if isinstance(node, list):
+            return [walk(item, refs) for item in node]
+        if not isinstance(node, dict):
+            return node
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise SchemaTooComplex(f"the tool's parameters, their $refs inlined, have over {MAX_NODES} subschemas")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            if ref in refs or ref == "#":
+                raise ValueError(f"the recursive $ref {ref} cannot be used in a tool's parameters")
+            inlined = walk(target(ref), (*refs, ref))
+            rest = walk({key: value for key, value in node.items() if key != "$ref"}, refs)
+            return {**inlined, **rest} if isinstance(inlined, dict) else inlined
+        return {key: walk(value, refs) for key, value in node.items() if key not in ("$defs", "definitions")}
+
+    return walk(schema, ())
 
 
 def _calls_array(body: GenerationRequest) -> dict:
@@ -569,6 +612,8 @@ def _schema_rules(schemas: dict[str, dict]) -> str:
             # refuses the first ("Unrecognized schema") and reads the second as "any object".
             if isinstance(schema, dict) and not CONSTRAINING & schema.keys():
                 schema = {**schema, "type": ANY_TYPE}
+            if isinstance(schema, dict) and isinstance(schema.get("pattern"), str):
+                schema = {**schema, "pattern": pattern_for_grammar(schema["pattern"])}
             # The stock converter ignores an integer's bounds (a TODO there): `{"minimum": 5, "maximum": 7}` gave
             # 2008480212. Its digits are written out here instead.
             if isinstance(schema, dict) and schema.get("type") == "integer" and INTEGER_BOUNDS & schema.keys():
@@ -594,6 +639,40 @@ def _schema_rules(schemas: dict[str, dict]) -> str:
     except Exception as exc:  # the converter's own errors are ValueError, AssertionError, KeyError, ...
         raise ValueError(str(exc) or type(exc).__name__) from None
     return "\n".join([converter.format_grammar(), *aliases])
+
+
+# Regex classes the converter passes on as they are (GBNF has none of them), as GBNF character classes.
+_CLASSES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r"}
+
+
+def pattern_for_grammar(pattern: str) -> str:
+    """A JSON Schema `pattern` as the converter reads it: anchored at both ends (JSON Schema's are not: an unanchored
+    pattern matches anywhere in the string, so `.*` stands for what may come around it), with \\d, \\w, \\s and
+    their negations as character classes."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            letter = pattern[i + 1]
+            if letter.lower() in _CLASSES and (not in_class or letter.islower()):
+                chars = _CLASSES[letter.lower()]
+                out.append(chars if in_class else f"[{'^' if letter.isupper() else ''}{chars}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    body = "".join(out)
+    starts, ends = body.startswith("^"), body.endswith("$") and not body.endswith("\\$")
+    if starts and ends:
+        return body
+    core = body[1 if starts else 0 : len(body) - 1 if ends else len(body)]
+    return f"^{'' if starts else '.*'}({core}){'' if ends else '.*'}$"
 
 
 # Repetitions up to this many optional items are llama.cpp's own x{0,n} (it writes n small rules); longer ones are

@@ -54,6 +54,10 @@ class PromptError(Exception):
     """The prompt cannot be built (no chat template, the template refused the messages, bad token ids)."""
 
 
+class GrammarUncompilable(PromptError):
+    """llama.cpp refused the grammar made of the request's tools or response format."""
+
+
 class ContextOverflow(Exception):
     """The prompt does not fit in a sequence's context window."""
 
@@ -1018,7 +1022,8 @@ class LoadedModel:
             grammar = self._grammar_sampler(params.grammar, params.grammar_triggers)
             if not grammar:
                 sampler.close()
-                raise PromptError("The grammar for this request (response_format or tools) could not be compiled.")
+                raise GrammarUncompilable("The grammar made of this request's tools or response_format could not "
+                                          "be compiled.")  # fmt: skip
             llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
         if params.temperature <= 0:
             sampler.add_greedy()

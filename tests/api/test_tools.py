@@ -43,6 +43,31 @@ async def test_required_tool_choice_always_returns_a_valid_call(async_client, sm
         assert isinstance(json.loads(call["function"]["arguments"]), dict)
 
 
+async def test_a_pydantic_tool_with_a_nested_model_is_called_with_arguments_that_validate(async_client, smollm2):
+    import openai
+    from pydantic import BaseModel
+
+    class Address(BaseModel):
+        city: str
+        zip: str | None = None
+
+    class Ship(BaseModel):
+        to: Address
+        count: int
+
+    tool = openai.pydantic_function_tool(Ship)  # its parameters have $defs and "#/$defs/Address" refs
+    assert "$defs" in json.dumps(tool)
+    data = (await post(async_client, "/v1/chat/completions", body(tools=[tool], tool_choice="required"))).json()
+    calls = data["choices"][0]["message"]["tool_calls"]
+    assert calls and all(Ship.model_validate_json(call["function"]["arguments"]) for call in calls)
+
+
+async def test_a_required_call_cut_off_before_its_name_leaves_no_text(async_client, smollm2):
+    data = (await post(async_client, "/v1/chat/completions", body(tool_choice="required", max_tokens=3))).json()
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None  # was '{"tool_calls'
+
+
 async def test_a_named_tool_choice_calls_that_tool_once_with_schema_valid_arguments(async_client, smollm2):
     import jsonschema
 

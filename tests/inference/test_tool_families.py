@@ -20,7 +20,7 @@ from inference.reasoning import reasoning_splitter
 from inference.run import _prompt
 from inference.serving import Generation
 from inference.tool_calls import ToolCallPart, ToolCallStream, calls_fold, parse_tool_calls
-from inference.tools import TOOL_FORMATS, tool_format_for, tool_grammar
+from inference.tools import TOOL_FORMATS, json_schema_grammar, tool_format_for, tool_grammar
 from models_app.bundled import default_model_path
 from models_app.models import LanguageModel
 
@@ -444,3 +444,57 @@ async def test_without_the_harmony_start_the_view_splits_think_tags_as_before():
     text = "<think>Plan.</think>Hello."
     answer = await Generation("req", body, worker_events({"thinking": False}, text, 3)).collect()
     assert (answer.choices[0].reasoning, answer.choices[0].text) == ("Plan.", "Hello.")
+
+
+# What Pydantic writes for a tool whose argument is a nested model (openai.pydantic_function_tool, agent frameworks).
+NESTED = {"name": "ship", "parameters": {
+    "$defs": {"Addr": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    "type": "object", "properties": {"to": {"$ref": "#/$defs/Addr"},
+                                     "back": {"anyOf": [{"$ref": "#/$defs/Addr"}, {"type": "null"}]}},
+    "required": ["to"]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("tool_format", ["generic", "hermes", "qwen3_coder"])
+def test_a_tools_local_refs_resolve_inside_the_grammars_wrapper_and_hold_the_call(vocab, tool_format):
+    body = GenerationRequest(model="m", messages=CONVERSATION, tools=[NESTED], tool_choice="required")
+    grammar, _ = tool_grammar(body, tool_format)  # "#/$defs/Addr" used to be looked up in the wrapper: a 400
+    good, bad = {"to": {"city": "Oslo"}, "back": None}, {"to": {"town": "Oslo"}}
+    texts = {
+        "generic": lambda args: json.dumps({"tool_calls": [{"name": "ship", "arguments": args}]}),
+        "hermes": lambda args: f"<tool_call>\n{json.dumps({'name': 'ship', 'arguments': args})}\n</tool_call>",
+        "qwen3_coder": lambda args: "<tool_call>\n<function=ship>\n" + "".join(
+            f"<parameter={k}>\n{json.dumps(v)}\n</parameter>\n" for k, v in args.items()) + "</function>\n</tool_call>",
+    }  # fmt: skip
+    assert grammar_walk(vocab, grammar, [], texts[tool_format](good)) == "accepted"
+    assert grammar_walk(vocab, grammar, [], texts[tool_format](bad)) == "refused"
+
+
+def test_a_recursive_ref_in_a_tool_is_refused_and_a_ref_used_many_times_is_bounded():
+    from inference.tools import refs_inlined
+
+    node = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/N"}}}}
+    tree = {"$defs": {"N": node}, "$ref": "#/$defs/N"}
+    with pytest.raises(ValueError, match="recursive"):
+        refs_inlined(tree)
+    defs = {"L0": {"type": "string"}} | {f"L{i}": {"type": "object", "properties": {
+        "a": {"$ref": f"#/$defs/L{i - 1}"}, "b": {"$ref": f"#/$defs/L{i - 1}"}}} for i in range(1, 30)}  # fmt: skip
+    with pytest.raises(ValueError, match="subschemas"):  # 2^29 copies if inlined naively
+        refs_inlined({"$defs": defs, "type": "object", "properties": {"x": {"$ref": "#/$defs/L29"}}})
+
+
+def test_the_generic_wrapper_cut_off_before_a_call_is_named_says_nothing():
+    for cut in ('{"tool_calls', '{ "tool_calls": [{"', '{"tool_calls": [{"name": "'):
+        assert parse_tool_calls("generic", cut, request().offered_tools()) == (None, [])
+
+
+@pytest.mark.parametrize(("pattern", "good", "bad"), [
+    (r"^\d{3}$", "123", "12a"),  # \d was passed to GBNF as it is: the grammar did not compile
+    (r"^\w+@\S+$", "a_1@x.y", "a b@x"),
+    (r"[a-z]+", "12abc34", "1234"),  # JSON Schema's patterns are unanchored: it matches anywhere in the string
+    (r"^ab", "abzz", "zab"),
+    (r"^[\d-]+$", "12-3", "12a"),
+])  # fmt: skip
+def test_a_patterns_classes_and_missing_anchors_mean_what_json_schema_says(vocab, pattern, good, bad):
+    grammar = json_schema_grammar({"type": "string", "pattern": pattern})
+    assert grammar_walk(vocab, grammar, [], json.dumps(good)) == "accepted"
+    assert grammar_walk(vocab, grammar, [], json.dumps(bad)) != "accepted"  # refused, or it must go on
