@@ -32,6 +32,6 @@ urlpatterns = [
     path("minerva/api/schema", history.Schema.as_view(), name="schema"),
     path("minerva/api/docs", docs.Docs.as_view(), name="docs"),
     path("minerva/api/openapi.json", docs.openapi, name="openapi"),
-    re_path(r"^minerva/api/(?P<path>(?s:.*))$", views.not_found),  # JSON, not the pages' HTML 404
+    re_path(r"^minerva/api/(?P<path>(?s:.*))$", views.not_found, name="unmatched"),  # JSON, not the pages' HTML 404
     path("", include("web.urls")),  # the pages for people: /, /status, /models
 ]
