@@ -339,8 +339,7 @@ def _tokenize(engine, model: LanguageModel, body: TokenizeRequest) -> dict:
                 pieces.append({"id": token, "piece": list(piece)})
         return {"tokens": pieces}
     tokens = body.tokens or []
-    bad = next((t for t in tokens if not 0 <= t < engine.n_vocab), None)
-    if bad is not None:  # llama.cpp would abort the process on an id outside its vocabulary
+    if (bad := _outside_vocabulary(engine, tokens)) is not None:  # llama.cpp would abort the process on it
         raise InvalidRequest(f"Token id {bad} is outside the vocabulary (0..{engine.n_vocab - 1}).", param="tokens")
     return {"content": b"".join(_piece(engine, t) for t in tokens).decode(errors="replace")}
 
@@ -366,10 +365,14 @@ def _reservation_exact(log: RequestLog, body: GenerationRequest, prompt_tokens: 
         reservation["tokens"] = exact
 
 
+def _outside_vocabulary(engine, tokens) -> int | None:
+    """The first of `tokens` the model does not have, if any."""
+    return next((t for t in tokens if not 0 <= t < engine.n_vocab), None)
+
+
 def _check_vocabulary(engine, logit_bias: dict[int, float]) -> None:
     """Refuse a bias on a token the model does not have (OpenAI's 400; the engine would drop it unsaid)."""
-    bad = next((t for t in logit_bias if not 0 <= t < engine.n_vocab), None)
-    if bad is not None:
+    if (bad := _outside_vocabulary(engine, logit_bias)) is not None:
         raise InvalidRequest(f"logit_bias names token {bad}, outside the vocabulary (0..{engine.n_vocab - 1}).",
                              param="logit_bias")  # fmt: skip
 
@@ -722,8 +725,8 @@ def _grammar(
             return None, []
         return json_schema_grammar(body.json_schema), []
     except ValueError as exc:
-        param = "tools" if tool_format is not None else "response_format"
-        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}", param=param) from None
+        raise InvalidRequest(f"The JSON schema cannot be turned into a grammar: {exc}",
+                             param=_constraint_param(body)) from None  # fmt: skip
 
 
 def model_preload(name: str) -> None:

@@ -643,12 +643,16 @@ def _schema_rules(schemas: dict[str, dict]) -> str:
 
 # Regex classes the converter passes on as they are (GBNF has none of them), as GBNF character classes.
 _CLASSES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r"}
+# What "any character" may be inside the JSON string the pattern is written in: not a quote, a backslash or a
+# control character, which JSON escapes (the converter's `.` allowed them, so the answer could stop being JSON).
+_NOT_JSON_SPECIAL = '"\\\\\\x00-\\x1F'
+_ANY = f"[^{_NOT_JSON_SPECIAL}]"
 
 
 def pattern_for_grammar(pattern: str) -> str:
     """A JSON Schema `pattern` as the converter reads it: anchored at both ends (JSON Schema's are not: an unanchored
-    pattern matches anywhere in the string, so `.*` stands for what may come around it), with \\d, \\w, \\s and
-    their negations as character classes."""
+    pattern matches anywhere in the string, so any characters may come around it), with \\d, \\w, \\s and
+    their negations as character classes, and `.` and negated classes kept from JSON's special characters."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
         c = pattern[i]
@@ -656,15 +660,24 @@ def pattern_for_grammar(pattern: str) -> str:
             letter = pattern[i + 1]
             if letter.lower() in _CLASSES and (not in_class or letter.islower()):
                 chars = _CLASSES[letter.lower()]
-                out.append(chars if in_class else f"[{'^' if letter.isupper() else ''}{chars}]")
+                negated = f"[^{_NOT_JSON_SPECIAL}{chars}]"
+                out.append(chars if in_class else negated if letter.isupper() else f"[{chars}]")
             else:
                 out.append(pattern[i : i + 2])
             i += 2
             continue
         if c == "[" and not in_class:
             in_class = True
+            if pattern.startswith("[^", i):  # a negated class must not let JSON's special characters through either
+                out.append("[^" + _NOT_JSON_SPECIAL)
+                i += 2
+                continue
         elif c == "]" and in_class:
             in_class = False
+        elif c == "." and not in_class:
+            out.append(_ANY)
+            i += 1
+            continue
         out.append(c)
         i += 1
     body = "".join(out)
@@ -672,7 +685,7 @@ def pattern_for_grammar(pattern: str) -> str:
     if starts and ends:
         return body
     core = body[1 if starts else 0 : len(body) - 1 if ends else len(body)]
-    return f"^{'' if starts else '.*'}({core}){'' if ends else '.*'}$"
+    return f"^{'' if starts else _ANY + '*'}({core}){'' if ends else _ANY + '*'}$"
 
 
 # Repetitions up to this many optional items are llama.cpp's own x{0,n} (it writes n small rules); longer ones are

@@ -183,7 +183,8 @@ def _warm_up(model: _internals.LlamaModel, ctx, memory) -> None:
     array = (llama_cpp.llama_token * len(tokens))(*tokens)
     llama_cpp.llama_set_warmup(ctx, True)
     try:
-        llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(tokens)))
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(tokens))) != 0:
+            logger.warning("the warm-up decode failed; the first request will pay for what it touches first")
         llama_cpp.llama_synchronize(ctx)
     finally:
         llama_cpp.llama_memory_clear(memory, True)

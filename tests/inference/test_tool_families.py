@@ -498,3 +498,9 @@ def test_a_patterns_classes_and_missing_anchors_mean_what_json_schema_says(vocab
     grammar = json_schema_grammar({"type": "string", "pattern": pattern})
     assert grammar_walk(vocab, grammar, [], json.dumps(good)) == "accepted"
     assert grammar_walk(vocab, grammar, [], json.dumps(bad)) != "accepted"  # refused, or it must go on
+
+
+def test_a_patterns_any_character_cannot_close_the_json_string_early(vocab):
+    grammar = json_schema_grammar({"type": "string", "pattern": "^.+$"})  # the converter's `.` took a quote
+    assert grammar_walk(vocab, grammar, [], '"ab"') == "accepted"
+    assert grammar_walk(vocab, grammar, [], '"a"b"') != "accepted"
